@@ -1,0 +1,139 @@
+"""`specserve generate` (one prompt, streamed) and `specserve bench` (a prompt file, JSON out)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pydantic import ValidationError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--speculator", choices=["none", "ngram", "draft"], default="none")
+    p.add_argument("--k", type=int, default=4, help="max speculative tokens per step")
+    p.add_argument("--draft-model", default=None, help="draft model folder or .gguf (same tokenizer)")
+    p.add_argument("--draft-layers", type=int, default=None, help="truncate the draft to its first N layers")
+    p.add_argument("--no-adaptive-k", action="store_true", help="keep k fixed instead of backing off")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _config(args: argparse.Namespace):
+    from engine.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        speculator=args.speculator,
+        num_speculative_tokens=args.k,
+        draft_model=args.draft_model,
+        draft_num_layers=args.draft_layers,
+        adaptive_k=not args.no_adaptive_k,
+        kv_cache_gib=args.kv_cache_gib,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=args.stop or [],
+    )
+    engine = LLMEngine(_config(args))
+    if args.raw:
+        engine.add_request(args.prompt, params)
+    else:
+        engine.add_request(messages=[{"role": "user", "content": args.prompt}], params=params)
+    final = None
+    for out in engine.run():
+        sys.stdout.write(out.delta)
+        sys.stdout.flush()
+        final = out
+    sys.stdout.write("\n")
+    if final is not None and args.stats:
+        m = final.metrics
+        stats = {
+            "output_tokens": len(final.output_token_ids),
+            "finish_reason": final.finish_reason,
+            "ttft_s": round(m.ttft or 0, 4),
+            "latency_s": round(m.latency or 0, 4),
+            **m.spec.as_dict(),
+        }
+        print(json.dumps(stats), file=sys.stderr)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from engine.bench import run_hf, run_specserve
+    from engine.prompts import load_prompts
+
+    specs = load_prompts(args.prompts, args.limit)
+    if not specs:
+        raise ValueError(f"{args.prompts}: no prompts")
+    if args.concurrency < 1:
+        raise ValueError("--concurrency must be >= 1")
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "json")}
+    if args.engine == "hf":
+        result = run_hf(specs, args.model, args.dtype, args.max_tokens, args.temperature, args.seed, args.device)
+    else:
+        result = run_specserve(specs, _config(args), args.max_tokens, args.concurrency, args.temperature, args.seed)
+    report = result.to_json(config)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    print(json.dumps(report["summary"] | {"engine": args.engine, "speculator": args.speculator}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate from one prompt, streamed to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="complete the raw text (no chat template)")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--stats", action="store_true", help="print request metrics as JSON on stderr")
+    _engine_args(gen)
+    gen.set_defaults(func=_generate)
+    bench = sub.add_parser("bench", help="benchmark a JSONL prompt file; prints a JSON summary")
+    bench.add_argument("--prompts", required=True, help="JSONL: {prompt} | {messages} | {turns}, optional id")
+    bench.add_argument("--limit", type=int, default=None)
+    bench.add_argument("--engine", choices=["specserve", "hf"], default="specserve")
+    bench.add_argument("--concurrency", type=int, default=1)
+    bench.add_argument("--json", default=None, help="write the full report (requests + summary) here")
+    _engine_args(bench)
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except ValidationError as e:
+        from engine.sampling_params import describe_validation_error
+
+        print(f"specserve: error: {describe_validation_error(e)}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"specserve: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("specserve: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Engine settings; unknown keys and bad values fail loudly, naming the key."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="HF folder or .gguf; None = SmolLM2-135M-Instruct")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "cpu"
+    attention_backend: Literal["torch"] = "torch"
+    block_size: int = Field(default=16, ge=1, le=1024)
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=512, ge=16)
+    max_model_len: int | None = Field(default=None, ge=16, description="None = the model's context length")
+    speculator: Literal["none", "ngram", "draft"] = "none"
+    num_speculative_tokens: int = Field(default=4, ge=1, le=32)
+    adaptive_k: bool = Field(default=True, description="per-sequence backoff of k when acceptance is poor")
+    ngram_min: int = Field(default=1, ge=1)
+    ngram_max: int = Field(default=3, ge=1)
+    draft_model: str | None = Field(default=None, description="draft folder or .gguf; None = the target's")
+    draft_num_layers: int | None = Field(
+        default=None, ge=1, description="keep only the first N layers of the draft (a layer-truncated copy)"
+    )
+    draft_kv_cache_gib: float = Field(default=0.25, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("ngram_min must be <= ngram_max")
+        if self.speculator == "draft" and self.draft_model is None and self.draft_num_layers is None:
+            # The target itself is no draft: default to a layer-truncated copy of it.
+            self.draft_num_layers = 4
+        return self

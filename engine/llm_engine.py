@@ -1,0 +1,301 @@
+"""The engine: requests in, tokens out, one scheduler step at a time.
+
+A step schedules a mixed batch (prefill chunks, decodes), asks the proposer for drafts for the decoding
+sequences, verifies everything in ONE target forward over the paged cache, then accepts, commits the KV of
+accepted tokens (rejected slots are simply overwritten later) and streams text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from pydantic import ValidationError
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.loader import ModelLoadError, eos_token_ids, load_arch, load_tokenizer, resolve_model
+from engine.metrics import RequestMetrics, SpecCounters
+from engine.model_runner import ModelRunner, StepInput
+from engine.sampler import make_generator, processed_probs
+from engine.sampling_params import SamplingParams, describe_validation_error
+from engine.scheduler import Scheduler
+from engine.sequence import SeqStatus, Sequence
+from engine.tokenization import RequestError, encode_prompt
+from kv_cache.block_manager import BlockManager
+from speculator.backoff import KController
+from speculator.draft_model import DraftModelProposer
+from speculator.ngram import NgramProposer
+from speculator.proposer import Draft, DraftRequest, Proposer
+from speculator.verify import verify_greedy, verify_sampled
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    text: str
+    delta: str  # text that became visible in this step
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    metrics: RequestMetrics
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    controller: KController | None
+    metrics: RequestMetrics
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        try:
+            cfg = self.config = EngineConfig(**{**(config.model_dump() if config else {}), **overrides})
+        except ValidationError as e:
+            raise ValueError(describe_validation_error(e)) from None
+        self.device = torch.device(cfg.device)
+        self.folder = resolve_model(cfg.model)
+        self.arch = load_arch(self.folder)
+        self.tokenizer = load_tokenizer(self.folder)
+        self.max_model_len = min(cfg.max_model_len or self.arch.max_model_len, self.arch.max_model_len)
+        dtype = DTYPES[cfg.dtype]
+        self.runner = ModelRunner(
+            self.folder,
+            self.arch,
+            dtype=dtype,
+            device=self.device,
+            block_size=cfg.block_size,
+            kv_cache_bytes=int(cfg.kv_cache_gib * (1 << 30)),
+            max_model_len=self.max_model_len,
+            attention_backend=cfg.attention_backend,
+        )
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
+        self.proposer = self._make_proposer(dtype)
+        self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
+        self.requests: dict[str, _Request] = {}
+        self.spec = SpecCounters()
+        self._seq_ids = itertools.count()
+
+    def _make_proposer(self, dtype: torch.dtype) -> Proposer | None:
+        cfg = self.config
+        if cfg.speculator == "ngram":
+            return NgramProposer(cfg.ngram_min, cfg.ngram_max)
+        if cfg.speculator == "draft":
+            folder = resolve_model(cfg.draft_model) if cfg.draft_model else self.folder
+            arch = load_arch(folder)
+            if arch.vocab_size != self.arch.vocab_size:
+                raise ModelLoadError(f"draft vocab {arch.vocab_size} != target vocab {self.arch.vocab_size}")
+            if cfg.draft_num_layers and cfg.draft_num_layers > arch.num_layers:
+                raise ValueError(f"draft_num_layers={cfg.draft_num_layers} > the draft's {arch.num_layers} layers")
+            runner = ModelRunner(
+                folder,
+                arch,
+                dtype=dtype,
+                device=self.device,
+                block_size=cfg.block_size,
+                kv_cache_bytes=int(cfg.draft_kv_cache_gib * (1 << 30)),
+                max_model_len=self.max_model_len,
+                num_layers=cfg.draft_num_layers,
+                attention_backend=cfg.attention_backend,
+            )
+            return DraftModelProposer(runner)
+        return None
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int] | None = None, messages: list[dict] | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, self.arch.vocab_size, prompt, messages)
+
+    def add_request(
+        self,
+        prompt: str | list[int] | None = None,
+        params: SamplingParams | dict | None = None,
+        *,
+        messages: list[dict] | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        try:
+            params = SamplingParams(**params) if isinstance(params, dict) else params or SamplingParams()
+        except ValidationError as e:
+            raise RequestError(describe_validation_error(e)) from None
+        ids = self.encode(prompt, messages)
+        if not ids:
+            raise RequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} (prompt + output)"
+            )
+        if -(-(len(ids) + 1) // self.config.block_size) > self.runner.num_blocks - 1:
+            raise RequestError(f"prompt of {len(ids)} tokens does not fit the KV cache; raise kv_cache_gib")
+        request_id = request_id or f"req-{next(self._seq_ids)}"
+        if request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id}")
+        metrics = RequestMetrics()
+        seq = Sequence(next(self._seq_ids), request_id, ids, len(ids), params, metrics.arrival)
+        controller = KController(self.config.num_speculative_tokens) if self.proposer else None
+        if controller and not self.config.adaptive_k:
+            controller.patience = 1 << 30
+        self.requests[request_id] = _Request(
+            seq,
+            IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens),
+            None if params.greedy else make_generator(params.seed),
+            controller,
+            metrics,
+        )
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its KV blocks are free when this returns."""
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.finish(req.seq)
+            if self.proposer:
+                self.proposer.release(req.seq.seq_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if self.proposer:
+            for seq in out.preempted:
+                self.proposer.release(seq.seq_id)
+        if not out.scheduled:
+            return self._drop_unschedulable()
+        decoding = [s for s in out.scheduled if s.num_lookahead]
+        drafts: dict[int, Draft] = {}
+        if decoding and self.proposer:
+            reqs = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_lookahead, s.seq.params) for s in decoding]
+            drafts = {s.seq.seq_id: d for s, d in zip(decoding, self.proposer.propose(reqs))}
+        items = []
+        for s in out.scheduled:
+            self.runner.copy_blocks(s.copies)
+            seq = s.seq
+            draft = drafts.get(seq.seq_id, Draft([]))
+            feed = seq.token_ids[seq.num_computed : seq.num_computed + s.num_tokens] + draft.tokens
+            n_logits = 1 + len(draft.tokens) if s.completes_prefill else 0
+            items.append(StepInput(feed, seq.num_computed, self.block_manager.block_table(seq.seq_id), n_logits))
+        logits = self.runner.execute(items)
+        greedy_rows = logits.argmax(-1).tolist() if any(s.seq.params.greedy for s in out.scheduled) else []
+        now = time.perf_counter()
+        outputs, row = [], 0
+        for s, item in zip(out.scheduled, items):
+            seq = s.seq
+            seq.num_computed += s.num_tokens
+            if not item.num_logits:
+                self.block_manager.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+                continue
+            draft = drafts.get(seq.seq_id, Draft([]))
+            rows = slice(row, row + item.num_logits)
+            row += item.num_logits
+            req = self.requests[seq.request_id]
+            if seq.params.greedy:
+                emitted = verify_greedy(greedy_rows[rows], draft.tokens)
+            else:
+                p = processed_probs(logits[rows], seq.params)
+                emitted = verify_sampled(p, draft.tokens, draft.probs, req.generator)
+            accepted = len(emitted) - 1
+            seq.num_computed += accepted
+            if s.num_lookahead or draft.tokens:
+                req.metrics.spec.record(len(draft.tokens), accepted, len(emitted))
+                self.spec.record(len(draft.tokens), accepted, len(emitted))
+                if req.controller:
+                    req.controller.update(len(draft.tokens), accepted)
+            outputs.append(self._append(req, emitted, now))
+        return outputs
+
+    def _append(self, req: _Request, emitted: list[int], now: float) -> RequestOutput:
+        seq, params = req.seq, req.seq.params
+        new: list[int] = []
+        for tok in emitted:
+            seq.token_ids.append(tok)
+            new.append(tok)
+            if (tok in self.eos_token_ids and not params.ignore_eos) or tok in params.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+                seq.finish_reason = "length"
+            if seq.finish_reason:
+                break
+        delta = req.detok.add(new)
+        if req.detok.stopped:
+            seq.finish_reason = "stop"
+        req.metrics.on_tokens(len(new), now)
+        if seq.finish_reason:
+            delta += req.detok.flush()
+            return self._finish(req, new, delta, now)
+        self.block_manager.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+        if req.controller:
+            seq.spec_k = req.controller.next_k()
+        return self._output(req, new, delta)
+
+    def _finish(self, req: _Request, new: list[int], delta: str, now: float) -> RequestOutput:
+        req.metrics.finished = now
+        self.scheduler.finish(req.seq)
+        if self.proposer:
+            self.proposer.release(req.seq.seq_id)
+        del self.requests[req.seq.request_id]
+        return self._output(req, new, delta)
+
+    def _output(self, req: _Request, new: list[int], delta: str) -> RequestOutput:
+        seq = req.seq
+        return RequestOutput(
+            seq.request_id,
+            seq.token_ids[: seq.num_prompt_tokens],
+            seq.output_token_ids,
+            req.detok.text,
+            delta,
+            new,
+            seq.status is SeqStatus.FINISHED,
+            seq.finish_reason,
+            req.metrics,
+        )
+
+    def _drop_unschedulable(self) -> list[RequestOutput]:
+        """Nothing could run: the oldest waiting sequence alone outgrew the KV pool. End it as 'length'."""
+        if self.scheduler.running or not self.scheduler.waiting:
+            return []
+        req = self.requests[self.scheduler.waiting[0].request_id]
+        req.seq.finish_reason = "length"
+        return [self._finish(req, [], req.detok.flush(), time.perf_counter())]
+
+    # ---- conveniences ---------------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts (strings, token-id lists or message lists) concurrently to completion, in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = []
+        for p, sp in zip(prompts, params_list):
+            if isinstance(p, list) and p and isinstance(p[0], dict):
+                ids.append(self.add_request(messages=p, params=sp))
+            else:
+                ids.append(self.add_request(p, sp))
+        final = {}
+        for out in self.run():
+            if out.finished:
+                final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def run(self) -> Iterator[RequestOutput]:
+        while self.has_unfinished():
+            yield from self.step()
+
+    def kv_waste_slots(self) -> int:
+        """Allocated minus used KV slots over the live sequences (lookahead slots count as waste)."""
+        used = sum(r.seq.num_computed for r in self.requests.values() if self.block_manager.has(r.seq.seq_id))
+        return self.block_manager.num_allocated_slots() - used

@@ -1,0 +1,158 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2, Granite) over a paged KV cache.
+
+The batch is flat: T tokens from any mix of prefill chunks, decode steps and speculative verification, with
+their positions; attention finds each sequence's context through the backend's metadata. q/k/v and
+gate/up are fused column-parallel matmuls, o/down row-parallel, so a rank holds only its slice of heads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.loader import ModelArch, ModelLoadError, iter_weights, rope_cos_sin
+from engine.parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear, VocabParallelEmbedding
+from kv_cache.attention import AttentionBackend, AttnMetadata
+from kv_cache.kv_pool import KVPool
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half convention of Hugging Face checkpoints; x [T, H, D], cos/sin [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, tp: ParallelContext):
+        super().__init__()
+        self.arch = arch
+        self.num_heads = tp.shard(arch.num_heads, "num_attention_heads")
+        self.num_kv_heads = tp.shard(arch.num_kv_heads, "num_key_value_heads")
+        d, kv = arch.head_dim, arch.num_kv_heads * arch.head_dim
+        self.input_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.qkv = ColumnParallelLinear(arch.hidden_size, [arch.num_heads * d, kv, kv], tp, bias=arch.qkv_bias)
+        self.o_proj = RowParallelLinear(arch.num_heads * d, arch.hidden_size, tp)
+        self.post_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.gate_up = ColumnParallelLinear(arch.hidden_size, [arch.intermediate_size] * 2, tp)
+        self.down = RowParallelLinear(arch.intermediate_size, arch.hidden_size, tp)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        meta: AttnMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        t, d = x.shape[0], self.arch.head_dim
+        q, k, v = self.qkv(self.input_norm(x)).split(self.qkv.local_parts, dim=-1)
+        q = rotate(q.view(t, self.num_heads, d), cos, sin)
+        k = rotate(k.view(t, self.num_kv_heads, d), cos, sin)
+        attn = backend.forward(q, k, v.view(t, self.num_kv_heads, d), kv[0], kv[1], meta, self.arch.attn_scale)
+        x = x + self.o_proj(attn.reshape(t, -1)) * self.arch.residual_multiplier
+        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up) * self.arch.residual_multiplier
+
+
+class CausalLM(nn.Module):
+    def __init__(self, arch: ModelArch, tp: ParallelContext, num_layers: int | None = None):
+        super().__init__()
+        self.arch = arch
+        self.tp = tp
+        self.embed = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(arch, tp) for _ in range(num_layers or arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = (
+            self.embed if arch.tie_word_embeddings else VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
+        )
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        pool: KVPool,
+        meta: AttnMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm."""
+        x = self.embed(input_ids)
+        if self.arch.embedding_multiplier != 1.0:
+            x = x * self.arch.embedding_multiplier
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, pool.layer(i), meta, backend)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.lm_head.logits(hidden).float()
+        return out / self.arch.logits_scaling if self.arch.logits_scaling != 1.0 else out
+
+    def load(self, folder: Path, max_len: int) -> None:
+        """Load this rank's slices of the checkpoint; layers beyond num_layers are skipped (truncated drafts)."""
+        cos, sin = rope_cos_sin(folder, max_len)
+        self.cos, self.sin = cos.to(self.embed.weight), sin.to(self.embed.weight)
+        n_layers = len(self.layers)
+        seen: set[str] = set()
+        qkv_index = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+        with torch.no_grad():
+            for name, w in iter_weights(folder):
+                parts = name.split(".")
+                if name == "model.embed_tokens.weight":
+                    self.embed.load(w)
+                elif name == "lm_head.weight":
+                    if not self.arch.tie_word_embeddings:
+                        self.lm_head.load(w)
+                elif name == "model.norm.weight":
+                    self.norm.weight.copy_(w[:])
+                elif parts[:2] == ["model", "layers"]:
+                    i = int(parts[2])
+                    if i >= n_layers:
+                        continue
+                    layer, module, leaf = self.layers[i], parts[-2], parts[-1]
+                    if module in qkv_index and (leaf == "weight" or layer.qkv.bias is not None):
+                        layer.qkv.load_part(qkv_index[module], w, leaf)
+                    elif module == "o_proj":
+                        layer.o_proj.load(w)
+                    elif module in ("gate_proj", "up_proj"):
+                        layer.gate_up.load_part(0 if module == "gate_proj" else 1, w)
+                    elif module == "down_proj":
+                        layer.down.load(w)
+                    elif module == "input_layernorm":
+                        layer.input_norm.weight.copy_(w[:])
+                    elif module == "post_attention_layernorm":
+                        layer.post_norm.weight.copy_(w[:])
+                    else:
+                        continue
+                else:
+                    continue
+                seen.add(name)
+        needed = {"model.embed_tokens.weight", "model.norm.weight"}
+        if not self.arch.tie_word_embeddings:
+            needed.add("lm_head.weight")
+        for i in range(n_layers):
+            needed |= {f"model.layers.{i}.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            needed |= {f"model.layers.{i}.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+        missing = needed - seen
+        if missing:
+            raise ModelLoadError(f"checkpoint in {folder} lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")

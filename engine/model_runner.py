@@ -1,0 +1,89 @@
+"""Runs one forward step of a model over its paged KV pool: builds the flat batch, returns the wanted logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.loader import ModelArch
+from engine.model import CausalLM
+from engine.parallel import ParallelContext
+from kv_cache.attention import make_backend
+from kv_cache.kv_pool import KVPool
+
+
+@dataclass
+class StepInput:
+    """One sequence's share of a step: feed `token_ids` at positions start.., want the last `num_logits` rows."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    num_logits: int
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        folder: Path,
+        arch: ModelArch,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int,
+        kv_cache_bytes: int,
+        max_model_len: int,
+        tp: ParallelContext | None = None,
+        num_layers: int | None = None,
+        attention_backend: str = "torch",
+    ):
+        self.tp = tp or ParallelContext()
+        self.device, self.dtype, self.block_size = device, dtype, block_size
+        with torch.device(device):
+            self.model = CausalLM(arch, self.tp, num_layers).to(dtype)
+        self.model.load(folder, max_model_len)
+        layer = self.model.layers[0]
+        n_layers = len(self.model.layers)
+        num_blocks = KVPool.blocks_for_budget(
+            kv_cache_bytes, n_layers, block_size, layer.num_kv_heads, arch.head_dim, dtype
+        )
+        if num_blocks < 2:
+            raise ValueError(f"kv cache budget of {kv_cache_bytes} bytes holds fewer than 2 blocks")
+        self.pool = KVPool(n_layers, num_blocks, block_size, layer.num_kv_heads, arch.head_dim, dtype, device)
+        self.backend = make_backend(attention_backend, block_size, device)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def execute(self, items: list[StepInput]) -> torch.Tensor:
+        """Forward the batch; logits [sum(num_logits), vocab] float32, in item order."""
+        bs = self.block_size
+        q_lens = [len(it.token_ids) for it in items]
+        seq_lens = [it.start + n for it, n in zip(items, q_lens)]
+        ids = np.fromiter((t for it in items for t in it.token_ids), dtype=np.int64, count=sum(q_lens))
+        positions = np.concatenate([np.arange(it.start, it.start + n) for it, n in zip(items, q_lens)])
+        tables = [it.block_table for it in items]
+        seq_index = np.repeat(np.arange(len(items)), q_lens)
+        flat = np.zeros((len(items), max(-(-n // bs) for n in seq_lens)), dtype=np.int64)
+        for i, t in enumerate(tables):
+            n = min(len(t), flat.shape[1])
+            flat[i, :n] = t[:n]
+        slots = flat[seq_index, positions // bs] * bs + positions % bs
+        meta = self.backend.prepare(q_lens, seq_lens, tables, slots)
+        ends = np.cumsum(q_lens)
+        rows = np.concatenate([np.arange(e - it.num_logits, e) for it, e in zip(items, ends)])
+        hidden = self.model(
+            torch.from_numpy(ids).to(self.device),
+            torch.from_numpy(positions).to(self.device),
+            self.pool,
+            meta,
+            self.backend,
+        )
+        return self.model.logits(hidden[torch.from_numpy(rows).to(self.device)])
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        self.pool.copy_blocks(pairs)

@@ -1,0 +1,49 @@
+"""A request's token sequence and its progress through the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """`token_ids` = prompt + output; KV is valid for token_ids[:num_computed]."""
+
+    seq_id: int
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    arrival: float
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0
+    spec_k: int = 0  # draft tokens wanted at the next decode step (set by the speculation controller)
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Only the last sampled token lacks KV: the sequence can take speculative tokens this step."""
+        return self.num_uncomputed == 1

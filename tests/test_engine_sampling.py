@@ -1,0 +1,67 @@
+"""Speculative sampling through the whole engine: target distribution kept, seeded runs repeat."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from engine.sampling_params import SamplingParams
+
+# False-alarm rate of the distribution test: the chi-square p-value must fall below ALPHA to fail.
+ALPHA = 1e-3
+TEMPERATURE = 0.8
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name one fruit."}], add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def target_probs(hf_model, ids: list[list[int]]) -> torch.Tensor:
+    with torch.inference_mode():
+        logits = torch.stack([hf_model(torch.tensor([x])).logits[0, -1] for x in ids])
+    return torch.softmax(logits.double() / TEMPERATURE, dim=-1)
+
+
+def test_speculative_sampling_keeps_the_target_distribution(make_engine, hf_model, prompt_ids):
+    """Joint law of the first two tokens; the second comes out of draft verification (rejection sampling)."""
+    n = 600
+    engine = make_engine(speculator="draft", num_speculative_tokens=2, draft_num_layers=8, max_num_seqs=128)
+    params = [SamplingParams(max_tokens=3, temperature=TEMPERATURE, seed=i, ignore_eos=True) for i in range(n)]
+    drafted_before = engine.spec.drafted
+    outs = engine.generate([prompt_ids] * n, params)
+    assert engine.spec.drafted - drafted_before >= n // 2, "too few verification steps saw a draft"
+    pairs = Counter(tuple(o.output_token_ids[:2]) for o in outs)
+    p1 = target_probs(hf_model, [prompt_ids])[0]
+    firsts = torch.topk(p1, 12).indices.tolist()
+    p2 = target_probs(hf_model, [prompt_ids + [t] for t in firsts])
+    expected, observed = [], []
+    for i, t1 in enumerate(firsts):
+        for t2 in torch.topk(p2[i], 12).indices.tolist():
+            e = float(p1[t1] * p2[i, t2]) * n
+            if e >= 5:
+                expected.append(e)
+                observed.append(pairs.get((t1, t2), 0))
+    assert len(expected) >= 4, "distribution too flat for a useful test"
+    expected.append(n - sum(expected))
+    observed.append(n - sum(observed))
+    stat, p_value = chisquare(observed, expected)
+    assert p_value > ALPHA, f"speculative samples do not follow the target (chi2={stat:.1f}, p={p_value:.2e})"
+
+
+@pytest.mark.parametrize("config", [{}, {"speculator": "ngram"}, {"speculator": "draft", "draft_num_layers": 8}])
+def test_seeded_requests_repeat_exactly(make_engine, prompt_ids, config):
+    engine = make_engine(**config)
+    params = [SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=s) for s in (1, 2, 3)]
+    first = [o.output_token_ids for o in engine.generate([prompt_ids] * 3, params)]
+    again = [o.output_token_ids for o in engine.generate([prompt_ids] * 3, params)]
+    alone = engine.generate([prompt_ids], [params[1]])[0].output_token_ids
+    assert first == again
+    assert alone == first[1], "a seeded request must not depend on what shares its batch"
+    assert len({tuple(x) for x in first}) > 1, "different seeds gave identical samples"
