@@ -48,8 +48,12 @@ def _generate(args: argparse.Namespace) -> int:
     from engine.sampling_params import SamplingParams
 
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, stop=args.stop or [],
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or [],
     )
     engine = LLMEngine(_config(args))
     if args.raw:

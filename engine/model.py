@@ -26,6 +26,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; lower precisions normalise in float32 like HF does
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -61,14 +63,17 @@ class DecoderLayer(nn.Module):
         meta: AttnMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        t, d = x.shape[0], self.arch.head_dim
-        q, k, v = self.qkv(self.input_norm(x)).split(self.qkv.local_parts, dim=-1)
-        q = rotate(q.view(t, self.num_heads, d), cos, sin)
-        k = rotate(k.view(t, self.num_kv_heads, d), cos, sin)
-        attn = backend.forward(q, k, v.view(t, self.num_kv_heads, d), kv[0], kv[1], meta, self.arch.attn_scale)
-        x = x + self.o_proj(attn.reshape(t, -1)) * self.arch.residual_multiplier
+        t, d, hq, hkv = x.shape[0], self.arch.head_dim, self.num_heads, self.num_kv_heads
+        qkv = self.qkv(self.input_norm(x)).view(t, hq + 2 * hkv, d)
+        qk = rotate(qkv[:, : hq + hkv], cos, sin)  # q and k heads are adjacent: one RoPE pass for both
+        attn = backend.forward(qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :], kv[0], kv[1], meta, self.arch.attn_scale)
+        x = x + self._scaled(self.o_proj(attn.reshape(t, -1)))
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up) * self.arch.residual_multiplier
+        return x + self._scaled(self.down(F.silu(gate) * up))
+
+    def _scaled(self, h: torch.Tensor) -> torch.Tensor:
+        m = self.arch.residual_multiplier
+        return h if m == 1.0 else h * m
 
 
 class CausalLM(nn.Module):
@@ -156,3 +161,6 @@ class CausalLM(nn.Module):
         missing = needed - seen
         if missing:
             raise ModelLoadError(f"checkpoint in {folder} lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
+        for module in self.modules():
+            if module is not self and hasattr(module, "finalize"):
+                module.finalize()

@@ -39,6 +39,27 @@ class ParallelContext:
         return n // self.world_size
 
 
+def cpu_packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """A oneDNN-prepacked copy of a float32 [out, in] CPU weight, or None where that is unavailable.
+
+    On CPU, small-batch matmuls (decode, speculative verification) through MKL's sgemm with the weight
+    as stored run far below memory bandwidth; the prepacked oneDNN path is about 1.5x faster at batch 1
+    and 2x at batch 5-16 on a 2-core machine. The result equals F.linear up to summation order.
+    """
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, bias=None) -> torch.Tensor:
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
 def _rows(weight, start: int, size: int) -> torch.Tensor:
     """Read rows [start, start+size) of a lazily loaded tensor (safetensors slice or tensor)."""
     return weight[start : start + size]
@@ -54,6 +75,7 @@ class ColumnParallelLinear(nn.Module):
         out = sum(self.local_parts)
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None
 
     def load_part(self, index: int, tensor, param: str = "weight") -> None:
         """Copy this rank's rows of fused part `index` (a weight or a bias) from the full checkpoint tensor."""
@@ -61,8 +83,11 @@ class ColumnParallelLinear(nn.Module):
         offset = sum(self.local_parts[:index])
         getattr(self, param)[offset : offset + size].copy_(_rows(tensor, self.tp.rank * size, size))
 
+    def finalize(self) -> None:
+        self.packed = cpu_packed(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.packed, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -73,13 +98,17 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         self.local_in = tp.shard(in_features, "input features")
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
+        self.packed: torch.Tensor | None = None
+
+    def finalize(self) -> None:
+        self.packed = cpu_packed(self.weight)
 
     def load(self, weight) -> None:
         start = self.tp.rank * self.local_in
         self.weight.copy_(weight[:, start : start + self.local_in])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(linear(x, self.weight, self.packed))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -92,6 +121,10 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = tp.rank * self.local_vocab
         self.vocab_size = vocab_size
         self.weight = nn.Parameter(torch.zeros(self.local_vocab, hidden), requires_grad=False)
+        self.packed: torch.Tensor | None = None
+
+    def finalize(self) -> None:
+        self.packed = cpu_packed(self.weight)
 
     def load(self, weight) -> None:
         n = min(self.local_vocab, self.vocab_size - self.vocab_start)
@@ -106,4 +139,4 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather_last(F.linear(hidden, self.weight))[..., : self.vocab_size]
+        return self.tp.all_gather_last(linear(hidden, self.weight, self.packed))[..., : self.vocab_size]
