@@ -68,26 +68,30 @@ class LLMEngine:
         self.arch = load_arch(self.folder)
         self.tokenizer = load_tokenizer(self.folder)
         self.max_model_len = min(cfg.max_model_len or self.arch.max_model_len, self.arch.max_model_len)
-        dtype = DTYPES[cfg.dtype]
-        self.runner = ModelRunner(
-            self.folder,
-            self.arch,
-            dtype=dtype,
-            device=self.device,
-            block_size=cfg.block_size,
-            kv_cache_bytes=int(cfg.kv_cache_gib * (1 << 30)),
-            max_model_len=self.max_model_len,
-            attention_backend=cfg.attention_backend,
-        )
+        self.runner = self._make_runner(self.folder, self.arch, cfg.kv_cache_gib)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
-        self.proposer = self._make_proposer(dtype)
+        self.proposer = self._make_proposer()
         self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
         self.requests: dict[str, _Request] = {}
         self.spec = SpecCounters()
         self._seq_ids = itertools.count()
 
-    def _make_proposer(self, dtype: torch.dtype) -> Proposer | None:
+    def _make_runner(self, folder, arch, kv_cache_gib: float, num_layers: int | None = None) -> ModelRunner:
+        cfg = self.config
+        return ModelRunner(
+            folder,
+            arch,
+            dtype=DTYPES[cfg.dtype],
+            device=self.device,
+            block_size=cfg.block_size,
+            kv_cache_bytes=int(kv_cache_gib * (1 << 30)),
+            max_model_len=self.max_model_len,
+            num_layers=num_layers,
+            attention_backend=cfg.attention_backend,
+        )
+
+    def _make_proposer(self) -> Proposer | None:
         cfg = self.config
         if cfg.speculator == "ngram":
             return NgramProposer(cfg.ngram_min, cfg.ngram_max)
@@ -98,18 +102,7 @@ class LLMEngine:
                 raise ModelLoadError(f"draft vocab {arch.vocab_size} != target vocab {self.arch.vocab_size}")
             if cfg.draft_num_layers and cfg.draft_num_layers > arch.num_layers:
                 raise ValueError(f"draft_num_layers={cfg.draft_num_layers} > the draft's {arch.num_layers} layers")
-            runner = ModelRunner(
-                folder,
-                arch,
-                dtype=dtype,
-                device=self.device,
-                block_size=cfg.block_size,
-                kv_cache_bytes=int(cfg.draft_kv_cache_gib * (1 << 30)),
-                max_model_len=self.max_model_len,
-                num_layers=cfg.draft_num_layers,
-                attention_backend=cfg.attention_backend,
-            )
-            return DraftModelProposer(runner)
+            return DraftModelProposer(self._make_runner(folder, arch, cfg.draft_kv_cache_gib, cfg.draft_num_layers))
         return None
 
     # ---- requests -------------------------------------------------------------------------------------
@@ -149,7 +142,7 @@ class LLMEngine:
         self.requests[request_id] = _Request(
             seq,
             IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens),
-            None if params.greedy else make_generator(params.seed),
+            None if params.greedy else make_generator(params.seed, self.device),
             controller,
             metrics,
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
 
@@ -29,7 +29,6 @@ class Sequence:
     spec_k: int = 0  # draft tokens wanted at the next decode step (set by the speculation controller)
     finish_reason: str | None = None
     num_preemptions: int = 0
-    metrics: dict = field(default_factory=dict)
 
     @property
     def num_uncomputed(self) -> int:

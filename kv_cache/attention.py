@@ -18,17 +18,23 @@ import torch.nn.functional as F
 
 
 @dataclass
+class AttnGroup:
+    """Sequences of one step that feed the same number of new tokens: attended without query padding."""
+
+    rows: torch.Tensor | None  # [n * q_len] rows of the flat batch, in order (None: the whole batch)
+    block_tables: torch.Tensor  # [n * max_blocks] int64, padded with the null block 0
+    num_seqs: int
+    query_len: int
+    max_blocks: int
+    mask: torch.Tensor  # [n, 1, q_len, max_blocks * block_size] bool, True = visible
+
+
+@dataclass
 class AttnMetadata:
     """Per-step layout of the flattened batch: T new tokens belonging to B sequences."""
 
     slot_mapping: torch.Tensor  # [T] int64: pool slot each new token's K/V is written to
-    block_tables: torch.Tensor  # [B * max_blocks] int64, padded with the null block 0
-    num_seqs: int
-    max_query_len: int
-    max_blocks: int
-    query_index: torch.Tensor | None  # [B * max_query_len] rows of the flat batch (None when uniform)
-    output_index: torch.Tensor | None  # [T] rows of the padded output that are real tokens
-    mask: torch.Tensor | None  # [B, 1, max_query_len, max_blocks * block_size] bool, True = visible
+    groups: list[AttnGroup]
 
 
 class AttentionBackend(Protocol):
@@ -58,38 +64,37 @@ class TorchPagedAttention:
     def prepare(
         self, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], slots: np.ndarray
     ) -> AttnMetadata:
-        b, bs = len(query_lens), self.block_size
-        max_q = max(query_lens)
+        starts = np.concatenate(([0], np.cumsum(query_lens)[:-1]))
+        by_len: dict[int, list[int]] = {}
+        for i, n in enumerate(query_lens):
+            by_len.setdefault(n, []).append(i)
+        groups = []
+        for q_len, members in by_len.items():
+            rows = None
+            if len(by_len) > 1:
+                rows = torch.from_numpy((starts[members][:, None] + np.arange(q_len)[None, :]).reshape(-1))
+                rows = rows.to(self.device)
+            groups.append(self._group(q_len, [seq_lens[i] for i in members], [block_tables[i] for i in members], rows))
+        slot_mapping = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(self.device)
+        return AttnMetadata(slot_mapping, groups)
+
+    def _group(self, q_len: int, seq_lens: list[int], tables: list[list[int]], rows) -> AttnGroup:
+        bs = self.block_size
         max_blocks = max(-(-n // bs) for n in seq_lens)
-        table = np.zeros((b, max_blocks), dtype=np.int64)
-        for i, row in enumerate(block_tables):
+        table = np.zeros((len(tables), max_blocks), dtype=np.int64)
+        for i, row in enumerate(tables):
             n = min(len(row), max_blocks)
             table[i, :n] = row[:n]
-        q_lens = np.asarray(query_lens)
-        ctx = np.asarray(seq_lens) - q_lens
-        # Position of every (padded) query row; padded rows see only key 0 so no softmax row is empty.
-        offsets = np.arange(max_q)
-        q_pos = np.where(offsets[None, :] < q_lens[:, None], ctx[:, None] + offsets[None, :], 0)
-        k_pos = np.arange(max_blocks * bs)
-        mask = k_pos[None, None, :] <= q_pos[:, :, None]
-        uniform = bool((q_lens == max_q).all())
-        query_index = output_index = None
-        if not uniform:
-            starts = np.concatenate(([0], np.cumsum(q_lens)[:-1]))
-            real = offsets[None, :] < q_lens[:, None]
-            query_index = torch.from_numpy(np.where(real, starts[:, None] + offsets[None, :], 0).reshape(-1))
-            output_index = torch.from_numpy(np.flatnonzero(real.reshape(-1)))
-            query_index, output_index = query_index.to(self.device), output_index.to(self.device)
-        to = self.device
-        return AttnMetadata(
-            slot_mapping=torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(to),
-            block_tables=torch.from_numpy(table.reshape(-1)).to(to),
-            num_seqs=b,
-            max_query_len=max_q,
+        # Query j of a sequence with L keys sits at position L - q_len + j and sees keys up to it.
+        q_pos = np.asarray(seq_lens)[:, None] - q_len + np.arange(q_len)[None, :]
+        mask = np.arange(max_blocks * bs)[None, None, :] <= q_pos[:, :, None]
+        return AttnGroup(
+            rows=rows,
+            block_tables=torch.from_numpy(table.reshape(-1)).to(self.device),
+            num_seqs=len(tables),
+            query_len=q_len,
             max_blocks=max_blocks,
-            query_index=query_index,
-            output_index=output_index,
-            mask=torch.from_numpy(mask[:, None]).to(to),
+            mask=torch.from_numpy(mask[:, None]).to(self.device),
         )
 
     def forward(
@@ -106,18 +111,25 @@ class TorchPagedAttention:
         _, hkv, d = k.shape
         k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
-        b, mq, hq = meta.num_seqs, meta.max_query_len, q.shape[1]
-        length = meta.max_blocks * self.block_size
-        keys = k_cache.index_select(0, meta.block_tables).view(b, length, hkv, d).transpose(1, 2)
-        values = v_cache.index_select(0, meta.block_tables).view(b, length, hkv, d).transpose(1, 2)
-        if meta.query_index is not None:
-            q = q.index_select(0, meta.query_index)
-        queries = q.view(b, mq, hq, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.mask, scale=scale, enable_gqa=hq != hkv
-        )
-        out = out.transpose(1, 2).reshape(b * mq, hq, d)
-        return out if meta.output_index is None else out.index_select(0, meta.output_index)
+        if len(meta.groups) == 1:
+            return self._attend(q, k_cache, v_cache, meta.groups[0], scale)
+        out = torch.empty_like(q)
+        for g in meta.groups:
+            out.index_copy_(0, g.rows, self._attend(q.index_select(0, g.rows), k_cache, v_cache, g, scale))
+        return out
+
+    def _attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttnGroup, scale: float
+    ) -> torch.Tensor:
+        """q [n * q_len, Hq, D] for the group's sequences -> same shape."""
+        hkv, d = k_cache.shape[2], k_cache.shape[3]
+        b, mq, hq = g.num_seqs, g.query_len, q.shape[1]
+        length = g.max_blocks * self.block_size
+        keys = k_cache.index_select(0, g.block_tables).view(b, length, hkv, d).transpose(1, 2)
+        values = v_cache.index_select(0, g.block_tables).view(b, length, hkv, d).transpose(1, 2)
+        queries = q.reshape(b, mq, hq, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=hq != hkv)
+        return out.transpose(1, 2).reshape(b * mq, hq, d)
 
 
 def make_backend(name: str, block_size: int, device: torch.device) -> AttentionBackend:

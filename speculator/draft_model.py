@@ -57,7 +57,7 @@ class DraftModelProposer(Proposer):
         for i, r in enumerate(reqs):
             if not r.params.greedy:
                 g = self.generators.setdefault(
-                    r.seq_id, make_generator(None if r.params.seed is None else r.params.seed + 1)
+                    r.seq_id, make_generator(None if r.params.seed is None else r.params.seed + 1, self.runner.device)
                 )
                 probs[i] = processed_probs(logits[i : i + 1], r.params)[0]
                 tokens[i] = int(torch.multinomial(probs[i], 1, generator=g))

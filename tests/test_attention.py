@@ -61,7 +61,7 @@ def test_uniform_batch_fast_path_matches():
     tables = [[3, 1], [2, 5]]
     slots = np.array([3 * bs + 0, 2 * bs + 0])
     meta = backend.prepare([1, 1], [1, 1], tables, slots)
-    assert meta.query_index is None  # uniform: no gather of queries
+    assert len(meta.groups) == 1 and meta.groups[0].rows is None  # uniform: no gather of queries
     q, k, v = torch.randn(2, h, d), torch.randn(2, h, d), torch.randn(2, h, d)
     out = backend.forward(q, k, v, kc, vc, meta, scale=0.5)
     torch.testing.assert_close(out, v)  # a single visible key: attention returns its value
