@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.loader import ModelLoadError, eos_token_ids, load_arch, load_tokenizer, resolve_model
+from engine.draft_runner import build_draft_runner
+from engine.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from engine.metrics import RequestMetrics, SpecCounters
 from engine.model_runner import ModelRunner, StepInput
 from engine.sampler import make_generator, processed_probs
@@ -58,7 +59,17 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, **overrides):
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        runner: ModelRunner | None = None,
+        proposer: Proposer | None = None,
+        **overrides,
+    ):
+        """`runner` replaces the in-process target runner (e.g. one that drives tensor-parallel shard actors);
+        it must have been built for this config's model, dtype, block size and max_model_len. `proposer`
+        replaces the one the config names (e.g. a draft model in its own actor)."""
         try:
             cfg = self.config = EngineConfig(**{**(config.model_dump() if config else {}), **overrides})
         except ValidationError as e:
@@ -68,10 +79,10 @@ class LLMEngine:
         self.arch = load_arch(self.folder)
         self.tokenizer = load_tokenizer(self.folder)
         self.max_model_len = min(cfg.max_model_len or self.arch.max_model_len, self.arch.max_model_len)
-        self.runner = self._make_runner(self.folder, self.arch, cfg.kv_cache_gib)
+        self.runner = runner or self._make_runner(self.folder, self.arch, cfg.kv_cache_gib)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
-        self.proposer = self._make_proposer()
+        self.proposer = proposer or self._make_proposer()
         self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
         self.requests: dict[str, _Request] = {}
         self.spec = SpecCounters()
@@ -96,13 +107,7 @@ class LLMEngine:
         if cfg.speculator == "ngram":
             return NgramProposer(cfg.ngram_min, cfg.ngram_max)
         if cfg.speculator == "draft":
-            folder = resolve_model(cfg.draft_model) if cfg.draft_model else self.folder
-            arch = load_arch(folder)
-            if arch.vocab_size != self.arch.vocab_size:
-                raise ModelLoadError(f"draft vocab {arch.vocab_size} != target vocab {self.arch.vocab_size}")
-            if cfg.draft_num_layers and cfg.draft_num_layers > arch.num_layers:
-                raise ValueError(f"draft_num_layers={cfg.draft_num_layers} > the draft's {arch.num_layers} layers")
-            return DraftModelProposer(self._make_runner(folder, arch, cfg.draft_kv_cache_gib, cfg.draft_num_layers))
+            return DraftModelProposer(build_draft_runner(cfg, self.arch.vocab_size, self.max_model_len))
         return None
 
     # ---- requests -------------------------------------------------------------------------------------

@@ -44,12 +44,21 @@ class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, tp: ParallelContext):
         super().__init__()
         self.arch = arch
-        self.num_heads = tp.shard(arch.num_heads, "num_attention_heads")
-        self.num_kv_heads = tp.shard(arch.num_kv_heads, "num_key_value_heads")
-        d, kv = arch.head_dim, arch.num_kv_heads * arch.head_dim
+        if arch.num_heads % arch.num_kv_heads:
+            raise ValueError(f"{arch.num_heads} query heads do not form groups over {arch.num_kv_heads} KV heads")
+        if tp.world_size > arch.num_kv_heads:
+            raise ValueError(f"tensor_parallel_size={tp.world_size} exceeds the model's {arch.num_kv_heads} KV heads")
+        # Attention splits by whole GQA groups (one KV head and its query heads), unevenly where the KV heads do
+        # not divide: e.g. 3 KV heads on 2 ranks give rank 0 two groups and rank 1 one.
+        group, d = arch.num_heads // arch.num_kv_heads, arch.head_dim
+        self.num_kv_heads = tp.span(arch.num_kv_heads)[1]
+        self.num_heads = self.num_kv_heads * group
+        kv = arch.num_kv_heads * d
         self.input_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.qkv = ColumnParallelLinear(arch.hidden_size, [arch.num_heads * d, kv, kv], tp, bias=arch.qkv_bias)
-        self.o_proj = RowParallelLinear(arch.num_heads * d, arch.hidden_size, tp)
+        self.qkv = ColumnParallelLinear(
+            arch.hidden_size, [arch.num_heads * d, kv, kv], tp, bias=arch.qkv_bias, units=[group * d, d, d]
+        )
+        self.o_proj = RowParallelLinear(arch.num_heads * d, arch.hidden_size, tp, unit=group * d)
         self.post_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.gate_up = ColumnParallelLinear(arch.hidden_size, [arch.intermediate_size] * 2, tp)
         self.down = RowParallelLinear(arch.intermediate_size, arch.hidden_size, tp)

@@ -3,6 +3,10 @@
 Column-parallel layers hold a slice of the output features, row-parallel layers a slice of the input features
 followed by an all-reduce; the vocabulary is split across ranks for the embedding and the LM head. With world
 size 1 every collective is a no-op, so the same model code serves one process and a group of shard actors.
+
+Splits need not be even: a dimension is cut into whole units (an attention head group, a single MLP row) and
+the first `n % world_size` ranks take one unit more (`ParallelContext.span`). That is what lets a model with 3
+KV heads run on 2 ranks (2 + 1 heads); dimensions that divide evenly split evenly.
 """
 
 from __future__ import annotations
@@ -33,10 +37,30 @@ class ParallelContext:
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=-1)
 
-    def shard(self, n: int, what: str) -> int:
-        if n % self.world_size:
-            raise ValueError(f"{what}={n} is not divisible by tensor_parallel_size={self.world_size}")
-        return n // self.world_size
+    def span(self, n: int, unit: int = 1, rank: int | None = None) -> tuple[int, int]:
+        """This rank's (start, size) of `n` items cut into whole units of `unit` items, the first ranks taking
+        the remainder: heads must not be split mid-group, and every rank must agree on every other's slice."""
+        if unit <= 0 or n % unit:
+            raise ValueError(f"{n} items do not split into units of {unit}")
+        units, r = n // unit, self.rank if rank is None else rank
+        base, extra = divmod(units, self.world_size)
+        start = r * base + min(r, extra)
+        return start * unit, (base + (r < extra)) * unit
+
+    def max_span(self, n: int, unit: int = 1) -> int:
+        """The largest size any rank gets from `span` (rank 0's), e.g. to size per-rank buffers alike."""
+        return self.span(n, unit, rank=0)[1]
+
+
+def rank_kv_cache_bytes(budget_bytes: int, num_kv_heads: int, tp: ParallelContext) -> int:
+    """This rank's share of a per-rank KV budget such that every rank's pool has the same number of blocks.
+
+    One block manager drives all ranks, so a block id must exist on every rank. With an uneven head split the
+    rank holding the most KV heads is the binding one: blocks = budget // (bytes per block at max heads), and
+    this rank gets budget * local_heads // max_heads, which gives exactly that many blocks of its own (smaller)
+    size, because floor(floor(x) / m) = floor(x / m) for whole m.
+    """
+    return budget_bytes * tp.span(num_kv_heads)[1] // tp.max_span(num_kv_heads)
 
 
 def cpu_packed(weight: torch.Tensor) -> torch.Tensor | None:
@@ -66,12 +90,25 @@ def _rows(weight, start: int, size: int) -> torch.Tensor:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T with W split by output rows; `parts` are the fused sub-matrices (e.g. q, k, v)."""
+    """y = x W^T with W split by output rows; `parts` are the fused sub-matrices (e.g. q, k, v).
 
-    def __init__(self, in_features: int, parts: list[int], tp: ParallelContext, bias: bool = False):
+    `units[i]` is the row count of part i's indivisible unit (a query-head group, one KV head); each part is
+    split by `ParallelContext.span`, so the parts stay aligned (rank r's q heads match its k/v heads).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        parts: list[int],
+        tp: ParallelContext,
+        bias: bool = False,
+        units: list[int] | None = None,
+    ):
         super().__init__()
         self.tp = tp
-        self.local_parts = [tp.shard(p, "output features") for p in parts]
+        spans = [tp.span(p, u) for p, u in zip(parts, units or [1] * len(parts))]
+        self.part_starts = [start for start, _ in spans]  # rows of the full checkpoint tensor
+        self.local_parts = [size for _, size in spans]
         out = sum(self.local_parts)
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
@@ -81,7 +118,7 @@ class ColumnParallelLinear(nn.Module):
         """Copy this rank's rows of fused part `index` (a weight or a bias) from the full checkpoint tensor."""
         size = self.local_parts[index]
         offset = sum(self.local_parts[:index])
-        getattr(self, param)[offset : offset + size].copy_(_rows(tensor, self.tp.rank * size, size))
+        getattr(self, param)[offset : offset + size].copy_(_rows(tensor, self.part_starts[index], size))
 
     def finalize(self) -> None:
         self.packed = cpu_packed(self.weight)
@@ -91,12 +128,15 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum over ranks of x_r W_r^T: each rank holds a slice of the input features."""
+    """y = sum over ranks of x_r W_r^T: each rank holds a slice of the input features.
 
-    def __init__(self, in_features: int, out_features: int, tp: ParallelContext):
+    The slice is `tp.span(in_features, unit)`, matching the column-parallel layer that feeds it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp: ParallelContext, unit: int = 1):
         super().__init__()
         self.tp = tp
-        self.local_in = tp.shard(in_features, "input features")
+        self.in_start, self.local_in = tp.span(in_features, unit)
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
         self.packed: torch.Tensor | None = None
 
@@ -104,8 +144,7 @@ class RowParallelLinear(nn.Module):
         self.packed = cpu_packed(self.weight)
 
     def load(self, weight) -> None:
-        start = self.tp.rank * self.local_in
-        self.weight.copy_(weight[:, start : start + self.local_in])
+        self.weight.copy_(weight[:, self.in_start : self.in_start + self.local_in])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(linear(x, self.weight, self.packed))

@@ -4,7 +4,10 @@ The model calls `backend.prepare(...)` once per step and `backend.forward(...)` 
 and the model never see how K/V are laid out. `TorchPagedAttention` is pure PyTorch and runs on any device:
 it writes the step's K/V into the pool through the slot mapping, gathers each sequence's pages through its
 block table and calls `scaled_dot_product_attention` with a mask that is causal inside the new tokens and
-open to the whole cached context (bottom-right aligned, as speculative verification needs).
+open to the whole cached context (bottom-right aligned, as speculative verification needs). Two shortcuts keep
+it fast: a prompt prefilled from position 0 attends to its own new K/V with `is_causal` (no gather, no mask,
+and the kernel skips the masked half), and sequences are grouped by query length and by context length
+(power-of-two buckets of blocks), so a short sequence is not padded to the longest one in the batch.
 """
 
 from __future__ import annotations
@@ -19,14 +22,22 @@ import torch.nn.functional as F
 
 @dataclass
 class AttnGroup:
-    """Sequences of one step that feed the same number of new tokens: attended without query padding."""
+    """Sequences of one step attended together, without query padding.
 
+    kind "prompt": whole prompts (no cached context) attend causally to their own new K/V;
+    kind "chunk": one long prefill chunk after `context_len` cached tokens (context and new part separately,
+    merged by log-sum-exp, so neither the context nor a mask is materialised for the new part);
+    kind "paged": the rest (decodes, speculative verification, short chunks) gather their pages and use a mask.
+    """
+
+    kind: str
     rows: torch.Tensor | None  # [n * q_len] rows of the flat batch, in order (None: the whole batch)
-    block_tables: torch.Tensor  # [n * max_blocks] int64, padded with the null block 0
     num_seqs: int
     query_len: int
-    max_blocks: int
-    mask: torch.Tensor  # [n, 1, q_len, max_blocks * block_size] bool, True = visible
+    max_blocks: int = 0
+    block_tables: torch.Tensor | None = None  # [n * max_blocks] int64, padded with the null block 0
+    mask: torch.Tensor | None = None  # "paged": [n, 1, q_len, max_blocks * block_size] bool, True = visible
+    context_len: int = 0  # "chunk": cached tokens before the chunk
 
 
 @dataclass
@@ -61,20 +72,39 @@ class TorchPagedAttention:
         self.block_size = block_size
         self.device = device
 
+    # A prefill chunk at least this long after cached context takes the split path (CPU kernel with LSE).
+    split_chunk_min = 64
+
     def prepare(
         self, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], slots: np.ndarray
     ) -> AttnMetadata:
         starts = np.concatenate(([0], np.cumsum(query_lens)[:-1]))
-        by_len: dict[int, list[int]] = {}
-        for i, n in enumerate(query_lens):
-            by_len.setdefault(n, []).append(i)
+        split = self.device.type == "cpu"
+        by_key: dict[tuple, list[int]] = {}
+        for i, (n, length) in enumerate(zip(query_lens, seq_lens)):
+            if n == length:
+                key: tuple = ("prompt", n)
+            elif split and n >= self.split_chunk_min:
+                key = ("chunk", i)
+            else:  # bucketed by the power of two of the block count, so short contexts are not padded to long
+                key = ("paged", n, (-(-length // self.block_size) - 1).bit_length())
+            by_key.setdefault(key, []).append(i)
         groups = []
-        for q_len, members in by_len.items():
+        for key, members in by_key.items():
+            q_len = query_lens[members[0]]
             rows = None
-            if len(by_len) > 1:
+            if len(by_key) > 1:
                 rows = torch.from_numpy((starts[members][:, None] + np.arange(q_len)[None, :]).reshape(-1))
                 rows = rows.to(self.device)
-            groups.append(self._group(q_len, [seq_lens[i] for i in members], [block_tables[i] for i in members], rows))
+            lens, tables = [seq_lens[i] for i in members], [block_tables[i] for i in members]
+            if key[0] == "prompt":
+                groups.append(AttnGroup("prompt", rows, len(members), q_len))
+            elif key[0] == "chunk":
+                context = lens[0] - q_len
+                table = torch.tensor(tables[0][: -(-context // self.block_size)], dtype=torch.int64)
+                groups.append(AttnGroup("chunk", rows, 1, q_len, len(table), table.to(self.device), None, context))
+            else:
+                groups.append(self._group(q_len, lens, tables, rows))
         slot_mapping = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(self.device)
         return AttnMetadata(slot_mapping, groups)
 
@@ -89,11 +119,12 @@ class TorchPagedAttention:
         q_pos = np.asarray(seq_lens)[:, None] - q_len + np.arange(q_len)[None, :]
         mask = np.arange(max_blocks * bs)[None, None, :] <= q_pos[:, :, None]
         return AttnGroup(
+            kind="paged",
             rows=rows,
-            block_tables=torch.from_numpy(table.reshape(-1)).to(self.device),
             num_seqs=len(tables),
             query_len=q_len,
             max_blocks=max_blocks,
+            block_tables=torch.from_numpy(table.reshape(-1)).to(self.device),
             mask=torch.from_numpy(mask[:, None]).to(self.device),
         )
 
@@ -111,12 +142,54 @@ class TorchPagedAttention:
         _, hkv, d = k.shape
         k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
-        if len(meta.groups) == 1:
-            return self._attend(q, k_cache, v_cache, meta.groups[0], scale)
-        out = torch.empty_like(q)
+        out = None if len(meta.groups) == 1 else torch.empty_like(q)
         for g in meta.groups:
-            out.index_copy_(0, g.rows, self._attend(q.index_select(0, g.rows), k_cache, v_cache, g, scale))
+            pick = (lambda x: x) if g.rows is None else (lambda x, rows=g.rows: x.index_select(0, rows))
+            if g.kind == "prompt":
+                res = self._attend_new(pick(q), pick(k), pick(v), g, scale)
+            elif g.kind == "chunk":
+                res = self._attend_chunk(pick(q), pick(k), pick(v), k_cache, v_cache, g, scale)
+            else:
+                res = self._attend(pick(q), k_cache, v_cache, g, scale)
+            if out is None:
+                return res
+            out.index_copy_(0, g.rows, res)
         return out
+
+    @staticmethod
+    def _attend_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: AttnGroup, scale: float) -> torch.Tensor:
+        """Whole prompts: causal attention over the step's own K/V, [n * q_len, H, D] each."""
+        n, m = g.num_seqs, g.query_len
+        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        queries = q.view(n, m, hq, d).transpose(1, 2)
+        keys = k.view(n, m, hkv, d).transpose(1, 2)
+        values = v.view(n, m, hkv, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=hq != hkv)
+        return out.transpose(1, 2).reshape(n * m, hq, d)
+
+    def _attend_chunk(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        g: AttnGroup,
+        scale: float,
+    ) -> torch.Tensor:
+        """One chunk after cached context: full attention to the context plus causal attention to itself."""
+        m, c = g.query_len, g.context_len
+        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        queries = q.view(1, m, hq, d).transpose(1, 2)
+        ctx_k = k_cache.index_select(0, g.block_tables).view(1, -1, hkv, d)[:, :c].transpose(1, 2)
+        ctx_v = v_cache.index_select(0, g.block_tables).view(1, -1, hkv, d)[:, :c].transpose(1, 2)
+        out_ctx, lse_ctx = flash(queries, ctx_k, ctx_v, 0.0, False, scale=scale)
+        new_k, new_v = k.view(1, m, hkv, d).transpose(1, 2), v.view(1, m, hkv, d).transpose(1, 2)
+        out_new, lse_new = flash(queries, new_k, new_v, 0.0, True, scale=scale)
+        w_ctx = torch.sigmoid(lse_ctx - lse_new).unsqueeze(-1)  # share of the softmax mass on the context
+        out = out_new + (out_ctx - out_new) * w_ctx
+        return out.transpose(1, 2).reshape(m, hq, d)
 
     def _attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttnGroup, scale: float

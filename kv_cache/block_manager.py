@@ -47,6 +47,15 @@ class BlockManager:
         self.prefix_cache_hits = 0  # tokens
         self.prefix_cache_queries = 0  # tokens
 
+    def clear_prefix_cache(self) -> int:
+        """Forget every cached block hash (the KV pages were lost, e.g. rebuilt shards); returns how many."""
+        n = len(self.hash_to_block)
+        for b in range(self.num_blocks):
+            self._uncache(b)
+        for state in self.seqs.values():
+            state.num_hashed, state.last_hash = 0, None
+        return n
+
     # ---- block primitives ----
 
     def _uncache(self, b: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from kv_cache.attention import TorchPagedAttention
@@ -19,16 +20,20 @@ def dense_reference(q, k, v, scale, n_ctx):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double()).float()
 
 
-def test_paged_attention_matches_dense_reference():
+@pytest.mark.parametrize("split_chunk_min", [64, 2])
+def test_paged_attention_matches_dense_reference(split_chunk_min):
+    """With the default threshold short chunks take the masked path; with 2 they take the split (LSE) path."""
     torch.manual_seed(0)
     bs, hq, hkv, d, nb = 4, 6, 2, 8, 40
     backend = TorchPagedAttention(bs, torch.device("cpu"))
+    backend.split_chunk_min = split_chunk_min
     k_cache = torch.zeros(nb, bs, hkv, d)
     v_cache = torch.zeros(nb, bs, hkv, d)
     rng = np.random.default_rng(0)
     free = list(rng.permutation(np.arange(1, nb)))  # scattered, out-of-order blocks
-    # (cached context length, new tokens): a decode, a speculative verify, a prefill, a chunk after context
-    shapes = [(9, 1), (5, 4), (0, 7), (12, 3)]
+    # (cached context length, new tokens): a decode, a speculative verify, two whole prompts of one length,
+    # a chunk after context, and a decode with a much longer context (another length bucket)
+    shapes = [(9, 1), (5, 4), (0, 7), (12, 3), (0, 7), (30, 1)]
     seqs = []
     for n_ctx, n_new in shapes:
         total = n_ctx + n_new
@@ -44,6 +49,10 @@ def test_paged_attention_matches_dense_reference():
     k_new = torch.cat([s[3][s[0] :] for s in seqs])
     v_new = torch.cat([s[4][s[0] :] for s in seqs])
     out = backend.forward(q, k_new, v_new, k_cache, v_cache, meta, scale=d**-0.5)
+    chunk = "paged" if split_chunk_min > 4 else "chunk"
+    assert sorted((g.kind, g.num_seqs, g.query_len) for g in meta.groups) == sorted(
+        [("paged", 1, 1), ("paged", 1, 1), (chunk, 1, 3), (chunk, 1, 4), ("prompt", 2, 7)]
+    )
     start = 0
     for n_ctx, n_new, _, k_all, v_all, qs in seqs:
         ref = dense_reference(qs, k_all, v_all, d**-0.5, n_ctx)

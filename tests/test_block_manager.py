@@ -383,3 +383,17 @@ def test_check_invariants_detects_corruption() -> None:
     bm.free_list[0] = None  # null block handed out
     with pytest.raises(AssertionError):
         bm.check_invariants()
+
+
+def test_clear_prefix_cache_forgets_every_cached_block():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    tokens = [1, 2, 3, 4, 5]
+    bm.allocate("a", tokens)
+    bm.append_slots("a", 0, len(tokens))
+    bm.commit("a", tokens, len(tokens))
+    bm.free("a")
+    assert bm.allocate("b", tokens) == 4  # two full blocks are prefix hits
+    bm.free("b")
+    assert bm.clear_prefix_cache() == 2
+    assert bm.allocate("c", tokens) == 0
+    bm.check_invariants()

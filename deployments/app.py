@@ -1,0 +1,57 @@
+"""The Serve application: `import_path: deployments.app:build_app` in serve_config.yaml.
+
+    Router (ingress, OpenAI HTTP API, completion cache)  --DeploymentHandle-->  LLMServer replicas
+                                                            (prefix-affinity request router, autoscaled;
+                                                             each replica: engine loop + its TP shard actors)
+
+A target replica reserves one placement-group bundle for itself and one per tensor-parallel shard, so Serve
+places (and autoscales) a replica and its shards as one unit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.app_config import AppConfig, load_app_config
+from deployments.llm_server import LLMServer
+from deployments.request_router import request_router_config
+from deployments.router import Router
+
+
+def server_options(config: AppConfig) -> dict[str, Any]:
+    """Deployment options of the target replicas, from the validated app config."""
+    target = config.target
+    options = target.replica_options()
+    options["max_queued_requests"] = target.max_queued_requests
+    options["health_check_period_s"] = 10
+    options["graceful_shutdown_timeout_s"] = 30
+    shard = target.shard_resources
+    if config.tensor_parallel_size > 1:
+        # Bundle 0: the replica (scheduler loop, sampling). Bundles 1..tp: one per shard (its GPU on CUDA).
+        shard_bundle = {"CPU": shard.num_cpus, **({"GPU": shard.num_gpus} if shard.num_gpus else {})}
+        options["placement_group_bundles"] = [{"CPU": 1}] + [shard_bundle] * config.tensor_parallel_size
+        options["placement_group_strategy"] = "STRICT_PACK" if shard.num_gpus == 0 else "PACK"
+    else:
+        options["ray_actor_options"] = {"num_cpus": shard.num_cpus, "num_gpus": shard.num_gpus}
+    affinity = config.router.prefix_affinity
+    if affinity.enabled:
+        options["request_router_config"] = request_router_config(
+            stats_period_s=affinity.stats_period_s, imbalance_threshold=affinity.imbalance_threshold
+        )
+    return options
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Serve's app builder: validates `args` (a ValueError naming the bad key) and wires the deployments."""
+    config = load_app_config(args)
+    raw = config.model_dump(mode="json")
+    server = serve.deployment(LLMServer, name="LLMServer").options(**server_options(config)).bind(raw)
+    router = serve.deployment(Router, name="Router").options(
+        num_replicas=config.router.num_replicas,
+        max_ongoing_requests=config.router.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return router.bind(server, raw)

@@ -1,0 +1,156 @@
+"""The Serve application's arguments (`args:` in serve_config.yaml), validated before anything starts.
+
+Every block forbids unknown keys and the engine block is the engine's own EngineConfig, so a typo anywhere
+fails the deploy with one line naming the key path instead of being ignored. Autoscaling must state its
+`target_ongoing_requests`: Serve's default (2) is far from right for an engine that batches dozens of
+sequences, and a silent default would decide the replica count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.config import EngineConfig
+
+DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ActorResources(_Strict):
+    """Ray resources of one actor (a tensor-parallel shard, or the draft worker)."""
+
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
+class AutoscalingSettings(_Strict):
+    """The subset of Serve's autoscaling_config this app exposes; passed through unchanged."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class TargetSettings(_Strict):
+    """The engine deployment: how many replicas (fixed or autoscaled) and what each actor gets."""
+
+    num_replicas: int | None = Field(default=None, ge=1)
+    autoscaling_config: AutoscalingSettings | None = None
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    # Requests waiting in the handles beyond this get 503 (overloaded) instead of queueing without bound.
+    max_queued_requests: int = Field(default=256, ge=-1)
+    shard_resources: ActorResources = Field(default_factory=ActorResources)
+    draft_resources: ActorResources = Field(default_factory=ActorResources)
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> TargetSettings:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("give either num_replicas or autoscaling_config, not both")
+        return self
+
+    def replica_options(self) -> dict[str, Any]:
+        """Deployment options for `.options(...)`: a fixed count, or the autoscaling config (1 replica if
+        neither is given)."""
+        options: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests}
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config.model_dump()
+        else:
+            options["num_replicas"] = self.num_replicas or 1
+        return options
+
+
+class CompletionCacheSettings(_Strict):
+    enabled: bool = True
+    max_entries: int = Field(default=4096, ge=1)
+    max_bytes: int = Field(default=64 << 20, ge=1)
+    admit_after: int = Field(default=2, ge=1, le=255)
+
+
+class PrefixAffinitySettings(_Strict):
+    """The request router between router replicas and engine replicas (request_router.py)."""
+
+    enabled: bool = True
+    imbalance_threshold: int = Field(default=4, ge=0)
+    stats_period_s: float = Field(default=2.0, gt=0)
+
+
+class RouterSettings(_Strict):
+    """The OpenAI-facing ingress deployment."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    completion_cache: CompletionCacheSettings = Field(default_factory=CompletionCacheSettings)
+    prefix_affinity: PrefixAffinitySettings = Field(default_factory=PrefixAffinitySettings)
+
+
+class DraftWorkerSettings(_Strict):
+    """Run the draft model in its own actor (with `target.draft_resources`) instead of inside the engine."""
+
+    enabled: bool = False
+
+
+class AppConfig(_Strict):
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    served_model_name: str | None = Field(default=None, min_length=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    target: TargetSettings = Field(default_factory=TargetSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    draft_worker: DraftWorkerSettings = Field(default_factory=DraftWorkerSettings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppConfig:
+        if self.served_model_name is None:
+            self.served_model_name = served_name_for(self.engine.model)
+        if self.draft_worker.enabled and self.engine.speculator != "draft":
+            raise ValueError("draft_worker.enabled: needs engine.speculator 'draft'")
+        if self.engine.device.startswith("cuda") and self.target.shard_resources.num_gpus <= 0:
+            raise ValueError("target.shard_resources.num_gpus: must be > 0 when engine.device is cuda")
+        return self
+
+
+def served_name_for(model: str | None) -> str:
+    """The model id clients use: the file or folder name (without .gguf); the default model's known name."""
+    if model is None:
+        return DEFAULT_SERVED_MODEL_NAME
+    path = Path(model.rstrip("/"))
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def describe(err: ValidationError) -> str:
+    """One line: `key.path: what is wrong` for each error."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        msg = msg[:1].lower() + msg[1:]
+        if ": " in msg and not where:  # a cross-field check that names its key itself
+            parts.append(msg)
+        else:
+            parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
+
+
+def load_app_config(args: dict[str, Any] | None) -> AppConfig:
+    """Validate the app builder's args; ValueError with a one-line message naming the key path if bad."""
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ValueError(f"application args must be a mapping, got {type(args).__name__}")
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as e:
+        raise ValueError(describe(e)) from None

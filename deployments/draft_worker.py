@@ -1,0 +1,307 @@
+"""The draft model in its own Ray actor, so it gets its own GPU bundle instead of sharing the target's.
+
+`DraftWorker` is a thin actor around `DraftModelProposer`, built exactly as the engine builds its in-process
+draft (`engine.draft_runner.build_draft_runner`). `RemoteDraftProposer` is the `Proposer` the target replica
+hands to `LLMEngine(config, proposer=...)`: one actor call per engine step for the whole batch. One actor
+serves one engine (sequence ids are per engine), so each replica starts its own worker.
+
+Wire format, kept lean: each request carries only the tokens the actor has not seen yet (`base` = how many
+it already mirrors; 0 = the full list, with the sampling params). The actor keeps a token mirror per
+sequence and reports the ones whose mirror it lacks (a restarted actor) as `missing`; those get no draft
+this step and are sent in full the next. Releases ride along with the next propose call.
+
+Speculation never decides the output, only how fast it comes, so the proposer is fault tolerant: when the
+actor is dead, slow or failing it answers empty drafts (the engine decodes one token per step, still exact),
+marks itself degraded and pings the actor every `retry_interval_s` without blocking the step; when a ping
+answers it takes the worker back. A restarted actor has no draft KV: `DraftModelProposer` rebuilds it from
+the token ids on the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from deployments.app_config import ActorResources
+from engine.config import EngineConfig
+from engine.draft_runner import build_draft_runner
+from engine.loader import load_arch, resolve_model
+from engine.sampling_params import SamplingParams
+from speculator.draft_model import DraftModelProposer
+from speculator.proposer import Draft, DraftRequest, Proposer
+
+log = logging.getLogger(__name__)
+
+# One sequence on the wire: (seq_id, base, new token ids, k, params or None). `base` is how many tokens the
+# actor already mirrors for the sequence (0 = `new` is the full list and `params` is set).
+WireRequest = tuple[int, int, list[int], int, SamplingParams | None]
+
+
+@dataclass
+class _Mirror:
+    tokens: list[int]
+    params: SamplingParams
+
+
+class DraftService:
+    """The actor's logic as a plain class (the actor is this class under `ray.remote`)."""
+
+    def __init__(self, config: EngineConfig, target_vocab_size: int, max_model_len: int, num_threads: int = 1):
+        device: str | torch.device = config.device
+        if config.device.startswith("cuda"):
+            # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU, so it is always device 0 here.
+            device = torch.device("cuda", 0)
+            torch.cuda.set_device(device)
+        else:
+            # Stay within this actor's CPU share instead of spinning a thread per core of the host.
+            torch.set_num_threads(max(1, num_threads))
+        self.proposer = DraftModelProposer(build_draft_runner(config, target_vocab_size, max_model_len, device=device))
+        self.seqs: dict[int, _Mirror] = {}
+        # Changes on every (re)start: lets callers and tests tell a restarted actor from the old one.
+        self.incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def propose(self, requests: list[WireRequest], released: list[int] | None = None) -> tuple[list[Draft], list[int]]:
+        """Release `released`, then draft for every request in one batched pass. Returns one draft per
+        request (probs on CPU, as float32 as drawn) and the seq ids it has no mirror for (resend in full)."""
+        if released:
+            self.release(released)
+        drafts = [Draft([]) for _ in requests]
+        missing: list[int] = []
+        batch: list[DraftRequest] = []
+        where: list[int] = []
+        for i, (seq_id, base, new, k, params) in enumerate(requests):
+            mirror = self.seqs.get(seq_id)
+            if base == 0 and params is not None:
+                mirror = self.seqs[seq_id] = _Mirror(list(new), params)
+            elif mirror is None or len(mirror.tokens) != base:
+                self.seqs.pop(seq_id, None)
+                missing.append(seq_id)
+                continue
+            else:
+                mirror.tokens.extend(new)
+            batch.append(DraftRequest(seq_id, mirror.tokens, k, mirror.params))
+            where.append(i)
+        for i, draft in zip(where, self.proposer.propose(batch) if batch else []):
+            if draft.probs is not None:
+                draft.probs = draft.probs.cpu()
+            drafts[i] = draft
+        return drafts, missing
+
+    def release(self, seq_ids: list[int]) -> None:
+        """Forget finished or preempted sequences (their draft KV pages go back to the pool)."""
+        for seq_id in seq_ids:
+            self.seqs.pop(seq_id, None)
+            self.proposer.release(seq_id)
+
+    def ping(self) -> str:
+        """Liveness probe, answered between calls: this process's incarnation id."""
+        return self.incarnation
+
+    def num_sequences(self) -> int:
+        """Sequences the actor holds state for (a leak check for tests and metrics)."""
+        return len(self.seqs)
+
+
+@ray.remote(max_restarts=-1)
+class DraftWorker(DraftService):
+    """The draft model's actor; restartable (a restart reloads the model and starts with an empty KV pool)."""
+
+
+def start_draft_worker(
+    engine_config: EngineConfig,
+    resources: ActorResources | None = None,
+    max_model_len: int | None = None,
+    *,
+    target_vocab_size: int | None = None,
+    placement_group: Any = None,
+    bundle_index: int = -1,
+    name: str | None = None,
+    namespace: str | None = None,
+    max_restarts: int = -1,
+    ready_timeout_s: float | None = None,
+) -> Any:
+    """Start a DraftWorker for `engine_config` (whose speculator must be 'draft') and return its handle.
+
+    `max_model_len`/`target_vocab_size` default to what LLMEngine derives from the target (pass the engine's
+    values when at hand). On CUDA the worker needs a GPU of its own: `num_gpus` 0 becomes 1. With a
+    `placement_group` the actor goes into bundle `bundle_index` (e.g. one the replica reserved for it). With
+    `ready_timeout_s` this waits for the model to load (raising on failure), otherwise it returns at once."""
+    if engine_config.speculator != "draft":
+        raise ValueError(f"a draft worker needs speculator 'draft', not {engine_config.speculator!r}")
+    resources = resources or ActorResources()
+    if max_model_len is None or target_vocab_size is None:
+        arch = load_arch(resolve_model(engine_config.model))
+        target_vocab_size = target_vocab_size or arch.vocab_size
+        max_model_len = max_model_len or min(engine_config.max_model_len or arch.max_model_len, arch.max_model_len)
+    num_gpus = resources.num_gpus
+    if engine_config.device.startswith("cuda") and num_gpus <= 0:
+        num_gpus = 1
+    options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": num_gpus, "max_restarts": max_restarts}
+    if placement_group is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group, placement_group_bundle_index=bundle_index
+        )
+    if name is not None:
+        options["name"] = name
+    if namespace is not None:
+        options["namespace"] = namespace
+    num_threads = max(1, int(resources.num_cpus))
+    actor = DraftWorker.options(**options).remote(engine_config, target_vocab_size, max_model_len, num_threads)
+    if ready_timeout_s is not None:
+        ray.get(actor.ping.remote(), timeout=ready_timeout_s)
+    return actor
+
+
+class RemoteDraftProposer(Proposer):
+    """A Proposer backed by a DraftWorker actor; never fails a step, falls back to no drafts instead.
+
+    Call it from one thread (the engine's). `healthy` is False from construction until the actor first
+    answers a ping (the model may still be loading), and again while it is down. Plain counters for metrics
+    (see `stats()`): `calls` to the actor, `failures` (failed or timed-out calls and pings), `fallback_steps`
+    (steps answered without drafts because the worker was unavailable), `recoveries` (times it was taken
+    back after being lost) and `resyncs` (sequences the actor had no mirror for, sent in full again)."""
+
+    def __init__(
+        self,
+        actor: Any,
+        *,
+        device: torch.device | str = "cpu",
+        timeout_s: float = 10.0,
+        retry_interval_s: float = 2.0,
+        ready_timeout_s: float = 0.0,
+    ):
+        """`timeout_s` bounds one propose call (beyond it the step goes on without drafts); a degraded
+        proposer pings the actor at most every `retry_interval_s`; `ready_timeout_s` > 0 waits that long for
+        the first ping here instead of starting degraded."""
+        self.actor = actor
+        self.device = torch.device(device)
+        self.timeout_s, self.retry_interval_s = timeout_s, retry_interval_s
+        self.healthy = False
+        self.calls = self.failures = self.fallback_steps = self.recoveries = self.resyncs = 0
+        self._sent: dict[int, tuple[int, int]] = {}  # seq_id -> (tokens the actor mirrors, the last of them)
+        self._held: set[int] = set()  # seq ids the actor may hold state for (release them there)
+        self._released: list[int] = []  # releases waiting for the next call
+        self._ping: ray.ObjectRef | None = None
+        self._last_try = float("-inf")
+        self._was_healthy = False  # the first answer is the worker getting ready, not a recovery
+        self._send_ping()
+        if ready_timeout_s > 0:
+            ready, _ = ray.wait([self._ping], timeout=ready_timeout_s)
+            if ready:
+                self.poll()
+
+    # ---- Proposer -------------------------------------------------------------------------------------
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        if not self.poll():
+            self.fallback_steps += 1
+            return [Draft([]) for _ in requests]
+        wire = [self._encode(r) for r in requests]
+        released, self._released = self._released, []
+        self.calls += 1
+        try:
+            drafts, missing = ray.get(self.actor.propose.remote(wire, released), timeout=self.timeout_s)
+        except Exception as e:  # noqa: BLE001 - any failure of the actor only costs this step's drafts
+            self._degrade(e)
+            self._released = released + self._released
+            self.fallback_steps += 1
+            return [Draft([]) for _ in requests]
+        for r, (seq_id, base, new, _, _) in zip(requests, wire):
+            self._sent[seq_id] = (base + len(new), r.token_ids[-1])
+        for seq_id in missing:
+            self._sent.pop(seq_id, None)
+        self.resyncs += len(missing)
+        for d in drafts:
+            if d.probs is not None:
+                d.probs = d.probs.to(self.device)
+        return drafts
+
+    def release(self, seq_id: int) -> None:
+        """Queued, sent with the next propose call (one round trip per step, not per finished sequence)."""
+        self._sent.pop(seq_id, None)
+        if seq_id in self._held:
+            self._held.discard(seq_id)
+            self._released.append(seq_id)
+
+    def flush(self) -> None:
+        """Send queued releases now (e.g. when the engine goes idle), without waiting for the actor."""
+        if self._released and self.healthy:
+            released, self._released = self._released, []
+            try:
+                self.actor.release.remote(released)
+            except Exception as e:  # noqa: BLE001
+                self._released = released + self._released
+                self._degrade(e)
+
+    # ---- health ---------------------------------------------------------------------------------------
+
+    def poll(self) -> bool:
+        """Update `healthy` without blocking: collect an answered ping, or send a new one when due."""
+        if self.healthy:
+            return True
+        if self._ping is not None:
+            ready, _ = ray.wait([self._ping], timeout=0)
+            if not ready:
+                return False
+            ping, self._ping = self._ping, None
+            try:
+                ray.get(ping)
+            except Exception as e:  # noqa: BLE001 - still down; retry later
+                self.failures += 1
+                log.debug("draft worker still unavailable: %s", e)
+                return False
+            self.healthy = True
+            self._sent.clear()  # it may be a new process with no mirrors: send everything in full once
+            if self._was_healthy:
+                self.recoveries += 1
+                log.info("draft worker is back; speculating again")
+            self._was_healthy = True
+            return True
+        if time.monotonic() - self._last_try >= self.retry_interval_s:
+            self._send_ping()
+        return False
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "draft_worker_healthy": self.healthy,
+            "draft_worker_calls": self.calls,
+            "draft_worker_failures": self.failures,
+            "draft_worker_fallback_steps": self.fallback_steps,
+            "draft_worker_recoveries": self.recoveries,
+            "draft_worker_resyncs": self.resyncs,
+        }
+
+    def _send_ping(self) -> None:
+        self._last_try = time.monotonic()
+        try:
+            self._ping = self.actor.ping.remote()
+        except Exception as e:  # noqa: BLE001 - e.g. a handle whose actor is gone for good
+            self.failures += 1
+            self._ping = None
+            log.debug("cannot ping the draft worker: %s", e)
+
+    def _degrade(self, error: Exception) -> None:
+        self.failures += 1
+        if self.healthy:
+            log.warning("draft worker failed (%s: %s); decoding without speculation", type(error).__name__, error)
+        self.healthy = False
+        # The call may or may not have reached the actor: no mirror can be trusted any more.
+        self._sent.clear()
+        self._send_ping()
+
+    def _encode(self, r: DraftRequest) -> WireRequest:
+        sent = self._sent.get(r.seq_id)
+        self._held.add(r.seq_id)
+        if sent is not None:
+            n, last = sent
+            if 0 < n <= len(r.token_ids) and r.token_ids[n - 1] == last:
+                return (r.seq_id, n, r.token_ids[n:], r.k, None)
+        return (r.seq_id, 0, list(r.token_ids), r.k, r.params)

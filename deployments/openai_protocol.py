@@ -1,0 +1,574 @@
+"""OpenAI-compatible request models, response / stream-chunk builders, SSE framing and error bodies.
+
+Plain pydantic and dicts, no Ray or FastAPI: the HTTP shell parses a body with `parse_request`, turns it into
+engine arguments with `sampling_kwargs()` / `engine_prompt()`, and writes back what the builders return.
+Requests forbid unknown fields (a typo must not be silently ignored) and reject, with a 400 naming the field,
+every OpenAI option the engine cannot honour instead of pretending to.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# OpenAI's defaults: sampling at temperature 1 unless the client asks otherwise.
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class ProtocolError(Exception):
+    """A request the API answers with an OpenAI-shaped error body and an HTTP status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.message, self.status_code, self.type, self.param, self.code = message, status_code, type, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
+    """`{"error": {...}}` exactly as OpenAI returns it, so clients surface the message."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_NAMED = re.compile(r"^([a-z_][a-z0-9_.]*): (.*)$", re.S)
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_union_tag(item: Any) -> bool:
+    """pydantic puts the union member it tried ('str', 'list[TextPart]') into an error's location."""
+    return isinstance(item, str) and (not item.isidentifier() or item[0].isupper() or item in _TYPE_TAGS)
+
+
+def _field_errors(err: ValidationError) -> list[tuple[str, str]]:
+    """(path, message) per error; of the members of a union only the one that got furthest is kept."""
+    best: dict[tuple, int] = {}  # union site -> longest location among its errors
+    for e in err.errors():
+        loc = e["loc"]
+        tag = next((i for i, x in enumerate(loc) if _is_union_tag(x)), None)
+        if tag is not None:
+            best[loc[:tag]] = max(best.get(loc[:tag], 0), len(loc))
+    out, seen = [], set()
+    for e in err.errors():
+        loc = e["loc"]
+        tag = next((i for i, x in enumerate(loc) if _is_union_tag(x)), None)
+        if tag is not None and len(loc) < best[loc[:tag]]:
+            continue
+        path = ".".join(str(x) for x in loc if not _is_union_tag(x))
+        msg = "unknown field (not part of this API)" if e["type"] == "extra_forbidden" else _clean(e["msg"])
+        named = _NAMED.match(msg)
+        if named and not path:  # a cross-field check names its field first: "field: why"
+            path, msg = named.group(1), named.group(2)
+        if (path, msg) not in seen:
+            seen.add((path, msg))
+            out.append((path, msg))
+    return out
+
+
+def _clean(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
+
+
+def validation_error(err: ValidationError) -> ProtocolError:
+    """A 400 naming the offending field(s); `param` is the first one, as OpenAI reports a single param."""
+    errors = _field_errors(err)
+    parts = [f"{path}: {msg}" if path else msg for path, msg in errors]
+    first = next((path for path, _ in errors if path), None)
+    return ProtocolError("; ".join(parts) or "invalid request", param=first)
+
+
+def parse_request(model: type[BaseModel], body: bytes | str | dict) -> Any:
+    """Decode and validate a request body; every failure is a ProtocolError (400)."""
+    if isinstance(body, (bytes, str)):
+        try:
+            body = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ProtocolError(f"could not parse the JSON body of the request: {e}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def check_model(requested: str, served: list[str]) -> None:
+    """404 `model_not_found`, as OpenAI answers a request for a model it does not serve."""
+    if requested not in served:
+        raise ProtocolError(
+            f"The model `{requested}` does not exist; served: {', '.join(served)}",
+            status_code=404,
+            param="model",
+            code="model_not_found",
+        )
+
+
+# ---- requests -------------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted and ignored: chunks carry no obfuscation padding
+
+
+class _BaseRequest(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # extensions (vLLM's names)
+    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 = no top-k cut")
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    stop_token_ids: list[int] | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None) -> float | None:
+        if v not in (None, 0):
+            raise ValueError("penalties are not supported; only 0 is accepted")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v: dict | None) -> dict | None:
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_strings(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError("must be a string or a list of strings")
+        if any(s == "" for s in items):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (non-streaming responses always carry usage)."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `engine.sampling_params.SamplingParams`.
+
+        `max_tokens` is None when the client gave none: the caller fills in the context left after the prompt,
+        which only it knows (it has the tokenizer and the model's length).
+        """
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return {
+            "max_tokens": self._max_tokens(),
+            "temperature": DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
+            "top_p": DEFAULT_TOP_P if self.top_p is None else self.top_p,
+            "top_k": max(self.top_k or 0, 0),
+            "seed": self.seed,
+            "stop": stop,
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "ignore_eos": self.ignore_eos,
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+
+
+def _normalize_prompt(v: Any) -> Any:
+    """str or token ids; a batch of one prompt is unwrapped; real batches are refused, not silently cut."""
+    if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
+        if len(v) > 1:
+            raise ValueError("batches of several prompts are not supported; send one prompt per request")
+        v = v[0]
+    if isinstance(v, str):
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+    if isinstance(v, list):
+        if not v:
+            raise ValueError("must not be empty")
+        if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+            return v
+        raise ValueError("a token-id prompt must be a list of non-negative integers")
+    raise ValueError("must be a string, a list of token ids, or a list holding one of those")
+
+
+class CompletionRequest(_BaseRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[int]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, v: Any) -> Any:
+        return _normalize_prompt(v)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: int | None) -> int | None:
+        if v is not None:
+            raise ValueError("logprobs are not supported")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix is not supported")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        return v
+
+    def engine_prompt(self) -> dict[str, Any]:
+        """`prompt=` for `LLMEngine.add_request` / `encode`."""
+        return {"prompt": self.prompt}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+def _normalize_content(v: Any) -> Any:
+    """Text only: a string, or a list of {"type": "text", "text": ...} parts (images etc. are refused)."""
+    if isinstance(v, list):
+        for i, part in enumerate(v):
+            if not isinstance(part, dict):
+                raise ValueError(f"content part {i} must be an object")
+            if part.get("type") != "text":
+                raise ValueError(f"content part {i}: only text parts are supported, got type {part.get('type')!r}")
+        return v
+    if isinstance(v, str):
+        return v
+    raise ValueError("must be a string or a list of text parts")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_content(cls, v: Any) -> Any:
+        return _normalize_content(v)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_BaseRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: Literal["none"] | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("logprobs are not supported")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, v: int | None) -> int | None:
+        if v:
+            raise ValueError("logprobs are not supported")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v: list | None) -> list | None:
+        if v:
+            raise ValueError("tools are not supported")
+        return v
+
+    @model_validator(mode="after")
+    def _one_limit(self):
+        a, b = self.max_tokens, self.max_completion_tokens
+        if a is not None and b is not None and a != b:
+            raise ValueError("max_completion_tokens: disagrees with max_tokens; give only one of them")
+        return self
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def engine_messages(self) -> list[dict[str, str]]:
+        """Messages as the engine's chat template takes them: {role, content: str}; 'developer' is 'system'."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def engine_prompt(self) -> dict[str, Any]:
+        """`messages=` for `LLMEngine.add_request` / `encode`."""
+        return {"messages": self.engine_messages()}
+
+
+# ---- responses --------------------------------------------------------------------------------------------
+
+
+def new_id(kind: Literal["cmpl", "chatcmpl"]) -> str:
+    return f"{kind}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _now(created: int | None) -> int:
+    return int(time.time()) if created is None else created
+
+
+def completion_response(
+    id: str, model: str, text: str, finish_reason: str | None, usage: dict, created: int | None = None
+) -> dict:
+    """A whole `text_completion` object."""
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": _now(created),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "usage": usage,
+    }
+
+
+def chat_completion_response(
+    id: str, model: str, text: str, finish_reason: str | None, usage: dict, created: int | None = None
+) -> dict:
+    """A whole `chat.completion` object."""
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": _now(created),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage,
+    }
+
+
+def completion_chunk(
+    id: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: str | None = None,
+    include_usage: bool = False,
+) -> dict:
+    """One streamed piece of a completion (OpenAI streams completions as `text_completion` objects)."""
+    chunk = {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def chat_completion_chunk(
+    id: str,
+    model: str,
+    created: int,
+    content: str | None = None,
+    finish_reason: str | None = None,
+    role: bool = False,
+    include_usage: bool = False,
+) -> dict:
+    """One `chat.completion.chunk`; the first of a stream sets `role=True` (delta carries the role)."""
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = "assistant"
+    if content is not None:
+        delta["content"] = content
+    chunk = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(id: str, model: str, created: int, usage: dict, chat: bool) -> dict:
+    """The last chunk of a stream with `stream_options.include_usage`: no choices, only usage."""
+    return {
+        "id": id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    }
+
+
+def sse_event(obj: dict) -> str:
+    """One server-sent event; the stream ends with `SSE_DONE`."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class SSEEncoder:
+    """The SSE framing of one OpenAI stream, fed piece by piece (works for sync and async producers alike):
+    `start()` (the role chunk for chat), `piece(text, finish)` per engine output, `end(usage)` (the usage chunk
+    if asked for, then [DONE])."""
+
+    def __init__(self, id: str, model: str, chat: bool, created: int | None = None, include_usage: bool = False):
+        self.id, self.model, self.chat = id, model, chat
+        self.created, self.include_usage = _now(created), include_usage
+
+    def start(self) -> list[str]:
+        if not self.chat:
+            return []
+        chunk = chat_completion_chunk(
+            self.id, self.model, self.created, "", role=True, include_usage=self.include_usage
+        )
+        return [sse_event(chunk)]
+
+    def piece(self, text: str, finish: str | None) -> list[str]:
+        if not text and finish is None:
+            return []
+        args = (self.id, self.model, self.created)
+        if not self.chat:
+            return [sse_event(completion_chunk(*args, text, finish, include_usage=self.include_usage))]
+        events = []
+        if text:
+            events.append(sse_event(chat_completion_chunk(*args, content=text, include_usage=self.include_usage)))
+        if finish is not None:
+            chunk = chat_completion_chunk(*args, finish_reason=finish, include_usage=self.include_usage)
+            events.append(sse_event(chunk))
+        return events
+
+    def end(self, final_usage: dict | None = None) -> list[str]:
+        if not self.include_usage:
+            return [SSE_DONE]
+        if final_usage is None:
+            raise ValueError("include_usage needs final_usage")
+        return [sse_event(usage_chunk(self.id, self.model, self.created, final_usage, self.chat)), SSE_DONE]
+
+
+def sse_stream(
+    pieces: Iterable[tuple[str, str | None]],
+    *,
+    id: str,
+    model: str,
+    chat: bool,
+    created: int | None = None,
+    include_usage: bool = False,
+    final_usage: dict | Callable[[], dict] | None = None,
+) -> Iterator[str]:
+    """A whole OpenAI stream as SSE events from (text delta, finish_reason or None) pieces, e.g. the engine's
+    outputs or `completion_cache.replay_pieces`: role chunk (chat), text chunks, a finish chunk, the usage
+    chunk if asked for (`final_usage` may be a callable, read once the pieces are exhausted), then [DONE]."""
+    if include_usage and final_usage is None:
+        raise ValueError("include_usage needs final_usage")
+    sse = SSEEncoder(id, model, chat, created, include_usage)
+    yield from sse.start()
+    for text, finish in pieces:
+        yield from sse.piece(text, finish)
+    yield from sse.end(final_usage() if callable(final_usage) else final_usage)
+
+
+def model_card(model_id: str, created: int | None = None, owned_by: str = "specserve") -> dict:
+    return {"id": model_id, "object": "model", "created": _now(created), "owned_by": owned_by}
+
+
+def model_list(model_ids: list[str], created: int | None = None, owned_by: str = "specserve") -> dict:
+    """The body of GET /v1/models."""
+    return {"object": "list", "data": [model_card(m, created, owned_by) for m in model_ids]}

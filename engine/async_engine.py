@@ -1,0 +1,194 @@
+"""Drives an LLMEngine from asyncio: one background thread steps the engine, callers await token streams.
+
+Why a thread: a step is milliseconds to seconds of blocking torch work, and the event loop that serves HTTP
+and Ray calls must stay responsive meanwhile (torch releases the GIL inside its kernels). Every engine call
+happens on that one thread, so the engine itself needs no locks. A step that raises (a shard actor died, say)
+ends the requests in flight with that error instead of hanging them, and the loop keeps serving new requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.llm_engine import LLMEngine, RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineStepError(RuntimeError):
+    """The engine failed while this request was in flight; the request was ended, its KV freed."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
+    """Hand a result to an event loop from the engine thread; a loop that already closed is ignored."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
+
+
+def _resolve(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        (fut.set_exception if isinstance(value, BaseException) else fut.set_result)(value)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, on_step_error: Callable[[Exception], None] | None = None):
+        """`on_step_error` runs on the engine thread after a failed step (e.g. to rebuild shard actors)."""
+        self.engine = engine
+        self.on_step_error = on_step_error
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self.num_step_errors = 0
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any event loop) ------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str | list[int] | None = None,
+        params: SamplingParams | dict | None = None,
+        *,
+        messages: list[dict] | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; a bad request raises RequestError before the first output. Leaving
+        the iteration early (a client that went away) aborts the request, freeing its KV blocks."""
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        added: asyncio.Future = loop.create_future()
+
+        def add() -> None:
+            try:
+                rid = self.engine.add_request(prompt, params, messages=messages, request_id=request_id)
+            except Exception as e:  # noqa: BLE001 - the caller gets the exact error
+                _deliver(loop, _resolve, added, e)
+                return
+            self._streams[rid] = stream
+            _deliver(loop, _resolve, added, rid)
+
+        self._submit(add)
+        rid = await added
+        done = False
+        try:
+            while not done:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                done = item.finished
+                yield item
+        finally:
+            if not done:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks are freed on the engine thread before the next step."""
+        self._submit(lambda: self._abort(request_id))
+
+    def stats(self) -> dict[str, Any]:
+        """A racy but cheap snapshot for routing and metrics (plain ints read across threads)."""
+        e = self.engine
+        return {
+            "num_waiting": len(e.scheduler.waiting),
+            "num_running": len(e.scheduler.running),
+            "free_kv_blocks": e.block_manager.num_free_blocks,
+            "total_kv_blocks": e.runner.num_blocks,
+            "num_preemptions": e.scheduler.num_preemptions,
+            "num_step_errors": self.num_step_errors,
+            "spec_drafted": e.spec.drafted,
+            "spec_accepted": e.spec.accepted,
+        }
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def run_on_engine_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between steps and return its result (blocking the caller)."""
+        done = threading.Event()
+        box: list[Any] = []
+
+        def call() -> None:
+            try:
+                box.append(fn())
+            except Exception as e:  # noqa: BLE001 - re-raised in the caller
+                box.append(e)
+            done.set()
+
+        self._submit(call)
+        done.wait()
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+
+    # ---- engine thread --------------------------------------------------------------------------------
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._inbox.put(command)
+        self._wake.set()
+
+    def _abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self.engine.abort(request_id)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain()
+            if not self.engine.has_unfinished():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - a failed step must not kill the loop
+                self._fail_in_flight(e)
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                if out.finished:
+                    del self._streams[out.request_id]
+                _deliver(stream.loop, stream.queue.put_nowait, out)
+
+    def _fail_in_flight(self, error: Exception) -> None:
+        self.num_step_errors += 1
+        log.exception("engine step failed; ending %d request(s) in flight", len(self._streams), exc_info=error)
+        message = f"engine step failed: {type(error).__name__}: {error}"
+        for rid, stream in list(self._streams.items()):
+            self.engine.abort(rid)
+            _deliver(stream.loop, stream.queue.put_nowait, EngineStepError(message))
+        self._streams.clear()
+        for rid in list(self.engine.requests):  # requests added without a stream (none in normal use)
+            self.engine.abort(rid)
+        if self.on_step_error is not None:
+            try:
+                self.on_step_error(error)
+            except Exception:  # noqa: BLE001
+                log.exception("recovery after a failed step failed too")

@@ -1,0 +1,106 @@
+"""AsyncEngine: concurrent streams equal the synchronous engine, early exit aborts, a failed step ends only
+the requests in flight (with an error) and the loop keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.async_engine import AsyncEngine, EngineStepError
+from engine.sampling_params import SamplingParams
+
+PROMPTS = ["def add(a, b):\n    return", "The three primary colours are", "Once upon a time, in a small village,"]
+GREEDY = SamplingParams(max_tokens=12)
+
+
+@pytest.fixture
+def engine(make_engine):
+    eng = make_engine(kv_cache_gib=0.25)
+    yield eng
+    assert not eng.has_unfinished()
+
+
+async def collect(aeng: AsyncEngine, prompt: str, params: SamplingParams = GREEDY) -> list[int]:
+    tokens: list[int] = []
+    async for out in aeng.generate(prompt, params):
+        tokens.extend(out.new_token_ids)
+    return tokens
+
+
+def test_concurrent_streams_equal_the_synchronous_engine(engine):
+    reference = [o.output_token_ids for o in engine.generate(PROMPTS, GREEDY)]
+    aeng = AsyncEngine(engine)
+    try:
+
+        async def main():
+            return await asyncio.gather(*(collect(aeng, p) for p in PROMPTS))
+
+        assert asyncio.run(main()) == reference
+    finally:
+        aeng.shutdown()
+
+
+def test_leaving_a_stream_early_frees_its_blocks(engine):
+    free = engine.block_manager.num_free_blocks
+    aeng = AsyncEngine(engine)
+    try:
+
+        async def main():
+            stream = aeng.generate(PROMPTS[2], SamplingParams(max_tokens=500, ignore_eos=True))
+            async for _ in stream:
+                break
+            await stream.aclose()
+            for _ in range(100):
+                if not engine.requests:
+                    return
+                await asyncio.sleep(0.05)
+
+        asyncio.run(main())
+        assert not engine.requests and engine.block_manager.num_free_blocks == free
+    finally:
+        aeng.shutdown()
+
+
+def test_a_failed_step_ends_requests_in_flight_and_the_loop_goes_on(engine):
+    runner = engine.runner
+    calls = {"n": 0}
+    real_execute = runner.execute
+
+    def flaky(items):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("shard lost")
+        return real_execute(items)
+
+    recovered: list[Exception] = []
+    aeng = AsyncEngine(engine, on_step_error=recovered.append)
+    runner.execute = flaky
+    try:
+
+        async def main():
+            results = await asyncio.gather(*(collect(aeng, p) for p in PROMPTS[:2]), return_exceptions=True)
+            after = await collect(aeng, PROMPTS[0])
+            return results, after
+
+        results, after = asyncio.run(main())
+        assert all(isinstance(r, EngineStepError) and "shard lost" in str(r) for r in results)
+        assert len(recovered) == 1 and aeng.num_step_errors == 1
+        assert after == engine.generate([PROMPTS[0]], GREEDY)[0].output_token_ids
+        assert not engine.requests
+    finally:
+        del runner.execute
+        aeng.shutdown()
+
+
+def test_a_bad_request_raises_before_any_output(engine):
+    aeng = AsyncEngine(engine)
+    try:
+
+        async def main():
+            with pytest.raises(ValueError, match="context"):
+                await collect(aeng, "hello " * 9000)
+
+        asyncio.run(main())
+    finally:
+        aeng.shutdown()

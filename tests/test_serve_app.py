@@ -1,0 +1,196 @@
+"""The Serve app end to end: real Ray, real HTTP, the real default model, the `openai` client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+from ray import serve  # noqa: E402
+
+from deployments.app import build_app  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct"
+APP_ARGS = {
+    "engine": {"speculator": "ngram", "kv_cache_gib": 0.25, "max_model_len": 2048},
+    "target": {"num_replicas": 1, "shard_resources": {"num_cpus": 1}},
+    "router": {"completion_cache": {"admit_after": 2}, "prefix_affinity": {"stats_period_s": 0.5}},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(APP_ARGS), name="specserve", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("the app did not come up")
+    yield url
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def stats(base_url: str) -> dict:
+    return httpx.get(f"{base_url}/v1/stats", timeout=30).json()
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_completion_matches_the_in_process_engine(client, make_engine):
+    prompt = "def fibonacci(n):\n    "
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    engine = make_engine(kv_cache_gib=0.25)
+    ref = engine.generate([prompt], engine_params(24))[0]
+    assert out.choices[0].text == ref.text
+    assert out.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert out.usage.completion_tokens == len(ref.output_token_ids)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def engine_params(max_tokens: int):
+    from engine.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0)
+
+
+def test_chat_stream_ends_with_done_and_usage(base_url, client):
+    messages = [{"role": "user", "content": "Name three colours."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # the raw stream ends with the [DONE] sentinel
+    with httpx.stream(
+        "POST",
+        f"{base_url}/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": 5, "temperature": 0, "stream": True},
+        timeout=120,
+    ) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+
+
+def test_stop_string_ends_the_completion(client):
+    free = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=16, temperature=0)
+    text = free.choices[0].text
+    assert len(text) > 4
+    stop = text[2:4]
+    out = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=16, temperature=0, stop=[stop])
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == text[: text.index(stop)]
+
+
+def test_completion_cache_serves_repeats_without_a_replica(base_url, client):
+    prompt = "The capital of France is"
+    before = stats(base_url)
+    texts = [client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text]
+    for _ in range(3):
+        texts.append(client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text)
+    after = stats(base_url)
+    assert len(set(texts)) == 1
+    # seen twice before admission: the first two go to the replica, the next two are cache hits
+    assert after["replica"]["num_requests"] - before["replica"]["num_requests"] == 2
+    assert after["completion_cache"]["hits"] - before["completion_cache"]["hits"] == 2
+    # a replayed stream carries the same text
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == texts[0]
+    assert stats(base_url)["replica"]["num_requests"] == after["replica"]["num_requests"]
+
+
+def test_sampled_requests_are_never_cached(base_url, client):
+    before = stats(base_url)
+    for _ in range(3):
+        client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0.9)
+    after = stats(base_url)
+    assert after["replica"]["num_requests"] - before["replica"]["num_requests"] == 3
+    assert after["completion_cache"]["hits"] == before["completion_cache"]["hits"]
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ("{not json", 400, None),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "hi", "bogus_field": 1}, 400, "bogus_field"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, None),
+        ({"model": MODEL, "prompt": "hi", "top_p": 2}, 400, "top_p"),
+        ({"model": "no-such-model", "prompt": "hi"}, 404, "model"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_4xx(base_url, body, status, param):
+    route = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{base_url}{route}", content=content, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_client_disconnect_frees_kv_blocks_at_once(base_url):
+    idle = stats(base_url)["replica"]
+    assert idle["num_running"] == 0
+    body = {
+        "model": MODEL,
+        "prompt": "Write a long story about a dragon.",
+        "max_tokens": 1000,
+        "stream": True,
+        "temperature": 0.8,
+        "ignore_eos": True,
+    }
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=120) as r:
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: ")
+            if got >= 3:
+                break
+        busy = stats(base_url)["replica"]
+        assert busy["num_running"] == 1 and busy["free_kv_blocks"] < idle["free_kv_blocks"]
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        now = stats(base_url)["replica"]
+        if now["num_running"] == 0 and now["free_kv_blocks"] == idle["free_kv_blocks"]:
+            break
+        time.sleep(0.2)
+    assert now["num_running"] == 0 and now["free_kv_blocks"] == idle["free_kv_blocks"]
