@@ -10,14 +10,12 @@ the request router (`record_routing_stats`).
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
 from pydantic import ValidationError
-from ray import serve
 
 from deployments.app_config import AppConfig, load_app_config
 from deployments.routing_policy import RecentPrefixes, ReplicaStats
@@ -45,7 +43,6 @@ class LLMServer:
         self.engine = AsyncEngine(engine, on_step_error=self._recover)
         self.prefixes = RecentPrefixes()
         self.num_requests = 0
-        self.started = time.time()
 
     def _make_runner(self):
         tp = self.config.tensor_parallel_size
@@ -152,7 +149,7 @@ class LLMServer:
         ).to_dict()
 
     def check_health(self) -> None:
-        if not self.engine._thread.is_alive():
+        if not self.engine.alive:
             raise RuntimeError("engine loop thread died")
 
     def __del__(self) -> None:
@@ -161,10 +158,3 @@ class LLMServer:
             engine.shutdown()
         if getattr(self, "runner", None) is not None:
             self.runner.shutdown()
-
-
-def replica_id() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - outside Serve
-        return "local"

@@ -116,28 +116,15 @@ class AsyncEngine:
             "spec_accepted": e.spec.accepted,
         }
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has died (a bug, not a failed step: those are caught)."""
+        return self._thread.is_alive()
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=30)
-
-    def run_on_engine_thread(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the engine thread between steps and return its result (blocking the caller)."""
-        done = threading.Event()
-        box: list[Any] = []
-
-        def call() -> None:
-            try:
-                box.append(fn())
-            except Exception as e:  # noqa: BLE001 - re-raised in the caller
-                box.append(e)
-            done.set()
-
-        self._submit(call)
-        done.wait()
-        if isinstance(box[0], Exception):
-            raise box[0]
-        return box[0]
 
     # ---- engine thread --------------------------------------------------------------------------------
 
