@@ -4,8 +4,9 @@
                                                             (prefix-affinity request router, autoscaled;
                                                              each replica: engine loop + its TP shard actors)
 
-A target replica reserves one placement-group bundle for itself and one per tensor-parallel shard, so Serve
-places (and autoscales) a replica and its shards as one unit.
+A target replica reserves one placement-group bundle for itself, one per tensor-parallel shard and one for its
+draft worker, so Serve places (and autoscales) a replica and its actors as one unit. Its block manager actor
+needs no resources and runs on the replica's node.
 """
 
 from __future__ import annotations
@@ -28,14 +29,20 @@ def server_options(config: AppConfig) -> dict[str, Any]:
     options["max_queued_requests"] = target.max_queued_requests
     options["health_check_period_s"] = 10
     options["graceful_shutdown_timeout_s"] = 30
-    shard = target.shard_resources
+    shard, draft = target.shard_resources, target.draft_resources
+    shard_bundle = {"CPU": shard.num_cpus, **({"GPU": shard.num_gpus} if shard.num_gpus else {})}
     if config.tensor_parallel_size > 1:
         # Bundle 0: the replica (scheduler loop, sampling). Bundles 1..tp: one per shard (its GPU on CUDA).
-        shard_bundle = {"CPU": shard.num_cpus, **({"GPU": shard.num_gpus} if shard.num_gpus else {})}
-        options["placement_group_bundles"] = [{"CPU": 1}] + [shard_bundle] * config.tensor_parallel_size
-        options["placement_group_strategy"] = "STRICT_PACK" if shard.num_gpus == 0 else "PACK"
+        bundles = [{"CPU": 1}] + [shard_bundle] * config.tensor_parallel_size
     else:
-        options["ray_actor_options"] = {"num_cpus": shard.num_cpus, "num_gpus": shard.num_gpus}
+        bundles = [shard_bundle]  # the replica runs the forward itself
+    if config.draft_worker.enabled:  # last bundle: the draft worker (its own GPU on CUDA)
+        draft_gpus = draft.num_gpus or (1 if config.engine.device.startswith("cuda") else 0)
+        bundles.append({"CPU": draft.num_cpus, **({"GPU": draft_gpus} if draft_gpus else {})})
+    options["ray_actor_options"] = {"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)}
+    if len(bundles) > 1:  # the replica's actor goes into bundle 0, so its resources are that bundle's
+        options["placement_group_bundles"] = bundles
+        options["placement_group_strategy"] = "PACK" if any("GPU" in b for b in bundles) else "STRICT_PACK"
     affinity = config.router.prefix_affinity
     if affinity.enabled:
         options["request_router_config"] = request_router_config(

@@ -55,6 +55,8 @@ class TargetSettings(_Strict):
     max_queued_requests: int = Field(default=256, ge=-1)
     shard_resources: ActorResources = Field(default_factory=ActorResources)
     draft_resources: ActorResources = Field(default_factory=ActorResources)
+    # The KV block manager in its own actor (one call per step); False keeps it inside the replica.
+    block_manager_actor: bool = True
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> TargetSettings:

@@ -1,10 +1,14 @@
 """The target replica: a Serve deployment that runs the engine's scheduler loop for one KV pool.
 
-Each replica owns an LLMEngine driven by an AsyncEngine thread. With tensor_parallel_size > 1 the forward runs
-on ShardWorker actors placed in this replica's own placement-group bundles (bundle 0 is the replica itself,
-bundles 1..tp the shards), so Serve reserves, places and releases a replica and its shards together. The
-replica streams plain dicts to the router and publishes load, free KV blocks and recent prompt prefixes for
-the request router (`record_routing_stats`).
+Each replica owns an LLMEngine driven by an AsyncEngine thread, and the actors around it:
+- the block manager actor (`block_manager_actor.py`) that owns the pool's KV pages, one call per step;
+- with tensor_parallel_size > 1, ShardWorker actors that run the forward, in this replica's own
+  placement-group bundles (bundle 0 is the replica, bundles 1..tp the shards);
+- with `draft_worker.enabled`, the DraftWorker actor in the last bundle, proposing for the whole batch.
+Serve reserves, places and releases a replica and its actors together. When a step fails (a shard or the
+block manager died), `_repair` rebuilds what is dead and the requests in flight are recomputed; a dead draft
+worker only turns speculation off until it is back. The replica streams plain dicts to the router and
+publishes load, free KV blocks and recent prompt prefixes for the request router (`record_routing_stats`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import ray
 from pydantic import ValidationError
 
 from deployments.app_config import AppConfig, load_app_config
+from deployments.block_manager_actor import RemoteBlockManager
 from deployments.routing_policy import RecentPrefixes, ReplicaStats
+from deployments.sharded_runner import ShardedRunner, ShardFailure
 from engine.async_engine import AsyncEngine, EngineStepError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams, describe_validation_error
@@ -38,9 +44,15 @@ class LLMServer:
         self.config: AppConfig = load_app_config(app_config)
         self.model_id = self.config.served_model_name
         self.runner = self._make_runner()
-        engine = LLMEngine(self.config.engine, runner=self.runner)
+        self.draft = self._make_draft_proposer()
+        engine = LLMEngine(
+            self.config.engine,
+            runner=self.runner,
+            proposer=self.draft,
+            make_block_manager=RemoteBlockManager if self.config.target.block_manager_actor else None,
+        )
         self.max_model_len = engine.max_model_len
-        self.engine = AsyncEngine(engine, on_step_error=self._recover)
+        self.engine = AsyncEngine(engine, on_step_error=self._repair)
         self.prefixes = RecentPrefixes()
         self.num_requests = 0
 
@@ -48,7 +60,6 @@ class LLMServer:
         tp = self.config.tensor_parallel_size
         if tp == 1:
             return None
-        from deployments.sharded_runner import ShardedRunner
 
         res = self.config.target.shard_resources
         return ShardedRunner.from_config(
@@ -59,12 +70,36 @@ class LLMServer:
             bundle_offset=1,
         )
 
-    def _recover(self, error: Exception) -> None:
-        """After a failed step: rebuild a broken shard group (its KV is empty then, so drop cached prefixes)."""
-        if self.runner is not None and hasattr(self.runner, "restart"):
-            log.warning("rebuilding tensor-parallel shards after: %s", error)
-            self.runner.restart()
-            self.engine.engine.block_manager.clear_prefix_cache()
+    def _make_draft_proposer(self):
+        if not self.config.draft_worker.enabled:
+            return None
+        from deployments.draft_worker import RemoteDraftProposer, start_draft_worker
+
+        pg = ray.util.get_current_placement_group()
+        actor = start_draft_worker(
+            self.config.engine,
+            self.config.target.draft_resources,
+            placement_group=pg,
+            bundle_index=len(pg.bundle_specs) - 1 if pg is not None else -1,
+        )
+        # The replica serves at once; speculation starts when the draft model has loaded.
+        return RemoteDraftProposer(actor, device=self.config.engine.device)
+
+    def _repair(self, error: Exception) -> bool:
+        """After a failed step: rebuild the shard group or block manager if dead. True = go on (the engine then
+        recomputes the requests in flight); an exception here ends them with an error instead."""
+        log.warning("engine step failed, repairing: %s", error)
+        if self.runner is not None:
+            try:
+                self.runner.check_health(timeout_s=10)
+            except ShardFailure:
+                log.warning("rebuilding the tensor-parallel shards")
+                self.runner.restart()
+        blocks = self.engine.engine.block_manager
+        if isinstance(blocks, RemoteBlockManager) and not blocks.alive():
+            log.warning("restarting the block manager actor")
+            blocks.restart()
+        return True
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -135,7 +170,15 @@ class LLMServer:
     # ---- introspection -------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        return {**self.engine.stats(), "num_requests": self.num_requests, "model": self.model_id}
+        """Engine counters plus the block manager's own view (and the draft worker's, if any)."""
+        out = {**self.engine.stats(), "num_requests": self.num_requests, "model": self.model_id}
+        try:
+            out["block_manager"] = self.engine.engine.block_manager.stats()
+        except Exception as e:  # noqa: BLE001 - being repaired
+            out["block_manager"] = {"error": str(e)}
+        if self.draft is not None:
+            out["draft_worker"] = self.draft.stats()
+        return out
 
     def record_routing_stats(self) -> dict[str, Any]:
         s = self.engine.stats()
@@ -158,3 +201,5 @@ class LLMServer:
             engine.shutdown()
         if getattr(self, "runner", None) is not None:
             self.runner.shutdown()
+        if getattr(self, "draft", None) is not None:
+            ray.kill(self.draft.actor, no_restart=True)

@@ -3,7 +3,9 @@
 Why a thread: a step is milliseconds to seconds of blocking torch work, and the event loop that serves HTTP
 and Ray calls must stay responsive meanwhile (torch releases the GIL inside its kernels). Every engine call
 happens on that one thread, so the engine itself needs no locks. A step that raises (a shard actor died, say)
-ends the requests in flight with that error instead of hanging them, and the loop keeps serving new requests.
+runs the repair hook; when it repairs the fault, the requests in flight are recomputed from their tokens so
+far and their streams go on unchanged. Otherwise (or when repairs keep failing) they end with EngineStepError
+instead of hanging, and the loop keeps serving new requests.
 """
 
 from __future__ import annotations
@@ -46,10 +48,15 @@ def _resolve(fut: asyncio.Future, value: Any) -> None:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_step_error: Callable[[Exception], None] | None = None):
-        """`on_step_error` runs on the engine thread after a failed step (e.g. to rebuild shard actors)."""
+    max_repairs = 2  # consecutive failed steps that are repaired before the requests in flight are ended
+
+    def __init__(self, engine: LLMEngine, on_step_error: Callable[[Exception], bool] | None = None):
+        """`on_step_error` runs on the engine thread after a failed step (e.g. to rebuild shard actors) and
+        returns True when it repaired the fault, so the requests in flight can be recomputed."""
         self.engine = engine
         self.on_step_error = on_step_error
+        self._failures_in_a_row = 0
+        self.num_recoveries = 0
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
@@ -108,10 +115,11 @@ class AsyncEngine:
         return {
             "num_waiting": len(e.scheduler.waiting),
             "num_running": len(e.scheduler.running),
-            "free_kv_blocks": e.block_manager.num_free_blocks,
+            "free_kv_blocks": e.scheduler.num_free_blocks,
             "total_kv_blocks": e.runner.num_blocks,
             "num_preemptions": e.scheduler.num_preemptions,
             "num_step_errors": self.num_step_errors,
+            "num_recoveries": self.num_recoveries,
             "spec_drafted": e.spec.drafted,
             "spec_accepted": e.spec.accepted,
         }
@@ -142,7 +150,10 @@ class AsyncEngine:
                 command = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            command()
+            try:
+                command()
+            except Exception:  # noqa: BLE001 - e.g. an abort whose block release failed; the next step repairs
+                log.exception("engine command failed")
 
     def _run(self) -> None:
         while not self._stopped:
@@ -154,8 +165,9 @@ class AsyncEngine:
             try:
                 outputs = self.engine.step()
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the loop
-                self._fail_in_flight(e)
+                self._on_failed_step(e)
                 continue
+            self._failures_in_a_row = 0
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is None:
@@ -164,18 +176,36 @@ class AsyncEngine:
                     del self._streams[out.request_id]
                 _deliver(stream.loop, stream.queue.put_nowait, out)
 
-    def _fail_in_flight(self, error: Exception) -> None:
+    def _on_failed_step(self, error: Exception) -> None:
         self.num_step_errors += 1
-        log.exception("engine step failed; ending %d request(s) in flight", len(self._streams), exc_info=error)
+        self._failures_in_a_row += 1
+        repaired = False
+        if self.on_step_error is not None:
+            try:
+                repaired = bool(self.on_step_error(error))
+            except Exception:  # noqa: BLE001
+                log.exception("repair after a failed step failed too")
+        if repaired and self._failures_in_a_row <= self.max_repairs:
+            log.warning("engine step failed (%s); repaired, recomputing %d request(s)", error, len(self._streams))
+            try:
+                self.engine.reset_kv()
+            except Exception:  # noqa: BLE001
+                log.exception("could not reset the KV state after a repair")
+            else:
+                self.num_recoveries += 1
+                return
+        self._fail_in_flight(error)
+
+    def _fail_in_flight(self, error: Exception) -> None:
+        log.error("engine step failed; ending %d request(s) in flight", len(self._streams), exc_info=error)
         message = f"engine step failed: {type(error).__name__}: {error}"
+        try:
+            self.engine.reset_kv()  # first, so that ending the requests below needs no block-manager call
+        except Exception:  # noqa: BLE001 - the health check reports a block manager that stays unreachable
+            log.exception("could not reset the KV state")
         for rid, stream in list(self._streams.items()):
             self.engine.abort(rid)
             _deliver(stream.loop, stream.queue.put_nowait, EngineStepError(message))
         self._streams.clear()
         for rid in list(self.engine.requests):  # requests added without a stream (none in normal use)
             self.engine.abort(rid)
-        if self.on_step_error is not None:
-            try:
-                self.on_step_error(error)
-            except Exception:  # noqa: BLE001
-                log.exception("recovery after a failed step failed too")

@@ -81,7 +81,7 @@ def run_specserve(
             if out.finished:
                 done[int(out.request_id)] = out
                 bar.update(1)
-        live = sum(1 for r in engine.requests.values() if engine.block_manager.has(r.seq.seq_id))
+        live = sum(1 for r in engine.requests.values() if r.seq.seq_id in engine.scheduler.tables)
         if live:
             waste.append(engine.kv_waste_slots() / live)
     result.wall_s = time.perf_counter() - start

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ from engine.sampling_params import SamplingParams, describe_validation_error
 from engine.scheduler import Scheduler
 from engine.sequence import SeqStatus, Sequence
 from engine.tokenization import RequestError, encode_prompt
-from kv_cache.block_manager import BlockManager
+from kv_cache.block_batch import BatchedBlockManager, BlockPool
 from speculator.backoff import KController
 from speculator.draft_model import DraftModelProposer
 from speculator.ngram import NgramProposer
@@ -65,11 +65,13 @@ class LLMEngine:
         *,
         runner: ModelRunner | None = None,
         proposer: Proposer | None = None,
+        make_block_manager: Callable[[int, int, bool], BlockPool] | None = None,
         **overrides,
     ):
         """`runner` replaces the in-process target runner (e.g. one that drives tensor-parallel shard actors);
         it must have been built for this config's model, dtype, block size and max_model_len. `proposer`
-        replaces the one the config names (e.g. a draft model in its own actor)."""
+        replaces the one the config names (e.g. a draft model in its own actor). `make_block_manager(num_blocks,
+        block_size, enable_prefix_caching)` replaces the in-process block manager (e.g. with an actor's client)."""
         try:
             cfg = self.config = EngineConfig(**{**(config.model_dump() if config else {}), **overrides})
         except ValidationError as e:
@@ -80,8 +82,17 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.folder)
         self.max_model_len = min(cfg.max_model_len or self.arch.max_model_len, self.arch.max_model_len)
         self.runner = runner or self._make_runner(self.folder, self.arch, cfg.kv_cache_gib)
-        self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
+        self.block_manager = (make_block_manager or BatchedBlockManager)(
+            self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            self.runner.num_blocks,
+            cfg.block_size,
+            cfg.max_num_seqs,
+            cfg.max_num_batched_tokens,
+            self.max_model_len,
+        )
         self.proposer = proposer or self._make_proposer()
         self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
         self.requests: dict[str, _Request] = {}
@@ -159,8 +170,18 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is not None:
             self.scheduler.finish(req.seq)
+            self.scheduler.flush()
             if self.proposer:
                 self.proposer.release(req.seq.seq_id)
+
+    def reset_kv(self) -> None:
+        """Every KV page is lost (rebuilt shards or block manager): unfinished requests are recomputed from
+        their tokens so far, and no output already streamed changes."""
+        for req in self.requests.values():
+            if self.proposer:
+                self.proposer.release(req.seq.seq_id)
+        self.scheduler.reset()
+        self.block_manager.reset()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -173,7 +194,9 @@ class LLMEngine:
             for seq in out.preempted:
                 self.proposer.release(seq.seq_id)
         if not out.scheduled:
-            return self._drop_unschedulable()
+            outputs = self._drop_unschedulable()
+            self.scheduler.flush()
+            return outputs
         decoding = [s for s in out.scheduled if s.num_lookahead]
         drafts: dict[int, Draft] = {}
         if decoding and self.proposer:
@@ -186,7 +209,7 @@ class LLMEngine:
             draft = drafts.get(seq.seq_id, Draft([]))
             feed = seq.token_ids[seq.num_computed : seq.num_computed + s.num_tokens] + draft.tokens
             n_logits = 1 + len(draft.tokens) if s.completes_prefill else 0
-            items.append(StepInput(feed, seq.num_computed, self.block_manager.block_table(seq.seq_id), n_logits))
+            items.append(StepInput(feed, seq.num_computed, self.scheduler.tables[seq.seq_id], n_logits))
         logits = self.runner.execute(items)
         greedy_rows = logits.argmax(-1).tolist() if any(s.seq.params.greedy for s in out.scheduled) else []
         now = time.perf_counter()
@@ -195,7 +218,7 @@ class LLMEngine:
             seq = s.seq
             seq.num_computed += s.num_tokens
             if not item.num_logits:
-                self.block_manager.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+                self.scheduler.commit(seq)
                 continue
             draft = drafts.get(seq.seq_id, Draft([]))
             rows = slice(row, row + item.num_logits)
@@ -214,6 +237,8 @@ class LLMEngine:
                 if req.controller:
                     req.controller.update(len(draft.tokens), accepted)
             outputs.append(self._append(req, emitted, now))
+        if not self.scheduler.has_work():
+            self.scheduler.flush()
         return outputs
 
     def _append(self, req: _Request, emitted: list[int], now: float) -> RequestOutput:
@@ -235,7 +260,7 @@ class LLMEngine:
         if seq.finish_reason:
             delta += req.detok.flush()
             return self._finish(req, new, delta, now)
-        self.block_manager.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+        self.scheduler.commit(seq)
         if req.controller:
             seq.spec_k = req.controller.next_k()
         return self._output(req, new, delta)
@@ -295,5 +320,5 @@ class LLMEngine:
 
     def kv_waste_slots(self) -> int:
         """Allocated minus used KV slots over the live sequences (lookahead slots count as waste)."""
-        used = sum(r.seq.num_computed for r in self.requests.values() if self.block_manager.has(r.seq.seq_id))
-        return self.block_manager.num_allocated_slots() - used
+        used = sum(r.seq.num_computed for r in self.requests.values() if r.seq.seq_id in self.scheduler.tables)
+        return self.scheduler.num_allocated_slots() - used

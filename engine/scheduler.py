@@ -1,18 +1,20 @@
 """Iteration-level continuous batching over a paged KV pool.
 
 Every step, in arrival order: running sequences first (a decode step of 1 + k speculative slots, or the next
-chunk of an unfinished prefill), then waiting ones while the token budget and the sequence cap allow. When
-the pool runs dry, speculation is dropped first, then the newest running sequence is preempted: its blocks
-are freed and it is recomputed later (usually a prefix-cache hit). Plain Python: no torch, no Ray.
+chunk of an unfinished prefill), then waiting ones while the token budget and the sequence cap allow. The
+wish list goes to the block manager in ONE batch call (`kv_cache/block_batch.py`); when the pool runs dry it
+drops speculation first, then preempts the newest running sequences, which are recomputed later (usually a
+prefix-cache hit). The scheduler mirrors the block tables it is told about. Plain Python: no torch, no Ray.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
 from engine.sequence import SeqStatus, Sequence
-from kv_cache.block_manager import BlockManager
+from kv_cache.block_batch import Admit, BlockPool, BlockStep, Commit, Extend
 
 
 @dataclass
@@ -35,14 +37,29 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
-        self.bm = block_manager
+    def __init__(
+        self,
+        blocks: BlockPool,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ):
+        self.blocks = blocks
+        self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.tables: dict[int, list[int]] = {}  # mirror of the manager's block tables
+        self.num_free_blocks = num_blocks - 1  # as of the manager's last answer
         self.num_preemptions = 0
+        self._known: dict[int, int] = {}  # tokens the manager holds per sequence
+        self._free: list[int] = []
+        self._commits: dict[int, Commit] = {}
+        self._step_ids = itertools.count()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -50,19 +67,70 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # ---- messages for the next block step ---------------------------------------------------------------
+
+    def commit(self, seq: Sequence) -> None:
+        """The sequence's KV is valid up to num_computed (rejected speculative slots are simply not counted)."""
+        known = self._known[seq.seq_id]
+        c = self._commits.get(seq.seq_id)
+        if c is None:
+            c = self._commits[seq.seq_id] = Commit(seq.seq_id, [], 0)
+        c.new_tokens.extend(seq.token_ids[known:])
+        c.num_computed = seq.num_computed
+        self._known[seq.seq_id] = len(seq.token_ids)
+
     def finish(self, seq: Sequence) -> None:
-        """Remove a finished or cancelled sequence and free its blocks at once."""
+        """Remove a finished or cancelled sequence; its blocks go back with the next block step (or flush)."""
         seq.status = SeqStatus.FINISHED
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if self.bm.has(seq.seq_id):
-            self.bm.free(seq.seq_id)
+        self._forget(seq.seq_id)
+
+    def _forget(self, seq_id: int) -> None:
+        if self.tables.pop(seq_id, None) is not None:
+            self._free.append(seq_id)
+        self._known.pop(seq_id, None)
+        self._commits.pop(seq_id, None)
+
+    def flush(self) -> None:
+        """Send pending frees and commits now (the engine goes idle, or a cancellation must free at once)."""
+        if self._free or self._commits:
+            self._send(BlockStep(next(self._step_ids)))
+
+    def _send(self, step: BlockStep):
+        step.free, step.commit = self._free, list(self._commits.values())
+        result = self.blocks.step(step)  # may raise: then nothing here has changed and the step can be retried
+        self._free, self._commits = [], {}
+        self.num_free_blocks = result.num_free_blocks
+        return result
+
+    def reset(self) -> None:
+        """The manager lost every block (it was rebuilt): all running sequences restart from scratch."""
+        for seq in list(self.running):
+            self._preempt(seq)
+        self.tables.clear()
+        self._known.clear()
+        self._free, self._commits = [], {}
+
+    # ---- the step ----------------------------------------------------------------------------------------
+
+    def _lookahead(self, seq: Sequence, budget: int) -> int:
+        """Speculative slots wanted by a decoding sequence: its k, cut to the context, max_tokens and budget."""
+        k = min(
+            seq.spec_k,
+            self.max_model_len - len(seq.token_ids),
+            seq.params.max_tokens - seq.num_output_tokens - 1,
+            budget - 1,
+        )
+        return max(k, 0)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.bm.free(seq.seq_id)
+        self.tables.pop(seq.seq_id, None)
+        self._known.pop(seq.seq_id, None)
+        self._commits.pop(seq.seq_id, None)
         seq.status, seq.num_computed = SeqStatus.WAITING, 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -70,58 +138,51 @@ class Scheduler:
         index = next((i for i, w in enumerate(self.waiting) if w.arrival > seq.arrival), len(self.waiting))
         self.waiting.insert(index, seq)
 
-    def _lookahead(self, seq: Sequence, num_tokens: int, budget: int) -> int:
-        """Speculative slots for a decoding sequence: its k, cut to the context, max_tokens, budget and pool."""
-        k = min(
-            seq.spec_k,
-            self.max_model_len - len(seq.token_ids),
-            seq.params.max_tokens - seq.num_output_tokens - 1,
-            budget - 1,
-        )
-        end = seq.num_computed + num_tokens
-        while k > 0 and self.bm.num_blocks_needed(seq.seq_id, seq.num_computed, end + k) > self.bm.num_free_blocks:
-            k -= 1
-        return max(k, 0)
-
-    def _reserve(self, seq: Sequence, num_tokens: int, lookahead: int) -> ScheduledSeq | None:
-        copies = self.bm.append_slots(seq.seq_id, seq.num_computed, seq.num_computed + num_tokens + lookahead)
-        return None if copies is None else ScheduledSeq(seq, num_tokens, lookahead, copies)
-
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledSeq] = []
-        preempted: list[Sequence] = []
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            num_tokens = min(seq.num_uncomputed, budget)
-            lookahead = self._lookahead(seq, num_tokens, budget) if seq.is_decoding else 0
-            item = self._reserve(seq, num_tokens, lookahead)
-            while item is None:
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-                item = self._reserve(seq, num_tokens, 0)
-            if item is None:
+        step = BlockStep(next(self._step_ids))
+        planned: dict[int, tuple[Sequence, int]] = {}
+        for seq in self.running:
+            if budget <= 0:
                 break
-            scheduled.append(item)
-            budget -= num_tokens + item.num_lookahead
-            i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            seq = self.waiting[0]
-            if not self.bm.has(seq.seq_id):
-                seq.num_computed = self.bm.allocate(seq.seq_id, seq.token_ids)
             num_tokens = min(seq.num_uncomputed, budget)
-            item = self._reserve(seq, num_tokens, 0)
-            if item is None:
-                self.bm.free(seq.seq_id)
-                seq.num_computed = 0
+            k = self._lookahead(seq, budget - num_tokens + 1) if seq.is_decoding else 0
+            end = seq.num_computed + num_tokens
+            step.extend.append(Extend(seq.seq_id, seq.num_computed, end + k, end))
+            planned[seq.seq_id] = (seq, num_tokens)
+            budget -= num_tokens + k
+        admitting = []
+        for seq in self.waiting:
+            if budget <= 0 or len(self.running) + len(admitting) >= self.max_num_seqs:
                 break
-            self.waiting.popleft()
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            scheduled.append(item)
+            num_tokens = min(len(seq.token_ids), budget)
+            step.admit.append(Admit(seq.seq_id, list(seq.token_ids), num_tokens))
+            admitting.append(seq)
             budget -= num_tokens
+        result = self._send(step)
+
+        preempted = [planned[seq_id][0] for seq_id in result.preempted]
+        for seq in preempted:
+            self._preempt(seq)
+        admitted = {seq.seq_id: seq for seq in admitting}
+        scheduled = []
+        for g in result.granted:
+            table = self.tables.setdefault(g.seq_id, [])
+            del table[g.table_from :]
+            table.extend(g.blocks)
+            if g.seq_id in admitted:
+                seq = admitted[g.seq_id]
+                self.waiting.remove(seq)
+                seq.status, seq.num_computed = SeqStatus.RUNNING, g.num_cached
+                self.running.append(seq)
+                self._known[seq.seq_id] = len(seq.token_ids)
+                scheduled.append(ScheduledSeq(seq, g.num_slots - g.num_cached, 0, g.copies))
+            else:
+                seq, num_tokens = planned[g.seq_id]
+                lookahead = g.num_slots - seq.num_computed - num_tokens
+                scheduled.append(ScheduledSeq(seq, num_tokens, lookahead, g.copies))
         return SchedulerOutput(scheduled, preempted)
+
+    def num_allocated_slots(self) -> int:
+        """Token slots held by live tables (shared blocks counted per sequence); for KV-waste stats."""
+        return sum(len(t) for t in self.tables.values()) * self.block_size

@@ -42,7 +42,7 @@ def test_concurrent_streams_equal_the_synchronous_engine(engine):
 
 
 def test_leaving_a_stream_early_frees_its_blocks(engine):
-    free = engine.block_manager.num_free_blocks
+    free = engine.block_manager.stats()["num_free_blocks"]
     aeng = AsyncEngine(engine)
     try:
 
@@ -57,25 +57,29 @@ def test_leaving_a_stream_early_frees_its_blocks(engine):
                 await asyncio.sleep(0.05)
 
         asyncio.run(main())
-        assert not engine.requests and engine.block_manager.num_free_blocks == free
+        assert not engine.requests and engine.block_manager.stats()["num_free_blocks"] == free
     finally:
         aeng.shutdown()
 
 
-def test_a_failed_step_ends_requests_in_flight_and_the_loop_goes_on(engine):
-    runner = engine.runner
-    calls = {"n": 0}
-    real_execute = runner.execute
+def fail_once_when_batched(runner, n: int = 2) -> list[int]:
+    """Make the runner's first forward over `n` or more sequences raise, as a lost shard would."""
+    real_execute, failures = runner.execute, []
 
     def flaky(items):
-        calls["n"] += 1
-        if calls["n"] == 3:
+        if not failures and len(items) >= n:
+            failures.append(len(items))
             raise RuntimeError("shard lost")
         return real_execute(items)
 
-    recovered: list[Exception] = []
-    aeng = AsyncEngine(engine, on_step_error=recovered.append)
     runner.execute = flaky
+    return failures
+
+
+def test_an_unrepaired_failed_step_ends_requests_in_flight_and_the_loop_goes_on(engine):
+    failures = fail_once_when_batched(engine.runner)
+    attempts: list[Exception] = []
+    aeng = AsyncEngine(engine, on_step_error=lambda e: attempts.append(e) and False)
     try:
 
         async def main():
@@ -84,12 +88,30 @@ def test_a_failed_step_ends_requests_in_flight_and_the_loop_goes_on(engine):
             return results, after
 
         results, after = asyncio.run(main())
+        aeng.shutdown()  # the engine is driven synchronously below
+        assert failures == [2] and len(attempts) == 1 and aeng.num_step_errors == 1
         assert all(isinstance(r, EngineStepError) and "shard lost" in str(r) for r in results)
-        assert len(recovered) == 1 and aeng.num_step_errors == 1
         assert after == engine.generate([PROMPTS[0]], GREEDY)[0].output_token_ids
-        assert not engine.requests
+        assert not engine.requests and engine.block_manager.stats()["num_seqs"] == 0
     finally:
-        del runner.execute
+        del engine.runner.execute
+        aeng.shutdown()
+
+
+def test_a_repaired_failed_step_recomputes_and_loses_nothing(engine):
+    reference = [o.output_token_ids for o in engine.generate(PROMPTS, GREEDY)]
+    failures = fail_once_when_batched(engine.runner, n=3)
+    aeng = AsyncEngine(engine, on_step_error=lambda e: True)
+    try:
+
+        async def main():
+            return await asyncio.gather(*(collect(aeng, p) for p in PROMPTS))
+
+        assert asyncio.run(main()) == reference  # streams went on; tokens already sent were kept
+        assert failures == [3] and aeng.num_recoveries == 1
+        assert engine.block_manager.stats()["num_free_blocks"] == engine.runner.num_blocks - 1
+    finally:
+        del engine.runner.execute
         aeng.shutdown()
 
 

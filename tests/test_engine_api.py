@@ -77,13 +77,13 @@ def test_stop_string_truncates_and_max_tokens_caps(engine):
 
 
 def test_abort_frees_blocks_at_once(engine):
-    total_free = engine.block_manager.num_free_blocks
+    total_free = engine.block_manager.stats()["num_free_blocks"]
     rid = engine.add_request("Once upon a time", SamplingParams(max_tokens=100, ignore_eos=True))
     for _ in range(3):
         engine.step()
-    assert engine.block_manager.num_free_blocks < total_free
+    assert engine.block_manager.stats()["num_free_blocks"] < total_free
     engine.abort(rid)
-    assert engine.block_manager.num_free_blocks == total_free
+    assert engine.block_manager.stats()["num_free_blocks"] == total_free
     assert not engine.has_unfinished()
 
 
@@ -91,9 +91,9 @@ def test_shared_prefix_is_computed_once(engine):
     system = "You are a careful assistant who answers in one short sentence. " * 6
     msgs = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in ("Hi?", "Why?")]
     engine.generate([msgs[0]], SamplingParams(max_tokens=2))
-    hits_before = engine.block_manager.prefix_cache_hits
+    hits_before = engine.block_manager.stats()["prefix_cache_hits"]
     engine.generate([msgs[1]], SamplingParams(max_tokens=2))
-    assert engine.block_manager.prefix_cache_hits - hits_before >= 4 * engine.config.block_size
+    assert engine.block_manager.stats()["prefix_cache_hits"] - hits_before >= 4 * engine.config.block_size
 
 
 def test_kv_waste_under_one_block_per_sequence(engine):

@@ -93,7 +93,7 @@ def test_greedy_matches_hf(make_engine, hf_model, prompts, reference, config):
     engine = make_engine(**config)
     outputs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
     check_against_reference(hf_model, prompts, reference, outputs)
-    assert engine.block_manager.num_free_blocks == engine.runner.num_blocks - 1, "KV blocks leaked"
+    assert engine.block_manager.stats()["num_free_blocks"] == engine.runner.num_blocks - 1, "KV blocks leaked"
     if config:
         assert engine.spec.drafted > 0, "speculation never proposed anything"
         assert engine.spec.steps > 0
@@ -108,4 +108,4 @@ def test_chunked_prefill_and_small_pool_preemption(make_engine, hf_model, prompt
     outputs = engine.generate(short, SamplingParams(max_tokens=MAX_TOKENS))
     check_against_reference(hf_model, short, refs, outputs)
     assert engine.scheduler.num_preemptions > 0, "the pool was not small enough to preempt"
-    assert engine.block_manager.num_free_blocks == engine.runner.num_blocks - 1
+    assert engine.block_manager.stats()["num_free_blocks"] == engine.runner.num_blocks - 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import SeqStatus, Sequence
-from kv_cache.block_manager import BlockManager
+from kv_cache.block_batch import BatchedBlockManager
 
 
 def seq(i: int, n_prompt: int, max_tokens: int = 16, spec_k: int = 0) -> Sequence:
@@ -16,23 +16,35 @@ def seq(i: int, n_prompt: int, max_tokens: int = 16, spec_k: int = 0) -> Sequenc
     return s
 
 
-def run_step(sched: Scheduler, bm: BlockManager, sample_token: int = 7) -> list:
+def make(num_blocks: int, block_size: int, **limits) -> tuple[Scheduler, BatchedBlockManager]:
+    manager = BatchedBlockManager(num_blocks, block_size)
+    limits = {"max_num_seqs": 4, "max_num_batched_tokens": 100, "max_model_len": 1000, **limits}
+    return Scheduler(manager, num_blocks, block_size, **limits), manager
+
+
+def check_mirror(sched: Scheduler, manager: BatchedBlockManager) -> None:
+    """The scheduler's tables are exactly the manager's (it only ever sees deltas)."""
+    assert sched.tables == {sid: st.table for sid, st in manager.bm.seqs.items()}
+    assert sched.num_free_blocks == manager.bm.num_free_blocks
+    manager.bm.check_invariants()
+
+
+def run_step(sched: Scheduler, manager: BatchedBlockManager, sample_token: int = 7) -> list:
     """Pretend the model ran: advance num_computed, append a token for every sequence that can sample."""
     out = sched.schedule()
+    check_mirror(sched, manager)
     for item in out.scheduled:
         s = item.seq
         done = item.completes_prefill
         s.num_computed += item.num_tokens
         if done:
             s.token_ids.append(sample_token)
-        bm.commit(s.seq_id, s.token_ids, s.num_computed)
-    bm.check_invariants()
+        sched.commit(s)
     return out.scheduled
 
 
 def test_long_prompt_is_prefilled_in_chunks_under_the_token_budget():
-    bm = BlockManager(64, 4)
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=16, max_model_len=1000)
+    sched, bm = make(64, 4, max_num_seqs=8, max_num_batched_tokens=16, max_model_len=1000)
     s = seq(1, 40)
     sched.add(s)
     chunks = []
@@ -44,8 +56,7 @@ def test_long_prompt_is_prefilled_in_chunks_under_the_token_budget():
 
 
 def test_decode_and_prefill_mix_in_one_step_fcfs():
-    bm = BlockManager(64, 4)
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=10, max_model_len=1000)
+    sched, bm = make(64, 4, max_num_seqs=8, max_num_batched_tokens=10, max_model_len=1000)
     a, b = seq(1, 6), seq(2, 30)
     sched.add(a)
     sched.add(b)
@@ -55,8 +66,7 @@ def test_decode_and_prefill_mix_in_one_step_fcfs():
 
 
 def test_max_num_seqs_caps_running():
-    bm = BlockManager(64, 4)
-    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=100, max_model_len=1000)
+    sched, bm = make(64, 4, max_num_seqs=2, max_num_batched_tokens=100, max_model_len=1000)
     for i in range(1, 5):
         sched.add(seq(i, 4))
     items = run_step(sched, bm)
@@ -65,20 +75,18 @@ def test_max_num_seqs_caps_running():
 
 
 def test_lookahead_reserved_for_decoding_sequences_and_limited_by_max_tokens():
-    bm = BlockManager(64, 4)
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100, max_model_len=1000)
+    sched, bm = make(64, 4)
     s = seq(1, 5, max_tokens=3, spec_k=5)
     sched.add(s)
     run_step(sched, bm)  # prefill: no lookahead
     items = sched.schedule().scheduled
     # 1 output so far, max 3: at most 1 more draft + the bonus token
     assert items[0].num_tokens == 1 and items[0].num_lookahead == 1
-    assert len(bm.block_table(1)) * 4 >= s.num_computed + 2
+    assert len(sched.tables[1]) * 4 >= s.num_computed + 2
 
 
 def test_preemption_when_pool_runs_dry_then_recompute():
-    bm = BlockManager(1 + 6, 4)  # 6 usable blocks = 24 slots
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100, max_model_len=1000)
+    sched, bm = make(1 + 6, 4)  # 6 usable blocks = 24 slots
     old, new = seq(1, 8, max_tokens=50), seq(2, 8, max_tokens=50)
     sched.add(old)
     sched.add(new)
@@ -93,12 +101,12 @@ def test_preemption_when_pool_runs_dry_then_recompute():
     n_tokens = len(new.token_ids)
     items = run_step(sched, bm)
     assert items[0].seq is new and new.num_computed == n_tokens
-    assert bm.num_free_blocks == 6 - len(bm.block_table(2))
+    check_mirror(sched, bm)
+    assert bm.bm.num_free_blocks == 6 - len(sched.tables[2])
 
 
 def test_drop_lookahead_before_preempting():
-    bm = BlockManager(1 + 3, 4)  # 12 slots
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100, max_model_len=1000)
+    sched, bm = make(1 + 3, 4)  # 12 slots
     s = seq(1, 7, max_tokens=50, spec_k=8)
     sched.add(s)
     run_step(sched, bm)
@@ -108,21 +116,21 @@ def test_drop_lookahead_before_preempting():
 
 
 def test_cancellation_frees_blocks_at_once():
-    bm = BlockManager(32, 4)
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100, max_model_len=1000)
+    sched, bm = make(32, 4)
     a, b = seq(1, 10), seq(2, 10)
     sched.add(a)
     sched.add(b)
     run_step(sched, bm)
     sched.finish(a)
     sched.finish(b)
-    assert bm.num_free_blocks == 31
+    sched.flush()
+    assert bm.bm.num_free_blocks == 31
+    check_mirror(sched, bm)
     assert not sched.has_work()
 
 
 def test_shared_prompt_prefix_computed_once():
-    bm = BlockManager(32, 4)
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100, max_model_len=1000)
+    sched, bm = make(32, 4)
     a = seq(1, 13)
     b = Sequence(2, "r2", list(a.token_ids), 13, SamplingParams(), 2)
     sched.add(a)
@@ -131,4 +139,4 @@ def test_shared_prompt_prefix_computed_once():
     items = run_step(sched, bm)
     prefill_b = next(i for i in items if i.seq is b)
     assert prefill_b.num_tokens == 1  # 12 tokens (3 full blocks) came from the prefix cache
-    assert bm.block_table(2)[:3] == bm.block_table(1)[:3]
+    assert sched.tables[2][:3] == sched.tables[1][:3]
