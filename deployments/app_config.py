@@ -37,6 +37,7 @@ class AutoscalingSettings(_Strict):
     target_ongoing_requests: float = Field(gt=0)
     upscale_delay_s: float = Field(default=30.0, ge=0)
     downscale_delay_s: float = Field(default=600.0, ge=0)
+    look_back_period_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSettings:

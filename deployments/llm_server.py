@@ -20,6 +20,8 @@ from typing import Any
 
 import ray
 from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from deployments.app_config import AppConfig, load_app_config
 from deployments.block_manager_actor import RemoteBlockManager
@@ -55,6 +57,10 @@ class LLMServer:
         self.engine = AsyncEngine(engine, on_step_error=self._repair)
         self.prefixes = RecentPrefixes()
         self.num_requests = 0
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except RayServeException:  # constructed outside Serve
+            self.replica_id = "local"
 
     def _make_runner(self):
         tp = self.config.tensor_parallel_size
@@ -148,7 +154,7 @@ class LLMServer:
         except EngineStepError as e:
             yield error_item(503, str(e))
             return
-        yield {"type": "start", "prompt_tokens": len(ids), "request_id": request_id}
+        yield {"type": "start", "prompt_tokens": len(ids), "request_id": request_id, "replica": self.replica_id}
         out = first
         try:
             while True:

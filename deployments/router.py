@@ -66,6 +66,9 @@ def model_version(config: AppConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+CACHE_HIT = {"x-specserve-replica": "completion-cache"}  # which replica answered: none, the cache did
+
+
 def _error(e: ProtocolError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status_code)
 
@@ -202,9 +205,10 @@ class Router:
                 type="invalid_request_error" if first["status"] < 500 else "server_error",
             )
         prompt_tokens = first["prompt_tokens"]
+        served_by = {"x-specserve-replica": first.get("replica", "")}
         if req.stream:
             return StreamingResponse(
-                self._sse(stream, req, rid, chat, prompt_tokens, key), media_type="text/event-stream"
+                self._sse(stream, req, rid, chat, prompt_tokens, key), media_type="text/event-stream", headers=served_by
             )
         text, token_ids, finish = [], [], None
         async for item in stream:
@@ -216,7 +220,8 @@ class Router:
         done = CachedCompletion("".join(text), tuple(token_ids), finish, prompt_tokens, len(token_ids))
         self._offer(key, done)
         build = chat_completion_response if chat else completion_response
-        return JSONResponse(build(rid, self.model_id, done.text, finish, done.usage, created=int(time.time())))
+        body = build(rid, self.model_id, done.text, finish, done.usage, created=int(time.time()))
+        return JSONResponse(body, headers=served_by)
 
     def _offer(self, key, done: CachedCompletion) -> None:
         self.metrics.tokens.inc(done.completion_tokens)
@@ -234,10 +239,10 @@ class Router:
                 include_usage=req.include_usage,
                 final_usage=cached.usage,
             )
-            return StreamingResponse(iter(events), media_type="text/event-stream")
+            return StreamingResponse(iter(events), media_type="text/event-stream", headers=CACHE_HIT)
         build = chat_completion_response if chat else completion_response
         body = build(rid, self.model_id, cached.text, cached.finish_reason, cached.usage, created=int(time.time()))
-        return JSONResponse(body)
+        return JSONResponse(body, headers=CACHE_HIT)
 
     async def _sse(self, stream, req, rid: str, chat: bool, prompt_tokens: int, key) -> AsyncIterator[str]:
         """Relay the replica's stream as SSE. If the client goes away this generator is closed, and closing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 from pathlib import Path
@@ -45,19 +46,24 @@ def hf_model(model_folder: Path):
     return AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32).eval()
 
 
-_ENGINES: dict[tuple, Any] = {}
+_ENGINES: dict[tuple, Any] = {}  # most recently used last
+MAX_CACHED_ENGINES = 2  # each holds its own weights and KV pool (1-2 GB): keeping them all runs out of memory
 
 
 @pytest.fixture(scope="session")
 def make_engine():
-    """Engines by configuration, built once per session (the model load is the slow part)."""
+    """Engines by configuration, reused while they are among the last few asked for (loading is slow)."""
     from engine.llm_engine import LLMEngine
 
     def make(**config):
         key = tuple(sorted(config.items()))
-        if key not in _ENGINES:
-            _ENGINES[key] = LLMEngine(**config)
-        engine = _ENGINES[key]
+        engine = _ENGINES.pop(key, None)
+        if engine is None:
+            while len(_ENGINES) >= MAX_CACHED_ENGINES:
+                del _ENGINES[next(iter(_ENGINES))]
+            gc.collect()
+            engine = LLMEngine(**config)
+        _ENGINES[key] = engine
         assert not engine.has_unfinished(), "a previous test left requests behind"
         return engine
 

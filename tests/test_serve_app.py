@@ -66,7 +66,9 @@ def test_models_lists_the_served_model(client):
 
 def test_completion_matches_the_in_process_engine(client, make_engine):
     prompt = "def fibonacci(n):\n    "
-    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    assert raw.headers["x-specserve-replica"] not in ("", "completion-cache")  # a replica answered
+    out = raw.parse()
     engine = make_engine(kv_cache_gib=0.25)
     ref = engine.generate([prompt], engine_params(24))[0]
     assert out.choices[0].text == ref.text
@@ -134,6 +136,8 @@ def test_completion_cache_serves_repeats_without_a_replica(base_url, client):
     stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == texts[0]
     assert stats(base_url)["replica"]["num_requests"] == after["replica"]["num_requests"]
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    assert raw.headers["x-specserve-replica"] == "completion-cache"
 
 
 def test_sampled_requests_are_never_cached(base_url, client):

@@ -1,0 +1,268 @@
+"""`serve deploy serve_config.yaml` against a `ray start --head` cluster, the way users run it.
+
+The app is serve_config.yaml with test-sized settings: tensor_parallel_size 2 (gloo), a draft worker and a
+block manager actor per replica, autoscaling 1..2. Faults are real process deaths (SIGKILL of an actor's
+pid, found through Ray's state API) in the middle of a stream: the stream must finish with exactly the
+tokens the in-process engine gives, and the replica must repair itself. Then sustained load starts a second
+replica that serves traffic, and it goes away after the load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+from ray.util.state import list_actors  # noqa: E402
+
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODEL = "SmolLM2-135M-Instruct"
+PROMPT = "def bubble_sort(items):\n    "
+MAX_TOKENS = 40
+UP_S = 420.0  # bound on a deploy or a scale-up (model loads of 4 actors) on a busy 2-core machine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_config(http_port: int) -> dict:
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = http_port
+    args = config["applications"][0]["args"]
+    args["engine"].update(
+        kv_cache_gib=0.25, max_model_len=1024, speculator="draft", draft_num_layers=4, draft_kv_cache_gib=0.05
+    )
+    args["tensor_parallel_size"] = 2
+    args["draft_worker"]["enabled"] = True
+    args["router"]["completion_cache"]["enabled"] = False  # every request must reach a replica here
+    args["router"]["prefix_affinity"]["stats_period_s"] = 0.5
+    args["target"]["autoscaling_config"].update(
+        target_ongoing_requests=2, upscale_delay_s=0, downscale_delay_s=5, look_back_period_s=2
+    )
+    return config
+
+
+class Cluster:
+    def __init__(self, tmp: Path):
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # loopback only, see cluster/README.md
+        self.gcs_port, self.dash_port, self.http_port = _free_port(), _free_port(), _free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.config_path = tmp / "serve_config.yaml"
+        self.config_path.write_text(yaml.safe_dump(app_config(self.http_port)))
+        self.head = subprocess.Popen(
+            [BIN / "ray", "start", "--head", "--block", "--num-cpus=12", f"--port={self.gcs_port}"]
+            + [f"--dashboard-port={self.dash_port}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+            env=self.env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        out = subprocess.run(
+            [BIN / "serve", *args, "-a", self.dashboard],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    def wait_for_dashboard(self) -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.dashboard}/api/version", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.head.poll() is None, "ray start --head exited"
+            time.sleep(1)
+        pytest.fail("the Ray dashboard did not come up")
+
+    def status(self) -> dict:
+        """The app's entry of what `serve status` reads (the dashboard's REST API, without a CLI start)."""
+        details = httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=60).json()
+        return details["applications"].get("specserve", {})
+
+    def running_replicas(self) -> int:
+        replicas = self.status().get("deployments", {}).get("LLMServer", {}).get("replicas", [])
+        return sum(r["state"] == "RUNNING" for r in replicas)
+
+    def actors(self, class_name: str) -> list:
+        return list_actors(address=self.dashboard, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+
+    def kill(self, class_name: str) -> int:
+        """SIGKILL every live actor of the class (what a crash or an OOM kill looks like)."""
+        found = self.actors(class_name)
+        for actor in found:
+            os.kill(actor.pid, signal.SIGKILL)
+        return len(found)
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/v1/stats", timeout=60).json()["replica"]
+
+    def stop(self) -> None:
+        try:
+            self.cli("shutdown", "-y", timeout=60)
+        except Exception:  # noqa: BLE001 - the head goes down below anyway
+            pass
+        self.head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+        try:
+            self.head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.head.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        c.wait_for_dashboard()
+        start = time.time()
+        c.cli("deploy", str(c.config_path))
+        deadline = start + UP_S
+        while time.time() < deadline:
+            try:
+                r = httpx.post(f"{c.url}/v1/completions", json=body(PROMPT, 1, stream=False), timeout=60)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"no answer within {UP_S} s of serve deploy: {c.status()}")
+        c.deploy_to_first_token_s = time.time() - start
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(make_engine) -> str:
+    """What the target alone says: the in-process engine, TP=1, no speculation."""
+    engine = make_engine(kv_cache_gib=0.25, max_model_len=1024)
+    return engine.generate([PROMPT], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))[0].text
+
+
+def body(prompt: str, max_tokens: int, stream: bool = True, **extra) -> dict:
+    return {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "ignore_eos": True,
+        **extra,
+    }
+
+
+def stream_text(url: str, fault: Callable[[], None] | None = None, after: int = 3) -> str:
+    """Stream a completion; run `fault` once `after` chunks have arrived. An error event fails the test."""
+    pieces = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body(PROMPT, MAX_TOKENS), timeout=600) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            assert "error" not in chunk, chunk
+            pieces.append(chunk["choices"][0]["text"])
+            if fault is not None and len(pieces) == after:
+                fault()
+    return "".join(pieces)
+
+
+def test_serve_deploy_reaches_running_and_answers(cluster):
+    status = yaml.safe_load(cluster.cli("status"))["applications"]["specserve"]  # the CLI users run
+    assert status["status"] == "RUNNING"
+    assert status["deployments"]["LLMServer"]["status"] == "HEALTHY"
+    assert cluster.running_replicas() == 1
+    assert cluster.deploy_to_first_token_s < UP_S
+    models = httpx.get(f"{cluster.url}/v1/models", timeout=30).json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+def test_tp2_with_the_draft_worker_gives_the_target_tokens(cluster, reference):
+    assert len(cluster.actors("ShardWorker")) == 2 and len(cluster.actors("BlockManagerActor")) == 1
+    assert stream_text(cluster.url) == reference
+    deadline = time.time() + UP_S  # the draft model loads in the background; drafts start once it is up
+    while not cluster.stats()["draft_worker"]["draft_worker_calls"] and time.time() < deadline:
+        assert stream_text(cluster.url) == reference
+    stats = cluster.stats()
+    assert stats["draft_worker"]["draft_worker_calls"] > 0 and stats["spec_drafted"] > 0
+
+
+@pytest.mark.parametrize("victim", ["DraftWorker", "ShardWorker", "BlockManagerActor"])
+def test_an_actor_killed_mid_stream_loses_nothing(cluster, reference, victim):
+    before = cluster.stats()
+    killed = []
+    assert stream_text(cluster.url, fault=lambda: killed.append(cluster.kill(victim))) == reference
+    assert killed and killed[0] >= 1
+    after = cluster.stats()
+    if victim == "DraftWorker":  # speculation pauses; the target alone finishes the stream
+        assert after["draft_worker"]["draft_worker_failures"] > before["draft_worker"]["draft_worker_failures"]
+    else:  # the step failed, the replica rebuilt the actor(s) and recomputed the stream's KV
+        assert after["num_recoveries"] > before["num_recoveries"]
+    # and the deployment is whole again: the next stream is served normally
+    assert stream_text(cluster.url) == reference
+    assert cluster.status()["deployments"]["LLMServer"]["status"] == "HEALTHY"
+
+
+def test_sustained_load_scales_to_two_replicas_that_both_serve_then_back_to_one(cluster):
+    stop = threading.Event()
+    served_by: set[str] = set()
+
+    def load(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            prompt = f"Story {i}.{n}: once upon a time a {['fox', 'owl', 'cat'][n % 3]} "  # no shared prefix
+            try:
+                r = httpx.post(f"{cluster.url}/v1/completions", json=body(prompt, 16, stream=False), timeout=600)
+                served_by.add(r.headers.get("x-specserve-replica", ""))
+            except httpx.HTTPError:
+                pass
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.time() + UP_S
+        while cluster.running_replicas() < 2 and time.time() < deadline:
+            time.sleep(2)
+        assert cluster.running_replicas() == 2, cluster.status()
+        served_by.clear()
+        deadline = time.time() + UP_S
+        while len(served_by - {""}) < 2 and time.time() < deadline:
+            time.sleep(1)
+        assert len(served_by - {""}) == 2, served_by
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=600)
+    deadline = time.time() + 180
+    while cluster.running_replicas() > 1 and time.time() < deadline:
+        time.sleep(2)
+    assert cluster.running_replicas() == 1, cluster.status()
