@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+import torch
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import RayServeException
@@ -64,7 +65,8 @@ class LLMServer:
 
     def _make_runner(self):
         tp = self.config.tensor_parallel_size
-        if tp == 1:
+        if tp == 1:  # the forward runs here, on the CPUs this replica reserved
+            torch.set_num_threads(max(1, int(self.config.target.shard_resources.num_cpus)))
             return None
 
         res = self.config.target.shard_resources

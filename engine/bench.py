@@ -6,8 +6,10 @@ one finishes), the baseline runs them one at a time. Greedy unless a temperature
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import DTYPES, LLMEngine
 from engine.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from engine.metrics import SpecCounters
-from engine.prompts import PromptSpec
+from engine.prompts import PromptSpec, humaneval_to_jsonl, load_prompts, sharegpt_to_jsonl
 from engine.sampling_params import SamplingParams
 from engine.tokenization import encode_prompt
 
@@ -184,3 +186,24 @@ def run_hf(
         )
     result.wall_s = time.perf_counter() - start
     return result
+
+
+def standard_prompt_sets(
+    humaneval_src: str | Path, humaneval_limit: int, sharegpt_n: int, data: Path
+) -> tuple[list[PromptSpec], list[PromptSpec]]:
+    """HumanEval chat prompts and the first single-turn ShareGPT prompts, converted once into `data`/."""
+    data.mkdir(exist_ok=True)
+    if not (data / "humaneval.jsonl").exists():
+        humaneval_to_jsonl(humaneval_src, data / "humaneval.jsonl")
+    if not (data / "sharegpt16.jsonl").exists():
+        sharegpt_to_jsonl(data / "sharegpt16.jsonl", 16)
+    return load_prompts(data / "humaneval.jsonl", humaneval_limit), load_prompts(data / "sharegpt16.jsonl", sharegpt_n)
+
+
+def print_report(report: dict[str, Any], out: str | None) -> None:
+    """The report as indented JSON on stdout, and in `out` if given."""
+    text = json.dumps(report, indent=1)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    print(text)

@@ -11,16 +11,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from engine.bench import run_hf, run_specserve
+from engine.bench import print_report, run_hf, run_specserve, standard_prompt_sets
 from engine.config import EngineConfig
-from engine.prompts import humaneval_to_jsonl, load_prompts, sharegpt_to_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,14 +35,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    data = REPO / "data"
-    data.mkdir(exist_ok=True)
-    if not (data / "humaneval.jsonl").exists():
-        humaneval_to_jsonl(args.humaneval, data / "humaneval.jsonl")
-    if not (data / "sharegpt16.jsonl").exists():
-        sharegpt_to_jsonl(data / "sharegpt16.jsonl", 16)
-    humaneval = load_prompts(data / "humaneval.jsonl", args.humaneval_limit)
-    sharegpt = load_prompts(data / "sharegpt16.jsonl", 16)
+    humaneval, sharegpt = standard_prompt_sets(args.humaneval, args.humaneval_limit, 16, REPO / "data")
     n = args.max_tokens
     plain = EngineConfig()
     ngram = EngineConfig(speculator="ngram", num_speculative_tokens=args.k)
@@ -101,11 +92,7 @@ def main() -> None:
         },
         "total_s": round(time.time() - t0, 1),
     }
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    print_report(report, args.out)
 
 
 if __name__ == "__main__":

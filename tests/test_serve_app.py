@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import httpx
@@ -14,6 +13,7 @@ openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
 
 from deployments.app import build_app  # noqa: E402
+from deployments.local_cluster import free_port, wait_until_ok  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 APP_ARGS = {
@@ -23,29 +23,14 @@ APP_ARGS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url():
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(APP_ARGS), name="specserve", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        pytest.fail("the app did not come up")
+    wait_until_ok(f"{url}/health", 300)
     yield url
     serve.shutdown()
     ray.shutdown()
@@ -185,13 +170,13 @@ def test_client_disconnect_frees_kv_blocks_at_once(base_url):
         "ignore_eos": True,
     }
     with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=120) as r:
-        got = 0
-        for line in r.iter_lines():
-            got += line.startswith("data: ")
-            if got >= 3:
-                break
-        busy = stats(base_url)["replica"]["block_manager"]
-        assert busy["num_seqs"] == 1 and busy["num_free_blocks"] < idle["num_free_blocks"]
+        lines, it = [], r.iter_lines()  # keep the iterator: dropping it closes the connection
+        while len(lines) < 3:
+            line = next(it)
+            lines += [line] if line.startswith("data: ") else []
+        replica = stats(base_url)["replica"]
+        busy = replica["block_manager"]
+        assert busy["num_seqs"] == 1 and busy["num_free_blocks"] < idle["num_free_blocks"], (lines, replica)
     deadline = time.time() + 20
     while time.time() < deadline:
         now = stats(base_url)["replica"]["block_manager"]

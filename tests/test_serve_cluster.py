@@ -10,42 +10,25 @@ replica that serves traffic, and it goes away after the load.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-ray = pytest.importorskip("ray")
-from ray.util.state import list_actors  # noqa: E402
+from deployments.local_cluster import REPO, LocalCluster
+from engine.sampling_params import SamplingParams
 
-from engine.sampling_params import SamplingParams  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "def bubble_sort(items):\n    "
 MAX_TOKENS = 40
 UP_S = 420.0  # bound on a deploy or a scale-up (model loads of 4 actors) on a busy 2-core machine
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def app_config(http_port: int) -> dict:
+def app_config() -> dict:
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    config["http_options"]["port"] = http_port
     args = config["applications"][0]["args"]
     args["engine"].update(
         kv_cache_gib=0.25, max_model_len=1024, speculator="draft", draft_num_layers=4, draft_kv_cache_gib=0.05
@@ -60,88 +43,13 @@ def app_config(http_port: int) -> dict:
     return config
 
 
-class Cluster:
-    def __init__(self, tmp: Path):
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # loopback only, see cluster/README.md
-        self.gcs_port, self.dash_port, self.http_port = _free_port(), _free_port(), _free_port()
-        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.config_path = tmp / "serve_config.yaml"
-        self.config_path.write_text(yaml.safe_dump(app_config(self.http_port)))
-        self.head = subprocess.Popen(
-            [BIN / "ray", "start", "--head", "--block", "--num-cpus=12", f"--port={self.gcs_port}"]
-            + [f"--dashboard-port={self.dash_port}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
-            env=self.env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def cli(self, *args: str, timeout: float = 120) -> str:
-        out = subprocess.run(
-            [BIN / "serve", *args, "-a", self.dashboard],
-            env=self.env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        return out.stdout
-
-    def wait_for_dashboard(self) -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.dashboard}/api/version", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.head.poll() is None, "ray start --head exited"
-            time.sleep(1)
-        pytest.fail("the Ray dashboard did not come up")
-
-    def status(self) -> dict:
-        """The app's entry of what `serve status` reads (the dashboard's REST API, without a CLI start)."""
-        details = httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=60).json()
-        return details["applications"].get("specserve", {})
-
-    def running_replicas(self) -> int:
-        replicas = self.status().get("deployments", {}).get("LLMServer", {}).get("replicas", [])
-        return sum(r["state"] == "RUNNING" for r in replicas)
-
-    def actors(self, class_name: str) -> list:
-        return list_actors(address=self.dashboard, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
-
-    def kill(self, class_name: str) -> int:
-        """SIGKILL every live actor of the class (what a crash or an OOM kill looks like)."""
-        found = self.actors(class_name)
-        for actor in found:
-            os.kill(actor.pid, signal.SIGKILL)
-        return len(found)
-
-    def stats(self) -> dict:
-        return httpx.get(f"{self.url}/v1/stats", timeout=60).json()["replica"]
-
-    def stop(self) -> None:
-        try:
-            self.cli("shutdown", "-y", timeout=60)
-        except Exception:  # noqa: BLE001 - the head goes down below anyway
-            pass
-        self.head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
-        try:
-            self.head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.head.kill()
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    c = LocalCluster(num_cpus=12)
     try:
-        c.wait_for_dashboard()
+        c.wait_ready()
         start = time.time()
-        c.cli("deploy", str(c.config_path))
+        c.deploy(app_config(), tmp_path_factory.mktemp("cluster") / "serve_config.yaml")
         deadline = start + UP_S
         while time.time() < deadline:
             try:
@@ -178,6 +86,10 @@ def body(prompt: str, max_tokens: int, stream: bool = True, **extra) -> dict:
     }
 
 
+def replica_stats(c: LocalCluster) -> dict:
+    return httpx.get(f"{c.url}/v1/stats", timeout=60).json()["replica"]
+
+
 def stream_text(url: str, fault: Callable[[], None] | None = None, after: int = 3) -> str:
     """Stream a completion; run `fault` once `after` chunks have arrived. An error event fails the test."""
     pieces = []
@@ -195,7 +107,7 @@ def stream_text(url: str, fault: Callable[[], None] | None = None, after: int = 
 
 
 def test_serve_deploy_reaches_running_and_answers(cluster):
-    status = yaml.safe_load(cluster.cli("status"))["applications"]["specserve"]  # the CLI users run
+    status = yaml.safe_load(cluster.serve("status"))["applications"]["specserve"]  # the CLI users run
     assert status["status"] == "RUNNING"
     assert status["deployments"]["LLMServer"]["status"] == "HEALTHY"
     assert cluster.running_replicas() == 1
@@ -208,19 +120,19 @@ def test_tp2_with_the_draft_worker_gives_the_target_tokens(cluster, reference):
     assert len(cluster.actors("ShardWorker")) == 2 and len(cluster.actors("BlockManagerActor")) == 1
     assert stream_text(cluster.url) == reference
     deadline = time.time() + UP_S  # the draft model loads in the background; drafts start once it is up
-    while not cluster.stats()["draft_worker"]["draft_worker_calls"] and time.time() < deadline:
+    while not replica_stats(cluster)["draft_worker"]["draft_worker_calls"] and time.time() < deadline:
         assert stream_text(cluster.url) == reference
-    stats = cluster.stats()
+    stats = replica_stats(cluster)
     assert stats["draft_worker"]["draft_worker_calls"] > 0 and stats["spec_drafted"] > 0
 
 
 @pytest.mark.parametrize("victim", ["DraftWorker", "ShardWorker", "BlockManagerActor"])
 def test_an_actor_killed_mid_stream_loses_nothing(cluster, reference, victim):
-    before = cluster.stats()
+    before = replica_stats(cluster)
     killed = []
     assert stream_text(cluster.url, fault=lambda: killed.append(cluster.kill(victim))) == reference
     assert killed and killed[0] >= 1
-    after = cluster.stats()
+    after = replica_stats(cluster)
     if victim == "DraftWorker":  # speculation pauses; the target alone finishes the stream
         assert after["draft_worker"]["draft_worker_failures"] > before["draft_worker"]["draft_worker_failures"]
     else:  # the step failed, the replica rebuilt the actor(s) and recomputed the stream's KV
