@@ -86,13 +86,14 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self._forget(seq.seq_id)
+        if self._forget(seq.seq_id):
+            self._free.append(seq.seq_id)
 
-    def _forget(self, seq_id: int) -> None:
-        if self.tables.pop(seq_id, None) is not None:
-            self._free.append(seq_id)
+    def _forget(self, seq_id: int) -> bool:
+        """Drop the mirror of a sequence's blocks; True if it had any."""
         self._known.pop(seq_id, None)
         self._commits.pop(seq_id, None)
+        return self.tables.pop(seq_id, None) is not None
 
     def flush(self) -> None:
         """Send pending frees and commits now (the engine goes idle, or a cancellation must free at once)."""
@@ -117,20 +118,19 @@ class Scheduler:
     # ---- the step ----------------------------------------------------------------------------------------
 
     def _lookahead(self, seq: Sequence, budget: int) -> int:
-        """Speculative slots wanted by a decoding sequence: its k, cut to the context, max_tokens and budget."""
+        """Speculative slots wanted by a decoding sequence: its k, cut to the context, max_tokens and the
+        budget left after its pending token."""
         k = min(
             seq.spec_k,
             self.max_model_len - len(seq.token_ids),
             seq.params.max_tokens - seq.num_output_tokens - 1,
-            budget - 1,
+            budget,
         )
         return max(k, 0)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.tables.pop(seq.seq_id, None)
-        self._known.pop(seq.seq_id, None)
-        self._commits.pop(seq.seq_id, None)
+        self._forget(seq.seq_id)  # the manager has freed its blocks already
         seq.status, seq.num_computed = SeqStatus.WAITING, 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -146,7 +146,7 @@ class Scheduler:
             if budget <= 0:
                 break
             num_tokens = min(seq.num_uncomputed, budget)
-            k = self._lookahead(seq, budget - num_tokens + 1) if seq.is_decoding else 0
+            k = self._lookahead(seq, budget - num_tokens) if seq.is_decoding else 0
             end = seq.num_computed + num_tokens
             step.extend.append(Extend(seq.seq_id, seq.num_computed, end + k, end))
             planned[seq.seq_id] = (seq, num_tokens)
