@@ -44,6 +44,7 @@ class RemoteBlockManager:
         self._args = (num_blocks, block_size, enable_prefix_caching)
         self.timeout_s = timeout_s
         self.num_restarts = 0
+        self._posted: ray.ObjectRef | None = None
         self.actor = self._start()
 
     def _start(self) -> Any:
@@ -59,16 +60,30 @@ class RemoteBlockManager:
             raise BlockManagerLost(f"block manager actor: {type(e).__name__}: {str(e).strip()[:200]}") from e
 
     def step(self, request: BlockStep) -> BlockStepResult:
+        self._settle()
         return self._call(self.actor.step.remote(request))
+
+    def post(self, request: BlockStep) -> None:
+        """The actor runs calls in the order they were sent, so the next call sees this step applied."""
+        self._settle()
+        self._posted = self.actor.step.remote(request)
+
+    def _settle(self) -> None:
+        """Raise the error of the last posted step, if it failed (it has long finished by now)."""
+        posted, self._posted = self._posted, None
+        if posted is not None:
+            self._call(posted)
 
     def reset(self) -> None:
         """Empty the manager; a dead actor is replaced by a new (empty) one."""
+        self._posted = None
         try:
             self._call(self.actor.reset.remote())
         except BlockManagerLost:
             self.restart()
 
     def restart(self) -> None:
+        self._posted = None
         self.shutdown()
         self.actor = self._start()
         self.num_restarts += 1

@@ -46,16 +46,10 @@ class LLMServer:
     def __init__(self, app_config: dict[str, Any]):
         self.config: AppConfig = load_app_config(app_config)
         self.model_id = self.config.served_model_name
-        self.runner = self._make_runner()
+        self.runner = None
         self.draft = self._make_draft_proposer()
-        engine = LLMEngine(
-            self.config.engine,
-            runner=self.runner,
-            proposer=self.draft,
-            make_block_manager=RemoteBlockManager if self.config.target.block_manager_actor else None,
-        )
-        self.max_model_len = engine.max_model_len
-        self.engine = AsyncEngine(engine, on_step_error=self._repair)
+        self.engine = AsyncEngine(self._make_engine, on_step_error=self._repair)  # built on the engine thread
+        self.max_model_len = self.engine.engine.max_model_len
         self.prefixes = RecentPrefixes()
         self.num_requests = 0
         try:
@@ -63,7 +57,16 @@ class LLMServer:
         except RayServeException:  # constructed outside Serve
             self.replica_id = "local"
 
-    def _make_runner(self):
+    def _make_engine(self) -> LLMEngine:
+        self.runner = self._make_runner()
+        return LLMEngine(
+            self.config.engine,
+            runner=self.runner,
+            proposer=self.draft,
+            make_block_manager=RemoteBlockManager if self.config.target.block_manager_actor else None,
+        )
+
+    def _make_runner(self) -> ShardedRunner | None:
         tp = self.config.tensor_parallel_size
         if tp == 1:  # the forward runs here, on the CPUs this replica reserved
             torch.set_num_threads(max(1, int(self.config.target.shard_resources.num_cpus)))

@@ -2,7 +2,10 @@
 
 Why a thread: a step is milliseconds to seconds of blocking torch work, and the event loop that serves HTTP
 and Ray calls must stay responsive meanwhile (torch releases the GIL inside its kernels). Every engine call
-happens on that one thread, so the engine itself needs no locks. A step that raises (a shard actor died, say)
+happens on that one thread, so the engine itself needs no locks. A server should also *build* its engine on
+that thread (pass a factory): OpenMP keeps a thread team per OS thread that ran torch work, and once a second
+thread has one the teams contend for the cores; on a 2-core machine every matmul of the engine thread then
+ran about 1.5x slower. A step that raises (a shard actor died, say)
 runs the repair hook; when it repairs the fault, the requests in flight are recomputed from their tokens so
 far and their streams go on unchanged. Otherwise (or when repairs keep failing) they end with EngineStepError
 instead of hanging, and the loop keeps serving new requests.
@@ -50,10 +53,14 @@ def _resolve(fut: asyncio.Future, value: Any) -> None:
 class AsyncEngine:
     max_repairs = 2  # consecutive failed steps that are repaired before the requests in flight are ended
 
-    def __init__(self, engine: LLMEngine, on_step_error: Callable[[Exception], bool] | None = None):
-        """`on_step_error` runs on the engine thread after a failed step (e.g. to rebuild shard actors) and
+    def __init__(
+        self,
+        engine: LLMEngine | Callable[[], LLMEngine],
+        on_step_error: Callable[[Exception], bool] | None = None,
+    ):
+        """`engine`, or a factory that builds it on the engine thread (waited for; its error is raised here).
+        `on_step_error` runs on the engine thread after a failed step (e.g. to rebuild shard actors) and
         returns True when it repaired the fault, so the requests in flight can be recomputed."""
-        self.engine = engine
         self.on_step_error = on_step_error
         self._failures_in_a_row = 0
         self.num_recoveries = 0
@@ -62,8 +69,13 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopped = False
         self.num_step_errors = 0
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.engine: LLMEngine
+        built: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(engine, built), name="engine-loop", daemon=True)
         self._thread.start()
+        failure = built.get()  # the engine is set (by the thread) once this returns
+        if failure is not None:
+            raise failure
 
     # ---- caller side (any event loop) ------------------------------------------------------------------
 
@@ -155,7 +167,15 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001 - e.g. an abort whose block release failed; the next step repairs
                 log.exception("engine command failed")
 
-    def _run(self) -> None:
+    def _run(self, engine: LLMEngine | Callable[[], LLMEngine], built: queue.SimpleQueue) -> None:
+        if callable(engine):
+            try:
+                engine = engine()
+            except BaseException as e:  # noqa: BLE001 - raised in the constructor's thread
+                built.put(e)
+                return
+        self.engine = engine
+        built.put(None)
         while not self._stopped:
             self._drain()
             if not self.engine.has_unfinished():

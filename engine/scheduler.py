@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.sequence import SeqStatus, Sequence
-from kv_cache.block_batch import Admit, BlockPool, BlockStep, Commit, Extend
+from kv_cache.block_batch import Admit, BlockPool, BlockStep, BlockStepResult, Commit, Extend, Grant
 
 
 @dataclass
@@ -100,9 +100,18 @@ class Scheduler:
         if self._free or self._commits:
             self._send(BlockStep(next(self._step_ids)))
 
-    def _send(self, step: BlockStep):
+    def _send(self, step: BlockStep) -> BlockStepResult:
         step.free, step.commit = self._free, list(self._commits.values())
-        result = self.blocks.step(step)  # may raise: then nothing here has changed and the step can be retried
+        if (
+            step.free
+            or step.admit
+            or any(e.num_slots > len(self.tables[e.seq_id]) * self.block_size for e in step.extend)
+        ):
+            result = self.blocks.step(step)  # may raise: then nothing here has changed and it can be retried
+        else:  # the answer is known: every wish fits the blocks held, and no block changes hands
+            self.blocks.post(step)
+            grants = [Grant(e.seq_id, e.num_slots, 0, len(self.tables[e.seq_id]), [], []) for e in step.extend]
+            result = BlockStepResult(step.step_id, grants, [], self.num_free_blocks)
         self._free, self._commits = [], {}
         self.num_free_blocks = result.num_free_blocks
         return result

@@ -5,7 +5,9 @@ fixed order (free -> commit -> extend -> admit), each sequence all or nothing, a
 `BlockStepResult`: the slots granted, the table changes (only the tail that moved), the copy-on-write pairs
 and the sequences it had to preempt. The scheduler mirrors the tables and never calls the manager in
 between, so the manager can live in another process (an actor) at the cost of one round trip per step.
-Retrying a step id returns the answer already given, so a lost reply is harmless. Plain Python, no torch.
+Retrying a step id returns the answer already given, so a lost reply is harmless. A step whose answer the
+scheduler already knows (only commits, and extensions inside blocks the sequences hold) is `post`ed: sent
+without waiting for the reply, so most decode steps do not pay the round trip. Plain Python, no torch.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class BlockPool(Protocol):
     """What the scheduler needs: the in-process manager below, or a client of its actor."""
 
     def step(self, request: BlockStep) -> BlockStepResult: ...
+    def post(self, request: BlockStep) -> None:
+        """Apply a step without waiting for its answer; a failure surfaces at the next call."""
+
     def reset(self) -> None: ...
     def stats(self) -> dict[str, Any]: ...
 
@@ -127,6 +132,9 @@ class BatchedBlockManager:
             granted.append(grant)
         self._last = BlockStepResult(request.step_id, granted, preempted, bm.num_free_blocks)
         return self._last
+
+    def post(self, request: BlockStep) -> None:
+        self.step(request)
 
     def _grow(self, seq_id: int, num_computed: int, min_slots: int, max_slots: int, num_cached: int = 0):
         """The most slots in [min_slots, max_slots] the pool can back, or None if not even min_slots."""

@@ -6,7 +6,8 @@ On a `ray start --head` cluster this script starts itself, `serve deploy` of ser
 replica (completion cache off, so that every request reaches the engine, and the replica given `--cpus`
 CPUs, the same torch threads as the in-process engine):
 - the time from `serve deploy` to the first streamed token;
-- batch 1, HumanEval chat prompts one after another: streamed over HTTP vs the in-process engine;
+- batch 1, HumanEval chat prompts one after another: streamed over HTTP vs the in-process engine, the two
+  alternating prompt by prompt (so that the machine's drifting speed hits both alike);
 - 16 ShareGPT prompts in flight: 16 concurrent HTTP streams vs the in-process engine with 16 in flight;
 - n-gram speculation on vs off over HTTP, 16 streams (a second deploy with the speculator off).
 Greedy everywhere, so both paths must produce the same tokens; the report counts how many texts match.
@@ -30,7 +31,10 @@ import yaml
 from deployments.local_cluster import REPO, LocalCluster
 from engine.bench import print_report, run_specserve, standard_prompt_sets
 from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
 from engine.prompts import PromptSpec
+from engine.sampling_params import SamplingParams
+from engine.tokenization import encode_prompt
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -101,6 +105,37 @@ async def run_http(url: str, specs: list[PromptSpec], max_tokens: int, concurren
     }
 
 
+def run_b1_alternating(url: str, specs: list[PromptSpec], config: EngineConfig, max_tokens: int) -> tuple[dict, dict]:
+    """Each prompt streamed over HTTP, then run by an in-process engine (the replica idles meanwhile)."""
+    engine = LLMEngine(config)
+    params = SamplingParams(max_tokens=max_tokens)
+    encoded = [encode_prompt(engine.tokenizer, engine.arch.vocab_size, s.prompt, s.messages) for s in specs]
+    engine.generate([encoded[0]], SamplingParams(max_tokens=2))  # warm-up, as the HTTP path gets
+    http = {"output_tokens": 0, "wall_s": 0.0, "texts": []}
+    local = {"output_tokens": 0, "wall_s": 0.0, "texts": []}
+
+    async def alternate() -> None:
+        async with httpx.AsyncClient(timeout=600) as client:
+            await stream_one(client, url, specs[0], 2)  # warm-up
+            for spec, ids in zip(specs, encoded):
+                start = time.perf_counter()
+                r = await stream_one(client, url, spec, max_tokens)
+                http["wall_s"] += time.perf_counter() - start
+                http["output_tokens"] += r["tokens"]
+                http["texts"].append(r["text"])
+                start = time.perf_counter()
+                (out,) = engine.generate([ids], params)  # blocks the loop: nothing else runs meanwhile
+                local["wall_s"] += time.perf_counter() - start
+                local["output_tokens"] += len(out.output_token_ids)
+                local["texts"].append(out.text)
+
+    asyncio.run(alternate())
+    for r in (http, local):
+        r["wall_s"] = round(r["wall_s"], 3)
+        r["output_tokens_per_s"] = round(r["output_tokens"] / r["wall_s"], 3)
+    return http, local
+
+
 def run_local(specs: list[PromptSpec], config: EngineConfig, max_tokens: int, concurrency: int) -> dict:
     s = run_specserve(specs, config, max_tokens, concurrency).to_json({})
     return {
@@ -145,8 +180,7 @@ def main() -> None:
     try:
         cluster.wait_ready()
         deploy_s = deploy_and_wait(cluster, on, tmp / "on.yaml", humaneval[0], 600)
-        runs["http_ngram_b1"] = asyncio.run(run_http(cluster.url, humaneval, n, 1))
-        runs["local_ngram_b1"] = run_local(humaneval, engine_on, n, 1)  # the replica idles meanwhile
+        runs["http_ngram_b1"], runs["local_ngram_b1"] = run_b1_alternating(cluster.url, humaneval, engine_on, n)
         runs[f"http_ngram_c{c}"] = asyncio.run(run_http(cluster.url, sharegpt, n, c))
         runs[f"local_ngram_c{c}"] = run_local(sharegpt, engine_on, n, c)
         off = copy.deepcopy(on)

@@ -4,6 +4,7 @@ the requests in flight (with an error) and the loop keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -126,3 +127,25 @@ def test_a_bad_request_raises_before_any_output(engine):
         asyncio.run(main())
     finally:
         aeng.shutdown()
+
+
+def test_a_factory_builds_the_engine_on_the_loop_thread_and_its_error_is_raised(engine):
+    reference = engine.generate([PROMPTS[0]], GREEDY)[0].output_token_ids
+    built_on: list[str] = []
+
+    def factory():
+        built_on.append(threading.current_thread().name)
+        return engine
+
+    aeng = AsyncEngine(factory)
+    try:
+        assert built_on == ["engine-loop"] and aeng.engine is engine
+        assert asyncio.run(collect(aeng, PROMPTS[0])) == reference
+    finally:
+        aeng.shutdown()
+
+    def broken():
+        raise FileNotFoundError("no model at /nowhere")
+
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        AsyncEngine(broken)

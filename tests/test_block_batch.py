@@ -16,11 +16,15 @@ from tests.test_scheduler import check_mirror
 class CountingManager(BatchedBlockManager):
     def __init__(self, *args):
         super().__init__(*args)
-        self.calls = 0
+        self.calls = self.posts = 0
 
     def step(self, request):
         self.calls += 1
         return super().step(request)
+
+    def post(self, request):
+        self.posts += 1
+        BatchedBlockManager.step(self, request)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -39,9 +43,9 @@ def test_random_workload_keeps_the_mirror_exact_and_frees_everything(seed):
             sched.add(s)
             seqs.append(s)
             next_id += 1
-        calls = manager.calls
+        calls, posts = manager.calls, manager.posts
         out = sched.schedule()
-        assert manager.calls == calls + 1, "exactly one manager call per step"
+        assert manager.calls + manager.posts == calls + posts + 1, "exactly one manager call per step"
         check_mirror(sched, manager)
         assert sum(i.num_tokens + i.num_lookahead for i in out.scheduled) <= sched.max_num_batched_tokens
         for item in out.scheduled:
@@ -63,6 +67,7 @@ def test_random_workload_keeps_the_mirror_exact_and_frees_everything(seed):
     sched.flush()
     check_mirror(sched, manager)
     assert manager.bm.num_free_blocks == manager.bm.num_blocks - 1 and not manager.tokens
+    assert manager.posts > 0  # steps whose answer the mirror knew went without waiting
 
 
 def test_a_retried_step_id_returns_the_same_answer_without_allocating_twice():
@@ -85,3 +90,22 @@ def test_admissions_stop_at_the_first_that_does_not_fit_and_preemption_takes_the
     r = manager.step(BlockStep(2, extend=[Extend(1, 6, 10, 9), Extend(2, 5, 9, 9)], admit=[Admit(3, [3], 1)]))
     assert r.preempted == [2] and [(g.seq_id, g.num_slots) for g in r.granted] == [(1, 9)]
     assert r.num_free_blocks == 1  # 2's two blocks came back; 1 took one of them, and nobody was admitted
+
+
+def test_a_decoding_sequence_waits_for_the_manager_only_when_blocks_change_hands():
+    manager = CountingManager(16, 8)
+    sched = Scheduler(manager, 16, 8, 4, 64, 4096)
+    s = Sequence(0, "0", [1, 2, 3, 4, 5, 6], 6, SamplingParams(max_tokens=20), 0)
+    s.spec_k = 2
+    sched.add(s)
+    waited_when = []
+    for _ in range(12):
+        calls, blocks = manager.calls, len(sched.tables.get(0, []))
+        item = sched.schedule().scheduled[0]
+        check_mirror(sched, manager)
+        waited_when.append((manager.calls > calls, len(sched.tables[0]) > blocks))
+        s.num_computed += item.num_tokens + (item.num_lookahead and 1)  # one draft of each step accepted
+        s.token_ids.extend([9] * (1 + (item.num_lookahead and 1)))
+        sched.commit(s)
+    assert all(waited == grew for waited, grew in waited_when)
+    assert 0 < manager.calls < manager.posts  # the admission and each new block waited, the other steps not
