@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,13 @@ def _params(max_tokens: int, temperature: float, seed: int | None) -> SamplingPa
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
 
 
+def warm(engine: LLMEngine) -> LLMEngine:
+    """A first step outside the measured prompts (as the baseline gets), then counters from zero."""
+    engine.generate([[1, 2, 3, 4]], _params(2, 0.0, None))
+    engine.spec = SpecCounters()
+    return engine
+
+
 def run_specserve(
     specs: list[PromptSpec],
     config: EngineConfig,
@@ -65,13 +73,15 @@ def run_specserve(
     temperature: float = 0.0,
     seed: int | None = None,
     engine: LLMEngine | None = None,
+    warm_up: bool = True,
 ) -> BenchResult:
+    """`warm_up=False` (an engine already warmed up) also keeps counting into the engine's spec counters."""
     engine = engine or LLMEngine(config)
     params = _params(max_tokens, temperature, seed)
     encoded = [encode_prompt(engine.tokenizer, engine.arch.vocab_size, s.prompt, s.messages) for s in specs]
     result = BenchResult()
-    engine.generate([encoded[0]], _params(2, 0.0, None))  # warm-up, as the baseline gets
-    engine.spec = SpecCounters()
+    if warm_up:
+        warm(engine)
     waste, next_i, done = [], 0, {}
     bar = tqdm(total=len(specs), desc="specserve", unit="req", leave=False)
     start = time.perf_counter()
@@ -129,28 +139,40 @@ class _FirstTokenTimer:
         pass
 
 
-def run_hf(
-    specs: list[PromptSpec],
-    model: str | None,
-    dtype: str,
-    max_tokens: int,
-    temperature: float = 0.0,
-    seed: int | None = None,
-    device: str = "cpu",
-) -> BenchResult:
-    from transformers import AutoModelForCausalLM
+@dataclass
+class HFBaseline:
+    """transformers `generate`, loaded once, run one prompt at a time."""
 
-    folder = resolve_model(model)
-    tokenizer = load_tokenizer(folder)
-    vocab = load_arch(folder).vocab_size
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype]).to(device).eval()
-    eos = sorted(eos_token_ids(folder, tokenizer))
-    result = BenchResult()
-    with torch.inference_mode():  # warm-up
-        hf.generate(torch.tensor([[eos[0]] * 4], device=device), max_new_tokens=2, pad_token_id=eos[0])
-    start = time.perf_counter()
-    for spec in tqdm(specs, desc="hf", unit="req", leave=False):
-        ids = encode_prompt(tokenizer, vocab, spec.prompt, spec.messages)
+    model: Any
+    tokenizer: Any
+    vocab_size: int
+    eos: list[int]
+    device: str
+
+    @classmethod
+    def load(cls, model: str | None, dtype: str, device: str = "cpu") -> HFBaseline:
+        from transformers import AutoModelForCausalLM
+
+        folder = resolve_model(model)
+        tokenizer = load_tokenizer(folder)
+        hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype]).to(device).eval()
+        eos = sorted(eos_token_ids(folder, tokenizer))
+        with torch.inference_mode():  # warm-up
+            hf.generate(torch.tensor([[eos[0]] * 4], device=device), max_new_tokens=2, pad_token_id=eos[0])
+        return cls(hf, tokenizer, load_arch(folder).vocab_size, eos, device)
+
+    def run(
+        self, specs: list[PromptSpec], max_tokens: int, temperature: float = 0.0, seed: int | None = None
+    ) -> BenchResult:
+        result = BenchResult()
+        start = time.perf_counter()
+        for spec in tqdm(specs, desc="hf", unit="req", leave=False):
+            result.requests.append(self._one(spec, max_tokens, temperature, seed))
+        result.wall_s = time.perf_counter() - start
+        return result
+
+    def _one(self, spec: PromptSpec, max_tokens: int, temperature: float, seed: int | None) -> dict:
+        ids = encode_prompt(self.tokenizer, self.vocab_size, spec.prompt, spec.messages)
         timer = _FirstTokenTimer()
         sample = (
             {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -161,31 +183,65 @@ def run_hf(
             torch.manual_seed(seed)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = hf.generate(
-                torch.tensor([ids], device=device),
+            out = self.model.generate(
+                torch.tensor([ids], device=self.device),
                 max_new_tokens=max_tokens,
-                eos_token_id=eos,
-                pad_token_id=eos[0],
+                eos_token_id=self.eos,
+                pad_token_id=self.eos[0],
                 streamer=timer,
                 **sample,
             )
         t1 = time.perf_counter()
         new = out[0, len(ids) :].tolist()
-        result.requests.append(
-            {
-                "id": spec.id,
-                "prompt_token_ids": ids,
-                "output_token_ids": new,
-                "text": tokenizer.decode(new, skip_special_tokens=True),
-                "ttft_s": (timer.first or t1) - t0,
-                "latency_s": t1 - t0,
-                "mean_itl_s": (t1 - (timer.first or t1)) / max(len(new) - 1, 1),
-                "drafted": 0,
-                "accepted": 0,
+        return {
+            "id": spec.id,
+            "prompt_token_ids": ids,
+            "output_token_ids": new,
+            "text": self.tokenizer.decode(new, skip_special_tokens=True),
+            "ttft_s": (timer.first or t1) - t0,
+            "latency_s": t1 - t0,
+            "mean_itl_s": (t1 - (timer.first or t1)) / max(len(new) - 1, 1),
+            "drafted": 0,
+            "accepted": 0,
+        }
+
+
+def run_hf(
+    specs: list[PromptSpec],
+    model: str | None,
+    dtype: str,
+    max_tokens: int,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    device: str = "cpu",
+) -> BenchResult:
+    return HFBaseline.load(model, dtype, device).run(specs, max_tokens, temperature, seed)
+
+
+def run_alternating(runners: dict[str, Callable[[list[PromptSpec]], BenchResult]], specs: list[PromptSpec]):
+    """Every prompt through every runner in turn, one prompt at a time. On a shared machine whose speed
+    drifts by tens of percent over minutes, runners compared this way share the drift; run one after the
+    other, they would not. Specserve runners must keep their spec counters across calls (warm_up=False)."""
+    merged = {name: BenchResult() for name in runners}
+    waste: dict[str, list[dict]] = {name: [] for name in runners}
+    for spec in specs:
+        for name, run in runners.items():
+            r, m = run([spec]), merged[name]
+            m.requests += r.requests
+            m.wall_s += r.wall_s
+            m.spec = r.spec
+            waste[name].append(r.extra)
+    for name, m in merged.items():
+        extras = [e for e in waste[name] if e]
+        if extras:
+            m.extra = {
+                "kv_waste_slots_per_seq_mean": round(
+                    sum(e["kv_waste_slots_per_seq_mean"] for e in extras) / len(extras), 2
+                ),
+                "kv_waste_slots_per_seq_max": max(e["kv_waste_slots_per_seq_max"] for e in extras),
+                "block_size": extras[0]["block_size"],
             }
-        )
-    result.wall_s = time.perf_counter() - start
-    return result
+    return merged
 
 
 def standard_prompt_sets(

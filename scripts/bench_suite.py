@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/bench_suite.py [--humaneval-limit 10] [--max-tokens 128] [--out results/suite.json]
 
-- batch 1, HumanEval chat prompts: specserve plain vs transformers `generate`, and n-gram vs plain;
+- batch 1, HumanEval chat prompts: specserve plain vs transformers `generate`, and n-gram vs plain, the
+  three alternating prompt by prompt (the machine's drifting speed then hits all three alike);
 - 16 ShareGPT single-turn prompts: specserve with 16 in flight vs `generate` one at a time, and n-gram vs
   plain at batch 1 (the prompt set where lookup has least to copy);
 - KV waste (allocated minus used slots per live sequence) from the same runs.
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from engine.bench import print_report, run_hf, run_specserve, standard_prompt_sets
+from engine.bench import HFBaseline, print_report, run_alternating, run_specserve, standard_prompt_sets, warm
 from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,14 +43,20 @@ def main() -> None:
     ngram = EngineConfig(speculator="ngram", num_speculative_tokens=args.k)
     runs = {}
     t0 = time.time()
-    # Every specserve run gets a fresh engine, so no run profits from another's prefix cache.
-    runs["humaneval_hf_b1"] = run_hf(humaneval, None, "float32", n)
-    runs["humaneval_plain_b1"] = run_specserve(humaneval, plain, n, 1)
-    runs["humaneval_ngram_b1"] = run_specserve(humaneval, ngram, n, 1)
-    runs["sharegpt_hf_b1"] = run_hf(sharegpt, None, "float32", n)
+    # Every specserve comparison gets fresh engines, so no run profits from another's prefix cache.
+    hf = HFBaseline.load(None, "float32")
+
+    def alternating(prefix: str, specs: list, with_hf: bool) -> dict:
+        engines = {"plain": warm(LLMEngine(plain)), "ngram": warm(LLMEngine(ngram))}
+        runners = {f"{prefix}_hf_b1": lambda s: hf.run(s, n)} if with_hf else {}
+        for name, e in engines.items():
+            runners[f"{prefix}_{name}_b1"] = lambda s, e=e: run_specserve(s, e.config, n, 1, engine=e, warm_up=False)
+        return run_alternating(runners, specs)
+
+    runs.update(alternating("humaneval", humaneval, with_hf=True))
+    runs["sharegpt_hf_b1"] = hf.run(sharegpt, n)
     runs["sharegpt_plain_c16"] = run_specserve(sharegpt, plain, n, 16)
-    runs["sharegpt_plain_b1"] = run_specserve(sharegpt, plain, n, 1)
-    runs["sharegpt_ngram_b1"] = run_specserve(sharegpt, ngram, n, 1)
+    runs.update(alternating("sharegpt", sharegpt, with_hf=False))
     summaries = {k: v.to_json({})["summary"] for k, v in runs.items()}
     report = {
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},

@@ -68,3 +68,15 @@ def make_engine():
         return engine
 
     return make
+
+
+@pytest.fixture(scope="module")
+def local_ray(request):
+    """A private Ray instance for one test module (never a stray cluster), with the module's RAY_CPUS CPUs."""
+    import ray
+
+    ray.init(
+        address="local", num_cpus=getattr(request.module, "RAY_CPUS", 4), include_dashboard=False, log_to_driver=False
+    )
+    yield
+    ray.shutdown()

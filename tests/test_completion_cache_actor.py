@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import ray
 
 from deployments.completion_cache import CachedCompletion, make_key
 from deployments.completion_cache_actor import get_or_create_cache_actor
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+RAY_CPUS = 1
 
 
 def test_routers_share_one_cache_and_admission_counts_across_them(local_ray):

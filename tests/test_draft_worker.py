@@ -29,13 +29,7 @@ BASE = {"kv_cache_gib": 0.25, "draft_kv_cache_gib": 0.1, "max_model_len": 1024}
 DRAFT = EngineConfig(speculator="draft", draft_num_layers=30, **BASE)  # all of SmolLM2-135M's 30 layers
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS)
 LOAD_S = 240.0  # bound on a draft actor (re)start, i.e. a model load, on a busy 2-core machine
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+RAY_CPUS = 3  # for the local_ray fixture
 
 
 @pytest.fixture(scope="module")

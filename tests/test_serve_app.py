@@ -24,8 +24,7 @@ APP_ARGS = {
 
 
 @pytest.fixture(scope="module")
-def base_url():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+def base_url(local_ray):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(APP_ARGS), name="specserve", route_prefix="/", blocking=False)
@@ -33,7 +32,6 @@ def base_url():
     wait_until_ok(f"{url}/health", 300)
     yield url
     serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

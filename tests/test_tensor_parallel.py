@@ -65,11 +65,7 @@ def test_uneven_kv_heads_give_every_rank_the_same_block_count():
 # ---- real model, real Ray -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+RAY_CPUS = 4
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +74,7 @@ def engine_tp1() -> LLMEngine:
 
 
 @pytest.fixture(scope="module")
-def sharded(ray_cluster):
+def sharded(local_ray):
     runner = ShardedRunner.from_config(CONFIG, tensor_parallel_size=2, cpus_per_shard=1)
     yield runner
     runner.shutdown()
