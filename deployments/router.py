@@ -66,7 +66,8 @@ def model_version(config: AppConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-CACHE_HIT = {"x-specserve-replica": "completion-cache"}  # which replica answered: none, the cache did
+REPLICA_HEADER = "x-specserve-replica"  # which replica answered
+CACHE_HIT = {REPLICA_HEADER: "completion-cache"}  # none: the completion cache did
 
 
 def _error(e: ProtocolError) -> JSONResponse:
@@ -205,7 +206,7 @@ class Router:
                 type="invalid_request_error" if first["status"] < 500 else "server_error",
             )
         prompt_tokens = first["prompt_tokens"]
-        served_by = {"x-specserve-replica": first.get("replica", "")}
+        served_by = {REPLICA_HEADER: first.get("replica", "")}
         if req.stream:
             return StreamingResponse(
                 self._sse(stream, req, rid, chat, prompt_tokens, key), media_type="text/event-stream", headers=served_by

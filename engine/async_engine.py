@@ -4,11 +4,10 @@ Why a thread: a step is milliseconds to seconds of blocking torch work, and the 
 and Ray calls must stay responsive meanwhile (torch releases the GIL inside its kernels). Every engine call
 happens on that one thread, so the engine itself needs no locks. A server should also *build* its engine on
 that thread (pass a factory): OpenMP keeps a thread team per OS thread that ran torch work, and once a second
-thread has one the teams contend for the cores; on a 2-core machine every matmul of the engine thread then
-ran about 1.5x slower. A step that raises (a shard actor died, say)
-runs the repair hook; when it repairs the fault, the requests in flight are recomputed from their tokens so
-far and their streams go on unchanged. Otherwise (or when repairs keep failing) they end with EngineStepError
-instead of hanging, and the loop keeps serving new requests.
+thread has one the teams contend for the cores (`scripts/profile_decode.py` measures the cost). A step that
+raises (a shard actor died, say) runs the repair hook; when it repairs the fault, the requests in flight are
+recomputed from their tokens so far and their streams go on unchanged. Otherwise (or when repairs keep
+failing) they end with EngineStepError instead of hanging, and the loop keeps serving new requests.
 """
 
 from __future__ import annotations
