@@ -37,7 +37,8 @@ class ShardSpec:
     kv_cache_bytes: int = 1 << 30
     max_model_len: int = 2048
     num_layers: int | None = None
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"
+    cpu_kernels: bool = True
 
 
 @ray.remote
@@ -88,6 +89,7 @@ class ShardWorker:
             tp=tp,
             num_layers=spec.num_layers,
             attention_backend=spec.attention_backend,
+            cpu_kernels=spec.cpu_kernels,
         )
         return self.runner.num_blocks
 

@@ -89,6 +89,7 @@ class ShardedRunner:
             kv_cache_bytes=int(config.kv_cache_gib * (1 << 30)),
             max_model_len=min(config.max_model_len or arch.max_model_len, arch.max_model_len),
             attention_backend=config.attention_backend,
+            cpu_kernels=config.cpu_kernels,
         )
         return cls(spec, tensor_parallel_size, **kwargs)
 

@@ -13,7 +13,12 @@ class EngineConfig(BaseModel):
     model: str | None = Field(default=None, description="HF folder or .gguf; None = SmolLM2-135M-Instruct")
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "cpu"
-    attention_backend: Literal["torch"] = "torch"
+    attention_backend: Literal["auto", "torch", "cpu"] = Field(
+        default="auto", description='paged attention: the C++ CPU kernel ("cpu"), PyTorch ("torch"), or auto'
+    )
+    cpu_kernels: bool = Field(
+        default=True, description="on CPU, build and use the C++ kernels (in-place paged attention, small matmuls)"
+    )
     block_size: int = Field(default=16, ge=1, le=1024)
     kv_cache_gib: float = Field(default=1.0, gt=0)
     enable_prefix_caching: bool = True

@@ -42,4 +42,5 @@ def build_draft_runner(
         max_model_len=max_model_len,
         num_layers=config.draft_num_layers,
         attention_backend=config.attention_backend,
+        cpu_kernels=config.cpu_kernels,
     )

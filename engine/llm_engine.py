@@ -111,6 +111,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             num_layers=num_layers,
             attention_backend=cfg.attention_backend,
+            cpu_kernels=cfg.cpu_kernels,
         )
 
     def _make_proposer(self) -> Proposer | None:

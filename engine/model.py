@@ -122,6 +122,12 @@ class CausalLM(nn.Module):
         out = self.lm_head.logits(hidden).float()
         return out / self.arch.logits_scaling if self.arch.logits_scaling != 1.0 else out
 
+    def use_small_matmul(self, small_matmul) -> None:
+        """Route the linear layers' few-row matmuls (decode, verification) through `small_matmul`."""
+        for module in self.modules():
+            if hasattr(module, "small_matmul"):
+                module.small_matmul = small_matmul
+
     def load(self, folder: Path, max_len: int) -> None:
         """Load this rank's slices of the checkpoint; layers beyond num_layers are skipped (truncated drafts)."""
         cos, sin = rope_cos_sin(folder, max_len)

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.cpu_kernels import load_kernels
 from engine.loader import ModelArch
 from engine.model import CausalLM
 from engine.parallel import ParallelContext
-from kv_cache.attention import make_backend
+from kv_cache.attention import make_backend, padded_tables
 from kv_cache.kv_pool import KVPool
 
 
@@ -38,7 +39,8 @@ class ModelRunner:
         max_model_len: int,
         tp: ParallelContext | None = None,
         num_layers: int | None = None,
-        attention_backend: str = "torch",
+        attention_backend: str = "auto",
+        cpu_kernels: bool = True,
     ):
         self.tp = tp or ParallelContext()
         self.device, self.dtype, self.block_size = device, dtype, block_size
@@ -53,7 +55,12 @@ class ModelRunner:
         if num_blocks < 2:
             raise ValueError(f"kv cache budget of {kv_cache_bytes} bytes holds fewer than 2 blocks")
         self.pool = KVPool(n_layers, num_blocks, block_size, layer.num_kv_heads, arch.head_dim, dtype, device)
-        self.backend = make_backend(attention_backend, block_size, device)
+        kernels = None
+        if device.type == "cpu" and cpu_kernels:
+            kernels = load_kernels(required=attention_backend == "cpu")
+        self.backend = make_backend(attention_backend, block_size, device, kernels)
+        if kernels is not None and dtype == torch.float32:
+            self.model.use_small_matmul(kernels.small_matmul)
 
     @property
     def num_blocks(self) -> int:
@@ -68,10 +75,7 @@ class ModelRunner:
         positions = np.concatenate([np.arange(it.start, it.start + n) for it, n in zip(items, q_lens)])
         tables = [it.block_table for it in items]
         seq_index = np.repeat(np.arange(len(items)), q_lens)
-        flat = np.zeros((len(items), max(-(-n // bs) for n in seq_lens)), dtype=np.int64)
-        for i, t in enumerate(tables):
-            n = min(len(t), flat.shape[1])
-            flat[i, :n] = t[:n]
+        flat = padded_tables(tables, max(-(-n // bs) for n in seq_lens))
         slots = flat[seq_index, positions // bs] * bs + positions % bs
         meta = self.backend.prepare(q_lens, seq_lens, tables, slots)
         ends = np.cumsum(q_lens)

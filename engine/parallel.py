@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.cpu_kernels import SMALL_MATMUL_MAX_ROWS
+
 
 @dataclass(frozen=True)
 class ParallelContext:
@@ -78,7 +80,11 @@ def cpu_packed(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, bias=None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, bias=None, small=None) -> torch.Tensor:
+    """x W^T (+ bias): a few rows through `small` (the C++ small-batch matmul) when set, more through oneDNN's
+    prepacked GEMM when available, else F.linear."""
+    if small is not None and x.shape[0] <= SMALL_MATMUL_MAX_ROWS:
+        return small(x, weight, bias)
     if packed is None:
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
@@ -113,6 +119,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None
+        self.small_matmul = None  # set by CausalLM.use_small_matmul
 
     def load_part(self, index: int, tensor, param: str = "weight") -> None:
         """Copy this rank's rows of fused part `index` (a weight or a bias) from the full checkpoint tensor."""
@@ -124,7 +131,7 @@ class ColumnParallelLinear(nn.Module):
         self.packed = cpu_packed(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed, self.bias)
+        return linear(x, self.weight, self.packed, self.bias, self.small_matmul)
 
 
 class RowParallelLinear(nn.Module):
@@ -139,6 +146,7 @@ class RowParallelLinear(nn.Module):
         self.in_start, self.local_in = tp.span(in_features, unit)
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
         self.packed: torch.Tensor | None = None
+        self.small_matmul = None  # set by CausalLM.use_small_matmul
 
     def finalize(self) -> None:
         self.packed = cpu_packed(self.weight)
@@ -147,7 +155,7 @@ class RowParallelLinear(nn.Module):
         self.weight.copy_(weight[:, self.in_start : self.in_start + self.local_in])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(linear(x, self.weight, self.packed))
+        return self.tp.all_reduce(linear(x, self.weight, self.packed, small=self.small_matmul))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -161,6 +169,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.weight = nn.Parameter(torch.zeros(self.local_vocab, hidden), requires_grad=False)
         self.packed: torch.Tensor | None = None
+        self.small_matmul = None  # set by CausalLM.use_small_matmul
 
     def finalize(self) -> None:
         self.packed = cpu_packed(self.weight)
@@ -178,4 +187,5 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather_last(linear(hidden, self.weight, self.packed))[..., : self.vocab_size]
+        out = linear(hidden, self.weight, self.packed, small=self.small_matmul)
+        return self.tp.all_gather_last(out)[..., : self.vocab_size]

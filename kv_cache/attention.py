@@ -27,7 +27,8 @@ class AttnGroup:
     kind "prompt": whole prompts (no cached context) attend causally to their own new K/V;
     kind "chunk": one long prefill chunk after `context_len` cached tokens (context and new part separately,
     merged by log-sum-exp, so neither the context nor a mask is materialised for the new part);
-    kind "paged": the rest (decodes, speculative verification, short chunks) gather their pages and use a mask.
+    kind "paged": the rest (decodes, speculative verification, short chunks) gather their pages and use a mask;
+    kind "inplace": the same rows, any mix of lengths, for a kernel that reads pages in place (`CpuPagedAttention`).
     """
 
     kind: str
@@ -35,9 +36,11 @@ class AttnGroup:
     num_seqs: int
     query_len: int
     max_blocks: int = 0
-    block_tables: torch.Tensor | None = None  # [n * max_blocks] int64, padded with the null block 0
+    block_tables: torch.Tensor | None = None  # [n * max_blocks] ("inplace": [n, max_blocks]) int64, 0-padded
     mask: torch.Tensor | None = None  # "paged": [n, 1, q_len, max_blocks * block_size] bool, True = visible
     context_len: int = 0  # "chunk": cached tokens before the chunk
+    row_seq: torch.Tensor | None = None  # "inplace": [rows] int64, the group's sequence of each query row
+    row_keys: torch.Tensor | None = None  # "inplace": [rows] int64, keys visible to each query row
 
 
 @dataclass
@@ -86,16 +89,16 @@ class TorchPagedAttention:
                 key: tuple = ("prompt", n)
             elif split and n >= self.split_chunk_min:
                 key = ("chunk", i)
-            else:  # bucketed by the power of two of the block count, so short contexts are not padded to long
-                key = ("paged", n, (-(-length // self.block_size) - 1).bit_length())
+            else:
+                key = self._paged_key(n, length)
             by_key.setdefault(key, []).append(i)
         groups = []
         for key, members in by_key.items():
             q_len = query_lens[members[0]]
             rows = None
             if len(by_key) > 1:
-                rows = torch.from_numpy((starts[members][:, None] + np.arange(q_len)[None, :]).reshape(-1))
-                rows = rows.to(self.device)
+                rows = np.concatenate([np.arange(starts[i], starts[i] + query_lens[i]) for i in members])
+                rows = torch.from_numpy(rows).to(self.device)
             lens, tables = [seq_lens[i] for i in members], [block_tables[i] for i in members]
             if key[0] == "prompt":
                 groups.append(AttnGroup("prompt", rows, len(members), q_len))
@@ -104,17 +107,19 @@ class TorchPagedAttention:
                 table = torch.tensor(tables[0][: -(-context // self.block_size)], dtype=torch.int64)
                 groups.append(AttnGroup("chunk", rows, 1, q_len, len(table), table.to(self.device), None, context))
             else:
-                groups.append(self._group(q_len, lens, tables, rows))
+                groups.append(self._group([query_lens[i] for i in members], lens, tables, rows))
         slot_mapping = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(self.device)
         return AttnMetadata(slot_mapping, groups)
 
-    def _group(self, q_len: int, seq_lens: list[int], tables: list[list[int]], rows) -> AttnGroup:
-        bs = self.block_size
-        max_blocks = max(-(-n // bs) for n in seq_lens)
-        table = np.zeros((len(tables), max_blocks), dtype=np.int64)
-        for i, row in enumerate(tables):
-            n = min(len(row), max_blocks)
-            table[i, :n] = row[:n]
+    def _paged_key(self, query_len: int, seq_len: int) -> tuple:
+        """Sequences attended together: same query length and the same power of two of context blocks, so a
+        short context is not padded to a long one."""
+        return ("paged", query_len, (-(-seq_len // self.block_size) - 1).bit_length())
+
+    def _group(self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], rows) -> AttnGroup:
+        q_len = query_lens[0]
+        table = padded_tables(tables, max(-(-n // self.block_size) for n in seq_lens))
+        max_blocks, bs = table.shape[1], self.block_size
         # Query j of a sequence with L keys sits at position L - q_len + j and sees keys up to it.
         q_pos = np.asarray(seq_lens)[:, None] - q_len + np.arange(q_len)[None, :]
         mask = np.arange(max_blocks * bs)[None, None, :] <= q_pos[:, :, None]
@@ -205,7 +210,24 @@ class TorchPagedAttention:
         return out.transpose(1, 2).reshape(b * mq, hq, d)
 
 
-def make_backend(name: str, block_size: int, device: torch.device) -> AttentionBackend:
-    if name == "torch":
+def padded_tables(tables: list[list[int]], width: int) -> np.ndarray:
+    """Block tables as one [n, width] int64 array, cut or padded with the null block 0."""
+    out = np.zeros((len(tables), width), dtype=np.int64)
+    for i, row in enumerate(tables):
+        n = min(len(row), width)
+        out[i, :n] = row[:n]
+    return out
+
+
+def make_backend(name: str, block_size: int, device: torch.device, kernels=None) -> AttentionBackend:
+    """ "torch" anywhere; "cpu" the in-place C++ kernel (`kernels`: the built module of `engine.cpu_kernels`);
+    "auto" the kernel on CPU when it is available, else PyTorch."""
+    if name == "torch" or (name == "auto" and (device.type != "cpu" or kernels is None)):
         return TorchPagedAttention(block_size, device)
-    raise ValueError(f"unknown attention backend '{name}' (available: torch)")
+    if name in ("cpu", "auto"):
+        from kv_cache.cpu_attention import CpuPagedAttention
+
+        if kernels is None:
+            raise ValueError("attention backend 'cpu' needs the built CPU kernels")
+        return CpuPagedAttention(block_size, device, kernels)
+    raise ValueError(f"unknown attention backend '{name}' (available: auto, torch, cpu)")

@@ -6,7 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from kv_cache.attention import TorchPagedAttention
+from engine.cpu_kernels import load_kernels
+from kv_cache.attention import TorchPagedAttention, make_backend
+from kv_cache.cpu_attention import CpuPagedAttention
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return load_kernels()
+
+
+def backend_of(name: str, block_size: int, kernel) -> TorchPagedAttention:
+    if name == "torch":
+        return TorchPagedAttention(block_size, torch.device("cpu"))
+    return CpuPagedAttention(block_size, torch.device("cpu"), kernel)
 
 
 def dense_reference(q, k, v, scale, n_ctx):
@@ -20,12 +33,14 @@ def dense_reference(q, k, v, scale, n_ctx):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double()).float()
 
 
+@pytest.mark.parametrize("name", ["torch", "cpu"])
 @pytest.mark.parametrize("split_chunk_min", [64, 2])
-def test_paged_attention_matches_dense_reference(split_chunk_min):
-    """With the default threshold short chunks take the masked path; with 2 they take the split (LSE) path."""
+def test_paged_attention_matches_dense_reference(split_chunk_min, name, kernel):
+    """With the default threshold short chunks take the masked (torch) or in-place (cpu kernel) path; with 2
+    they take the split (LSE) path."""
     torch.manual_seed(0)
     bs, hq, hkv, d, nb = 4, 6, 2, 8, 40
-    backend = TorchPagedAttention(bs, torch.device("cpu"))
+    backend = backend_of(name, bs, kernel)
     backend.split_chunk_min = split_chunk_min
     k_cache = torch.zeros(nb, bs, hkv, d)
     v_cache = torch.zeros(nb, bs, hkv, d)
@@ -50,9 +65,14 @@ def test_paged_attention_matches_dense_reference(split_chunk_min):
     v_new = torch.cat([s[4][s[0] :] for s in seqs])
     out = backend.forward(q, k_new, v_new, k_cache, v_cache, meta, scale=d**-0.5)
     chunk = "paged" if split_chunk_min > 4 else "chunk"
-    assert sorted((g.kind, g.num_seqs, g.query_len) for g in meta.groups) == sorted(
-        [("paged", 1, 1), ("paged", 1, 1), (chunk, 1, 3), (chunk, 1, 4), ("prompt", 2, 7)]
-    )
+    expected = [("paged", 1, 1), ("paged", 1, 1), (chunk, 1, 3), (chunk, 1, 4), ("prompt", 2, 7)]
+    if name == "cpu":  # every non-prompt, non-split row in one kernel call
+        expected = (
+            [("inplace", 4, 4), ("prompt", 2, 7)]
+            if chunk == "paged"
+            else [("inplace", 2, 1), ("chunk", 1, 3), ("chunk", 1, 4), ("prompt", 2, 7)]
+        )
+    assert sorted((g.kind, g.num_seqs, g.query_len) for g in meta.groups) == sorted(expected)
     start = 0
     for n_ctx, n_new, _, k_all, v_all, qs in seqs:
         ref = dense_reference(qs, k_all, v_all, d**-0.5, n_ctx)
@@ -62,10 +82,11 @@ def test_paged_attention_matches_dense_reference(split_chunk_min):
     torch.testing.assert_close(k_cache.view(-1, hkv, d)[torch.from_numpy(slots)], k_new)
 
 
-def test_uniform_batch_fast_path_matches():
+@pytest.mark.parametrize("name", ["torch", "cpu"])
+def test_uniform_batch_fast_path_matches(name, kernel):
     torch.manual_seed(1)
     bs, h, d = 2, 2, 4
-    backend = TorchPagedAttention(bs, torch.device("cpu"))
+    backend = backend_of(name, bs, kernel)
     kc, vc = torch.zeros(8, bs, h, d), torch.zeros(8, bs, h, d)
     tables = [[3, 1], [2, 5]]
     slots = np.array([3 * bs + 0, 2 * bs + 0])
@@ -74,3 +95,38 @@ def test_uniform_batch_fast_path_matches():
     q, k, v = torch.randn(2, h, d), torch.randn(2, h, d), torch.randn(2, h, d)
     out = backend.forward(q, k, v, kc, vc, meta, scale=0.5)
     torch.testing.assert_close(out, v)  # a single visible key: attention returns its value
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_long_contexts_and_dtypes(dtype, kernel):
+    """Verification rows over contexts of many blocks, in both model dtypes, against SDPA on gathered pages."""
+    torch.manual_seed(2)
+    bs, hq, hkv, d, nb = 16, 9, 3, 64, 300
+    k_cache, v_cache = torch.randn(nb, bs, hkv, d, dtype=dtype), torch.randn(nb, bs, hkv, d, dtype=dtype)
+    lens, n_new = [1000, 37, 2500], [5, 1, 3]
+    perm = torch.randperm(nb - 1) + 1
+    tables, at = [], 0
+    for n in lens:
+        tables.append(perm[at : at + -(-n // bs)].tolist())
+        at += len(tables[-1])
+    q = torch.randn(sum(n_new), hq, d, dtype=dtype)
+    new_kv = torch.zeros(sum(n_new), hkv, d, dtype=dtype)  # written to the null block: the pages stay as drawn
+    outs = []
+    for name in ("torch", "cpu"):
+        backend = backend_of(name, bs, kernel)
+        meta = backend.prepare(n_new, lens, tables, np.zeros(sum(n_new), dtype=np.int64))
+        outs.append(backend.forward(q, new_kv, new_kv, k_cache, v_cache, meta, scale=0.125))
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), **tol)
+
+
+def test_backend_choice(kernel):
+    cpu = torch.device("cpu")
+    assert isinstance(make_backend("cpu", 16, cpu, kernel), CpuPagedAttention)
+    assert isinstance(make_backend("auto", 16, cpu, kernel), CpuPagedAttention)
+    assert type(make_backend("auto", 16, cpu)) is TorchPagedAttention  # kernels unavailable: PyTorch
+    assert type(make_backend("torch", 16, cpu, kernel)) is TorchPagedAttention
+    with pytest.raises(ValueError, match="needs the built CPU kernels"):
+        make_backend("cpu", 16, cpu)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        make_backend("flash", 16, cpu, kernel)

@@ -1,0 +1,12 @@
+// Python bindings of the CPU kernels (one extension module, built by engine/cpu_kernels.py).
+#include <torch/extension.h>
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& tables, const at::Tensor& row_seq, const at::Tensor& row_keys,
+                           double scale);
+at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention, "paged attention over block tables, K/V read in place");
+  m.def("small_matmul", &small_matmul, "x W^T (+ bias) for at most 8 rows of x, float32");
+}
