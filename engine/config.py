@@ -28,7 +28,7 @@ class EngineConfig(BaseModel):
     speculator: Literal["none", "ngram", "draft"] = "none"
     num_speculative_tokens: int = Field(default=4, ge=1, le=32)
     adaptive_k: bool = Field(default=True, description="per-sequence backoff of k when acceptance is poor")
-    ngram_min: int = Field(default=2, ge=1)
+    ngram_min: int = Field(default=1, ge=1)
     ngram_max: int = Field(default=4, ge=1)
     draft_model: str | None = Field(default=None, description="draft folder or .gguf; None = the target's")
     draft_num_layers: int | None = Field(

@@ -18,7 +18,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / f for f in ("bindings.cpp", "paged_attention.cpp", "small_matmul.cpp")]
-SMALL_MATMUL_MAX_ROWS = 8  # kMaxRows in small_matmul.cpp; above it oneDNN's GEMM is the faster path
+SMALL_MATMUL_MAX_ROWS = 16  # kMaxRows in small_matmul.cpp; above it oneDNN's GEMM is as fast or faster
 _kernels: ModuleType | None = None
 
 

@@ -13,7 +13,7 @@ def kernel():
     return load_kernels()
 
 
-@pytest.mark.parametrize("rows", [1, 5, 8])
+@pytest.mark.parametrize("rows", [1, 5, 8, 11, 16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_matmul_matches_linear(rows, bias, kernel):
     """Odd shapes too: K not a multiple of the vector width, N not a multiple of the thread grain."""

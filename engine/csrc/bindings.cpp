@@ -8,5 +8,5 @@ at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& weight, const c10
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over block tables, K/V read in place");
-  m.def("small_matmul", &small_matmul, "x W^T (+ bias) for at most 8 rows of x, float32");
+  m.def("small_matmul", &small_matmul, "x W^T (+ bias) for at most 16 rows of x, float32");
 }

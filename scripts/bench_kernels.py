@@ -1,0 +1,113 @@
+"""The CPU kernels against the PyTorch paths they replace, side by side; prints one JSON object.
+
+    .venv/bin/python scripts/bench_kernels.py [--rows 1 2 5 8 16 24 32] [--contexts 300 1000 3000]
+
+- matmul: every linear layer of the default model's shape (30 layers and the LM head, float32, fresh random
+  weights, so they are read from memory as in decoding) on `rows` rows: the C++ small matmul vs oneDNN's
+  prepacked GEMM that the engine uses for larger batches. Where the kernel stops winning sets
+  SMALL_MATMUL_MAX_ROWS.
+- attention: one decode row against a `context`-token sequence in each of 30 layers' pages: the in-place kernel
+  vs gathering the pages and SDPA (TorchPagedAttention).
+The two sides alternate repeat by repeat; the figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from engine.bench import print_report
+from engine.cpu_kernels import load_kernels
+from kv_cache.attention import TorchPagedAttention
+from kv_cache.cpu_attention import CpuPagedAttention
+
+HIDDEN, INTERMEDIATE, QKV, LAYERS, VOCAB = 576, 1536, 960, 30, 49152  # SmolLM2-135M
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
+
+
+def side_by_side(runs: dict, repeats: int) -> dict:
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_matmul(kernels, rows: list[int], repeats: int) -> list[dict]:
+    shapes = [(QKV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)] * LAYERS
+    weights = [torch.randn(n, k) for n, k in shapes + [(VOCAB, HIDDEN)]]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in weights]
+    gb = sum(w.numel() * 4 for w in weights) / 1e9
+    out = []
+    for m in rows:
+        x = {k: torch.randn(m, k) for k in (HIDDEN, INTERMEDIATE)}
+
+        def onednn(x=x):
+            for w, p in zip(weights, packed):
+                torch.ops.mkldnn._linear_pointwise(x[w.shape[1]], p, None, "none", [], "")
+
+        def kernel(x=x):
+            for w in weights:
+                kernels.small_matmul(x[w.shape[1]], w, None)
+
+        runs = {"onednn": onednn} | ({"kernel": kernel} if m <= 16 else {})
+        t = side_by_side(runs, repeats)
+        row = {"rows": m, "onednn_ms": round(t["onednn"] * 1e3, 2), "onednn_gb_per_s": round(gb / t["onednn"], 1)}
+        if "kernel" in t:
+            row |= {"kernel_ms": round(t["kernel"] * 1e3, 2), "kernel_gb_per_s": round(gb / t["kernel"], 1)}
+            row["speedup"] = round(t["onednn"] / t["kernel"], 3)
+        out.append(row)
+    return out
+
+
+def bench_attention(kernels, contexts: list[int], repeats: int) -> list[dict]:
+    num_blocks = -(-max(contexts) // BLOCK) + 2
+    pages = torch.randn(LAYERS, 2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    backends = {
+        "gather_sdpa": TorchPagedAttention(BLOCK, torch.device("cpu")),
+        "inplace_kernel": CpuPagedAttention(BLOCK, torch.device("cpu"), kernels),
+    }
+    q = torch.randn(1, HEADS, HEAD_DIM)
+    out = []
+    for n in contexts:
+        table = (torch.randperm(num_blocks - 1)[: -(-n // BLOCK)] + 1).tolist()
+        groups = {k: b.prepare([1], [n], [table], np.zeros(1, dtype=np.int64)).groups[0] for k, b in backends.items()}
+
+        def layers(name: str, groups: dict = groups) -> None:
+            for i in range(LAYERS):
+                backends[name]._attend(q, pages[i, 0], pages[i, 1], groups[name], HEAD_DIM**-0.5)
+
+        t = side_by_side({k: (lambda k=k: layers(k)) for k in backends}, repeats)
+        out.append(
+            {"context": n}
+            | {f"{k}_ms_per_step": round(v * 1e3, 2) for k, v in t.items()}
+            | {"speedup": round(t["gather_sdpa"] / t["inplace_kernel"], 3)}
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 5, 8, 16, 24, 32])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[300, 1000, 3000])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    kernels = load_kernels()
+    torch.set_grad_enabled(False)
+    report = {
+        "settings": vars(args) | {"threads": torch.get_num_threads()},
+        "matmul": bench_matmul(kernels, args.rows, args.repeats),
+        "attention": bench_attention(kernels, args.contexts, args.repeats),
+    }
+    print_report(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
