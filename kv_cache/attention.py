@@ -32,7 +32,7 @@ class AttnGroup:
     """
 
     kind: str
-    rows: torch.Tensor | None  # [n * q_len] rows of the flat batch, in order (None: the whole batch)
+    rows: torch.Tensor | None  # the group's rows of the flat batch, in order (None: the whole batch)
     num_seqs: int
     query_len: int
     max_blocks: int = 0
