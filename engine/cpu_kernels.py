@@ -3,7 +3,7 @@ matmul of decode and verification steps (`engine.parallel.linear`).
 
 They are compiled on first use with the local compiler (about a minute; `scripts/setup.sh` does it ahead) and
 cached by torch's extension builder under ~/.cache/torch_extensions. Without a compiler the engine runs the
-PyTorch paths, which give the same results more slowly.
+PyTorch paths, which give the same results (up to rounding) more slowly.
 """
 
 from __future__ import annotations

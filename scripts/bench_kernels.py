@@ -3,8 +3,9 @@
     .venv/bin/python scripts/bench_kernels.py [--rows 1 2 5 8 16 24 32] [--contexts 300 1000 3000]
 
 - matmul: every linear layer of the default model's shape (30 layers and the LM head, float32, fresh random
-  weights, so they are read from memory as in decoding) on `rows` rows: the C++ small matmul vs oneDNN's
-  prepacked GEMM that the engine uses for larger batches. Where the kernel stops winning sets
+  weights, so they are read from memory as in decoding) on `rows` rows, through each path of
+  `engine.parallel.linear`: F.linear, oneDNN's prepacked GEMM (used above SMALL_MATMUL_MAX_ROWS rows, and
+  everywhere without the kernels) and the C++ small matmul. Where the kernel stops winning sets
   SMALL_MATMUL_MAX_ROWS.
 - attention: one decode row against a `context`-token sequence in each of 30 layers' pages: the in-place kernel
   vs gathering the pages and SDPA (TorchPagedAttention).
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from engine.bench import print_report
-from engine.cpu_kernels import load_kernels
+from engine.cpu_kernels import SMALL_MATMUL_MAX_ROWS, load_kernels
+from engine.parallel import cpu_packed, linear
 from kv_cache.attention import TorchPagedAttention
 from kv_cache.cpu_attention import CpuPagedAttention
 
@@ -42,26 +44,28 @@ def side_by_side(runs: dict, repeats: int) -> dict:
 def bench_matmul(kernels, rows: list[int], repeats: int) -> list[dict]:
     shapes = [(QKV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)] * LAYERS
     weights = [torch.randn(n, k) for n, k in shapes + [(VOCAB, HIDDEN)]]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in weights]
+    packed = [cpu_packed(w) for w in weights]
     gb = sum(w.numel() * 4 for w in weights) / 1e9
+    # the three paths of engine.parallel.linear: F.linear, oneDNN's prepacked GEMM, the C++ small matmul
+    paths = {"f_linear": lambda w, p: (None, None), "onednn": lambda w, p: (p, None)}
+    paths["kernel"] = lambda w, p: (None, kernels.small_matmul)
     out = []
     for m in rows:
         x = {k: torch.randn(m, k) for k in (HIDDEN, INTERMEDIATE)}
 
-        def onednn(x=x):
+        def run(path: str, x: dict = x) -> None:
             for w, p in zip(weights, packed):
-                torch.ops.mkldnn._linear_pointwise(x[w.shape[1]], p, None, "none", [], "")
+                packed_w, small = paths[path](w, p)
+                linear(x[w.shape[1]], w, packed_w, small=small)
 
-        def kernel(x=x):
-            for w in weights:
-                kernels.small_matmul(x[w.shape[1]], w, None)
-
-        runs = {"onednn": onednn} | ({"kernel": kernel} if m <= 16 else {})
-        t = side_by_side(runs, repeats)
-        row = {"rows": m, "onednn_ms": round(t["onednn"] * 1e3, 2), "onednn_gb_per_s": round(gb / t["onednn"], 1)}
+        names = [n for n in paths if n != "kernel" or m <= SMALL_MATMUL_MAX_ROWS]
+        t = side_by_side({n: (lambda n=n: run(n)) for n in names}, repeats)
+        row: dict = {"rows": m}
+        for n, sec in t.items():
+            row |= {f"{n}_ms": round(sec * 1e3, 2), f"{n}_gb_per_s": round(gb / sec, 1)}
+        row["onednn_vs_f_linear"] = round(t["f_linear"] / t["onednn"], 3)
         if "kernel" in t:
-            row |= {"kernel_ms": round(t["kernel"] * 1e3, 2), "kernel_gb_per_s": round(gb / t["kernel"], 1)}
-            row["speedup"] = round(t["onednn"] / t["kernel"], 3)
+            row["kernel_vs_onednn"] = round(t["onednn"] / t["kernel"], 3)
         out.append(row)
     return out
 

@@ -70,6 +70,14 @@ def make_engine():
     return make
 
 
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """The built C++ CPU kernels (built on first use, then loaded from torch's extension cache)."""
+    from engine.cpu_kernels import load_kernels
+
+    return load_kernels()
+
+
 @pytest.fixture(scope="module")
 def local_ray(request):
     """A private Ray instance for one test module (never a stray cluster), with the module's RAY_CPUS CPUs."""

@@ -6,20 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cpu_kernels import load_kernels
 from kv_cache.attention import TorchPagedAttention, make_backend
 from kv_cache.cpu_attention import CpuPagedAttention
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    return load_kernels()
-
-
-def backend_of(name: str, block_size: int, kernel) -> TorchPagedAttention:
+def backend_of(name: str, block_size: int, cpu_kernels) -> TorchPagedAttention:
     if name == "torch":
         return TorchPagedAttention(block_size, torch.device("cpu"))
-    return CpuPagedAttention(block_size, torch.device("cpu"), kernel)
+    return CpuPagedAttention(block_size, torch.device("cpu"), cpu_kernels)
 
 
 def dense_reference(q, k, v, scale, n_ctx):
@@ -35,12 +29,12 @@ def dense_reference(q, k, v, scale, n_ctx):
 
 @pytest.mark.parametrize("name", ["torch", "cpu"])
 @pytest.mark.parametrize("split_chunk_min", [64, 2])
-def test_paged_attention_matches_dense_reference(split_chunk_min, name, kernel):
+def test_paged_attention_matches_dense_reference(split_chunk_min, name, cpu_kernels):
     """With the default threshold short chunks take the masked (torch) or in-place (cpu kernel) path; with 2
     they take the split (LSE) path."""
     torch.manual_seed(0)
     bs, hq, hkv, d, nb = 4, 6, 2, 8, 40
-    backend = backend_of(name, bs, kernel)
+    backend = backend_of(name, bs, cpu_kernels)
     backend.split_chunk_min = split_chunk_min
     k_cache = torch.zeros(nb, bs, hkv, d)
     v_cache = torch.zeros(nb, bs, hkv, d)
@@ -83,10 +77,10 @@ def test_paged_attention_matches_dense_reference(split_chunk_min, name, kernel):
 
 
 @pytest.mark.parametrize("name", ["torch", "cpu"])
-def test_uniform_batch_fast_path_matches(name, kernel):
+def test_uniform_batch_fast_path_matches(name, cpu_kernels):
     torch.manual_seed(1)
     bs, h, d = 2, 2, 4
-    backend = backend_of(name, bs, kernel)
+    backend = backend_of(name, bs, cpu_kernels)
     kc, vc = torch.zeros(8, bs, h, d), torch.zeros(8, bs, h, d)
     tables = [[3, 1], [2, 5]]
     slots = np.array([3 * bs + 0, 2 * bs + 0])
@@ -98,7 +92,7 @@ def test_uniform_batch_fast_path_matches(name, kernel):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernel_long_contexts_and_dtypes(dtype, kernel):
+def test_cpu_kernel_long_contexts_and_dtypes(dtype, cpu_kernels):
     """Verification rows over contexts of many blocks, in both model dtypes, against SDPA on gathered pages."""
     torch.manual_seed(2)
     bs, hq, hkv, d, nb = 16, 9, 3, 64, 300
@@ -113,20 +107,20 @@ def test_cpu_kernel_long_contexts_and_dtypes(dtype, kernel):
     new_kv = torch.zeros(sum(n_new), hkv, d, dtype=dtype)  # written to the null block: the pages stay as drawn
     outs = []
     for name in ("torch", "cpu"):
-        backend = backend_of(name, bs, kernel)
+        backend = backend_of(name, bs, cpu_kernels)
         meta = backend.prepare(n_new, lens, tables, np.zeros(sum(n_new), dtype=np.int64))
         outs.append(backend.forward(q, new_kv, new_kv, k_cache, v_cache, meta, scale=0.125))
     tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     torch.testing.assert_close(outs[1].float(), outs[0].float(), **tol)
 
 
-def test_backend_choice(kernel):
+def test_backend_choice(cpu_kernels):
     cpu = torch.device("cpu")
-    assert isinstance(make_backend("cpu", 16, cpu, kernel), CpuPagedAttention)
-    assert isinstance(make_backend("auto", 16, cpu, kernel), CpuPagedAttention)
+    assert isinstance(make_backend("cpu", 16, cpu, cpu_kernels), CpuPagedAttention)
+    assert isinstance(make_backend("auto", 16, cpu, cpu_kernels), CpuPagedAttention)
     assert type(make_backend("auto", 16, cpu)) is TorchPagedAttention  # kernels unavailable: PyTorch
-    assert type(make_backend("torch", 16, cpu, kernel)) is TorchPagedAttention
+    assert type(make_backend("torch", 16, cpu, cpu_kernels)) is TorchPagedAttention
     with pytest.raises(ValueError, match="needs the built CPU kernels"):
         make_backend("cpu", 16, cpu)
     with pytest.raises(ValueError, match="unknown attention backend"):
-        make_backend("flash", 16, cpu, kernel)
+        make_backend("flash", 16, cpu, cpu_kernels)

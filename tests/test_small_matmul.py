@@ -5,26 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.cpu_kernels import SMALL_MATMUL_MAX_ROWS, load_kernels
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    return load_kernels()
+from engine.cpu_kernels import SMALL_MATMUL_MAX_ROWS
 
 
 @pytest.mark.parametrize("rows", [1, 5, 8, 11, 16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_small_matmul_matches_linear(rows, bias, kernel):
+def test_small_matmul_matches_linear(rows, bias, cpu_kernels):
     """Odd shapes too: K not a multiple of the vector width, N not a multiple of the thread grain."""
     torch.manual_seed(rows)
     for n, k in [(960, 576), (37, 13), (1, 8)]:
         x, w = torch.randn(rows, k), torch.randn(n, k)
         b = torch.randn(n) if bias else None
-        out = kernel.small_matmul(x, w, b)
+        out = cpu_kernels.small_matmul(x, w, b)
         torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4)
     with pytest.raises(RuntimeError, match=f"at most {SMALL_MATMUL_MAX_ROWS} rows"):
-        kernel.small_matmul(torch.randn(SMALL_MATMUL_MAX_ROWS + 1, 8), torch.randn(4, 8), None)
+        cpu_kernels.small_matmul(torch.randn(SMALL_MATMUL_MAX_ROWS + 1, 8), torch.randn(4, 8), None)
 
 
 def test_engine_routes_decode_matmuls_through_the_kernel(make_engine):
