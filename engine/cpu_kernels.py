@@ -1,5 +1,6 @@
-"""The C++ CPU kernels: paged attention reading K/V in place (`kv_cache.cpu_attention`) and the small-batch
-matmul of decode and verification steps (`engine.parallel.linear`).
+"""The C++ CPU kernels: paged attention reading K/V in place (`kv_cache.cpu_attention`), the small-batch
+matmul of decode and verification steps (`engine.parallel.linear`) and the decoder layer's fused element-wise
+ops (RMSNorm with the residual add, RoPE, the MLP's silu * up; `engine.model`).
 
 They are compiled on first use with the local compiler (about a minute; `scripts/setup.sh` does it ahead) and
 cached by torch's extension builder under ~/.cache/torch_extensions. Without a compiler the engine runs the
@@ -17,7 +18,10 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / f for f in ("bindings.cpp", "paged_attention.cpp", "small_matmul.cpp")]
+SOURCES = [
+    Path(__file__).parent / "csrc" / f
+    for f in ("bindings.cpp", "paged_attention.cpp", "small_matmul.cpp", "fused_ops.cpp")
+]
 SMALL_MATMUL_MAX_ROWS = 16  # kMaxRows in small_matmul.cpp; above it oneDNN's GEMM is as fast or faster
 _kernels: ModuleType | None = None
 

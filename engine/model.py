@@ -24,9 +24,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.fused = None  # the CPU kernels' module, set by CausalLM.use_cpu_kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; lower precisions normalise in float32 like HF does
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x); with `delta`, first x += delta in place (the residual stream), in the same pass."""
+        if self.fused is not None:
+            return self.fused.rms_norm(x, delta, self.weight, self.eps)
+        if delta is not None:
+            x.add_(delta)
+        if x.dtype == torch.float32:  # one op; lower precisions normalise in float32 like HF does
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -62,6 +68,7 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.gate_up = ColumnParallelLinear(arch.hidden_size, [arch.intermediate_size] * 2, tp)
         self.down = RowParallelLinear(arch.intermediate_size, arch.hidden_size, tp)
+        self.fused = None  # the CPU kernels' module, set by CausalLM.use_cpu_kernels
 
     def forward(
         self,
@@ -74,11 +81,23 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         t, d, hq, hkv = x.shape[0], self.arch.head_dim, self.num_heads, self.num_kv_heads
         qkv = self.qkv(self.input_norm(x)).view(t, hq + 2 * hkv, d)
-        qk = rotate(qkv[:, : hq + hkv], cos, sin)  # q and k heads are adjacent: one RoPE pass for both
+        qk = self._rope(qkv[:, : hq + hkv], cos, sin)  # q and k heads are adjacent: one RoPE pass for both
         attn = backend.forward(qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :], kv[0], kv[1], meta, self.arch.attn_scale)
-        x = x + self._scaled(self.o_proj(attn.reshape(t, -1)))
-        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
-        return x + self._scaled(self.down(F.silu(gate) * up))
+        h = self.post_norm(x, self._scaled(self.o_proj(attn.reshape(t, -1))))  # x += attention output
+        return x.add_(self._scaled(self.down(self._act(self.gate_up(h)))))
+
+    def _rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.fused is None:
+            return rotate(qk, cos, sin)
+        self.fused.rope_(qk, cos, sin)  # in place
+        return qk
+
+    def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of the fused gate|up projection."""
+        if self.fused is not None:
+            return self.fused.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def _scaled(self, h: torch.Tensor) -> torch.Tensor:
         m = self.arch.residual_multiplier
@@ -122,11 +141,14 @@ class CausalLM(nn.Module):
         out = self.lm_head.logits(hidden).float()
         return out / self.arch.logits_scaling if self.arch.logits_scaling != 1.0 else out
 
-    def use_small_matmul(self, small_matmul) -> None:
-        """Route the linear layers' few-row matmuls (decode, verification) through `small_matmul`."""
+    def use_cpu_kernels(self, kernels) -> None:
+        """Route the few-row matmuls (decode, verification) through the C++ small matmul, and the norms, RoPE and
+        MLP activation through fused ops (`engine.cpu_kernels`; float32 on CPU)."""
         for module in self.modules():
             if hasattr(module, "small_matmul"):
-                module.small_matmul = small_matmul
+                module.small_matmul = kernels.small_matmul
+            if hasattr(module, "fused"):
+                module.fused = kernels
 
     def load(self, folder: Path, max_len: int) -> None:
         """Load this rank's slices of the checkpoint; layers beyond num_layers are skipped (truncated drafts)."""

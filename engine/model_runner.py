@@ -60,7 +60,7 @@ class ModelRunner:
             kernels = load_kernels(required=attention_backend == "cpu")
         self.backend = make_backend(attention_backend, block_size, device, kernels)
         if kernels is not None and dtype == torch.float32:
-            self.model.use_small_matmul(kernels.small_matmul)
+            self.model.use_cpu_kernels(kernels)
 
     @property
     def num_blocks(self) -> int:

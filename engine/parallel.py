@@ -119,7 +119,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None
-        self.small_matmul = None  # set by CausalLM.use_small_matmul
+        self.small_matmul = None  # set by CausalLM.use_cpu_kernels
 
     def load_part(self, index: int, tensor, param: str = "weight") -> None:
         """Copy this rank's rows of fused part `index` (a weight or a bias) from the full checkpoint tensor."""
@@ -146,7 +146,7 @@ class RowParallelLinear(nn.Module):
         self.in_start, self.local_in = tp.span(in_features, unit)
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
         self.packed: torch.Tensor | None = None
-        self.small_matmul = None  # set by CausalLM.use_small_matmul
+        self.small_matmul = None  # set by CausalLM.use_cpu_kernels
 
     def finalize(self) -> None:
         self.packed = cpu_packed(self.weight)
@@ -169,7 +169,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.weight = nn.Parameter(torch.zeros(self.local_vocab, hidden), requires_grad=False)
         self.packed: torch.Tensor | None = None
-        self.small_matmul = None  # set by CausalLM.use_small_matmul
+        self.small_matmul = None  # set by CausalLM.use_cpu_kernels
 
     def finalize(self) -> None:
         self.packed = cpu_packed(self.weight)

@@ -7,8 +7,11 @@
   `engine.parallel.linear`: F.linear, oneDNN's prepacked GEMM (used above SMALL_MATMUL_MAX_ROWS rows, and
   everywhere without the kernels) and the C++ small matmul. Where the kernel stops winning sets
   SMALL_MATMUL_MAX_ROWS.
-- attention: one decode row against a `context`-token sequence in each of 30 layers' pages: the in-place kernel
-  vs gathering the pages and SDPA (TorchPagedAttention).
+- attention: against `context`-token sequences in each of 30 layers' pages, one decode row, one 1 + 4
+  verification and 16 sequences' decode rows: the in-place kernel vs gathering the pages and SDPA
+  (TorchPagedAttention).
+- fused ops: a layer's RMSNorms with their residual adds, RoPE and silu * up on 1, 16 and 512 rows, 30 layers:
+  the PyTorch ops vs the fused kernels.
 The two sides alternate repeat by repeat; the figures are medians.
 """
 
@@ -20,9 +23,11 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from engine.bench import print_report
 from engine.cpu_kernels import SMALL_MATMUL_MAX_ROWS, load_kernels
+from engine.model import rotate
 from engine.parallel import cpu_packed, linear
 from kv_cache.attention import TorchPagedAttention
 from kv_cache.cpu_attention import CpuPagedAttention
@@ -71,27 +76,73 @@ def bench_matmul(kernels, rows: list[int], repeats: int) -> list[dict]:
 
 
 def bench_attention(kernels, contexts: list[int], repeats: int) -> list[dict]:
-    num_blocks = -(-max(contexts) // BLOCK) + 2
+    """Per context length: one decode row, one 1 + 4 verification (5 rows of one sequence) and 16 sequences'
+    decode rows, over scattered pages of 30 layers."""
+    cases = [(1, 1), (1, 5), (16, 1)]  # (sequences, rows per sequence)
+    num_blocks = 16 * -(-max(contexts) // BLOCK) + 2
     pages = torch.randn(LAYERS, 2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
     backends = {
         "gather_sdpa": TorchPagedAttention(BLOCK, torch.device("cpu")),
         "inplace_kernel": CpuPagedAttention(BLOCK, torch.device("cpu"), kernels),
     }
-    q = torch.randn(1, HEADS, HEAD_DIM)
     out = []
     for n in contexts:
-        table = (torch.randperm(num_blocks - 1)[: -(-n // BLOCK)] + 1).tolist()
-        groups = {k: b.prepare([1], [n], [table], np.zeros(1, dtype=np.int64)).groups[0] for k, b in backends.items()}
+        for seqs, rows in cases:
+            width = -(-n // BLOCK)
+            blocks = (torch.randperm(num_blocks - 1)[: seqs * width] + 1).view(seqs, width).tolist()
+            q = torch.randn(seqs * rows, HEADS, HEAD_DIM)
+            slots = np.zeros(seqs * rows, dtype=np.int64)
+            metas = {k: b.prepare([rows] * seqs, [n] * seqs, blocks, slots) for k, b in backends.items()}
 
-        def layers(name: str, groups: dict = groups) -> None:
-            for i in range(LAYERS):
-                backends[name]._attend(q, pages[i, 0], pages[i, 1], groups[name], HEAD_DIM**-0.5)
+            def layers(name: str, metas: dict = metas, q: torch.Tensor = q) -> None:
+                for i in range(LAYERS):
+                    for g in metas[name].groups:
+                        backends[name]._attend(q, pages[i, 0], pages[i, 1], g, HEAD_DIM**-0.5)
 
-        t = side_by_side({k: (lambda k=k: layers(k)) for k in backends}, repeats)
+            t = side_by_side({k: (lambda k=k: layers(k)) for k in backends}, repeats)
+            out.append(
+                {"context": n, "sequences": seqs, "rows_per_sequence": rows}
+                | {f"{k}_ms_per_step": round(v * 1e3, 2) for k, v in t.items()}
+                | {"speedup": round(t["gather_sdpa"] / t["inplace_kernel"], 3)}
+            )
+    return out
+
+
+def fused_op_runs(kernels, m: int) -> dict:
+    """One step's element-wise work on `m` rows (30 layers) as PyTorch ops and as the fused kernels."""
+    norm_w, x, delta = torch.randn(HIDDEN), torch.randn(m, HIDDEN), torch.randn(m, HIDDEN)
+    qk = torch.randn(m, HEADS + 2 * KV_HEADS, HEAD_DIM)[:, : HEADS + KV_HEADS]  # q and k heads of a qkv row
+    cos, sin = torch.randn(m, 1, HEAD_DIM), torch.randn(m, 1, HEAD_DIM)
+    gate_up = torch.randn(m, 2 * INTERMEDIATE)
+
+    def torch_ops() -> None:
+        for _ in range(LAYERS):
+            for _ in range(2):
+                x.add_(delta)
+                F.rms_norm(x, (HIDDEN,), norm_w, 1e-5)
+            rotate(qk, cos, sin)
+            gate, up = gate_up.chunk(2, dim=-1)
+            F.silu(gate) * up
+
+    def fused() -> None:
+        for _ in range(LAYERS):
+            for _ in range(2):
+                kernels.rms_norm(x, delta, norm_w, 1e-5)
+            kernels.rope_(qk, cos, sin)
+            kernels.silu_mul(gate_up)
+
+    return {"torch": torch_ops, "fused": fused}
+
+
+def bench_fused_ops(kernels, rows: list[int], repeats: int) -> list[dict]:
+    """A layer's element-wise steps (two RMSNorms with their residual adds, RoPE on q and k, silu * up)."""
+    out = []
+    for m in rows:
+        t = side_by_side(fused_op_runs(kernels, m), repeats)
         out.append(
-            {"context": n}
+            {"rows": m}
             | {f"{k}_ms_per_step": round(v * 1e3, 2) for k, v in t.items()}
-            | {"speedup": round(t["gather_sdpa"] / t["inplace_kernel"], 3)}
+            | {"speedup": round(t["torch"] / t["fused"], 3)}
         )
     return out
 
@@ -109,6 +160,7 @@ def main() -> None:
         "settings": vars(args) | {"threads": torch.get_num_threads()},
         "matmul": bench_matmul(kernels, args.rows, args.repeats),
         "attention": bench_attention(kernels, args.contexts, args.repeats),
+        "fused_ops": bench_fused_ops(kernels, [1, 16, 512], args.repeats),
     }
     print_report(report, args.out)
 

@@ -91,11 +91,12 @@ def test_uniform_batch_fast_path_matches(name, cpu_kernels):
     torch.testing.assert_close(out, v)  # a single visible key: attention returns its value
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernel_long_contexts_and_dtypes(dtype, cpu_kernels):
-    """Verification rows over contexts of many blocks, in both model dtypes, against SDPA on gathered pages."""
+@pytest.mark.parametrize(("dtype", "d"), [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 128)])
+def test_cpu_kernel_long_contexts_and_dtypes(dtype, d, cpu_kernels):
+    """Verification rows over contexts of many blocks, in both model dtypes and the head sizes with their own
+    code path (64, 128; the dense-reference tests cover other sizes), against SDPA on gathered pages."""
     torch.manual_seed(2)
-    bs, hq, hkv, d, nb = 16, 9, 3, 64, 300
+    bs, hq, hkv, nb = 16, 9, 3, 300
     k_cache, v_cache = torch.randn(nb, bs, hkv, d, dtype=dtype), torch.randn(nb, bs, hkv, d, dtype=dtype)
     lens, n_new = [1000, 37, 2500], [5, 1, 3]
     perm = torch.randperm(nb - 1) + 1

@@ -23,10 +23,13 @@ def test_small_matmul_matches_linear(rows, bias, cpu_kernels):
 
 
 def test_engine_routes_decode_matmuls_through_the_kernel(make_engine):
-    """With the kernels on, a float32 CPU model's linear layers carry the small matmul; with them off, none do."""
+    """With the kernels on, a float32 CPU model's linear layers carry the small matmul and its norms and layers
+    the fused ops; with them off, none do."""
     on = make_engine()
-    assert on.runner.model.layers[0].down.small_matmul is not None
+    layer = on.runner.model.layers[0]
+    assert layer.down.small_matmul is not None and layer.fused is not None and layer.post_norm.fused is not None
     assert type(on.runner.backend).__name__ == "CpuPagedAttention"
     off = make_engine(cpu_kernels=False)
     assert all(getattr(m, "small_matmul", None) is None for m in off.runner.model.modules())
+    assert all(getattr(m, "fused", None) is None for m in off.runner.model.modules())
     assert type(off.runner.backend).__name__ == "TorchPagedAttention"

@@ -7,17 +7,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstring>
+
+#include "vec8.h"
 
 namespace {
-
-typedef float v8 __attribute__((vector_size(32)));  // GCC/Clang vector extension: AVX on x86-64 with -march=native
-
-inline v8 load8(const float* p) {
-  v8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 template <int M>
 void rows_times_weight(const float* x, const float* w, const float* bias, float* y, int64_t k_dim, int64_t n_dim,
