@@ -4,10 +4,18 @@ Why a thread: a step is milliseconds to seconds of blocking torch work, and the 
 and Ray calls must stay responsive meanwhile (torch releases the GIL inside its kernels). Every engine call
 happens on that one thread, so the engine itself needs no locks. A server should also *build* its engine on
 that thread (pass a factory): OpenMP keeps a thread team per OS thread that ran torch work, and once a second
-thread has one the teams contend for the cores (`scripts/profile_decode.py` measures the cost). A step that
-raises (a shard actor died, say) runs the repair hook; when it repairs the fault, the requests in flight are
-recomputed from their tokens so far and their streams go on unchanged. Otherwise (or when repairs keep
-failing) they end with EngineStepError instead of hanging, and the loop keeps serving new requests.
+thread has one the teams contend for the cores (`scripts/profile_decode.py` measures the cost).
+
+Failures (the engine's rule is in `engine/llm_engine.py`): a request that fails on its own ends its stream
+with RequestFailed and no other stream notices. A step that raises runs the repair hook; when it repairs the
+fault (or there is no hook: nothing to rebuild), the engine recomputes the requests in flight, so their
+streams go on unchanged, and if the forward keeps failing it isolates the request that breaks it, which then
+ends with RequestFailed alone. Only when the hook cannot repair do the requests in flight end, with
+EngineStepError, instead of hanging; the loop keeps serving new requests either way. Messages are one line
+without internals (the exception and traceback go to the log).
+
+Cancellation: leaving a stream at any point (before the request was even added, while it waits, prefills or
+decodes) aborts it on the engine thread, so its KV blocks are freed before the next step.
 """
 
 from __future__ import annotations
@@ -30,10 +38,20 @@ class EngineStepError(RuntimeError):
     """The engine failed while this request was in flight; the request was ended, its KV freed."""
 
 
+class RequestFailed(EngineStepError):
+    """This request alone failed (or was aborted) and was ended; the other requests went on."""
+
+
+STEP_FAILED = "the engine failed and could not recover; the request was ended"
+ABORTED = "the request was aborted"
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    request_id: str | None = None  # set on the engine thread once the request is added
+    cancelled: bool = False  # set by the caller when it leaves; an add that has not run yet is skipped
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
@@ -44,14 +62,7 @@ def _deliver(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
         pass
 
 
-def _resolve(fut: asyncio.Future, value: Any) -> None:
-    if not fut.done():
-        (fut.set_exception if isinstance(value, BaseException) else fut.set_result)(value)
-
-
 class AsyncEngine:
-    max_repairs = 2  # consecutive failed steps that are repaired before the requests in flight are ended
-
     def __init__(
         self,
         engine: LLMEngine | Callable[[], LLMEngine],
@@ -59,9 +70,9 @@ class AsyncEngine:
     ):
         """`engine`, or a factory that builds it on the engine thread (waited for; its error is raised here).
         `on_step_error` runs on the engine thread after a failed step (e.g. to rebuild shard actors) and
-        returns True when it repaired the fault, so the requests in flight can be recomputed."""
+        returns True when it repaired the fault (or found nothing broken), so the requests in flight can be
+        recomputed; False (or an exception) ends them."""
         self.on_step_error = on_step_error
-        self._failures_in_a_row = 0
         self.num_recoveries = 0
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -86,25 +97,26 @@ class AsyncEngine:
         messages: list[dict] | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; a bad request raises RequestError before the first output. Leaving
-        the iteration early (a client that went away) aborts the request, freeing its KV blocks."""
+        """Stream a request's outputs; a bad request raises RequestError before the first output, a request
+        that failed alone raises RequestFailed, one ended by an unrepairable fault EngineStepError. Leaving the
+        iteration at any point (a client that went away) aborts the request, freeing its KV blocks."""
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
-        added: asyncio.Future = loop.create_future()
 
         def add() -> None:
+            if stream.cancelled:
+                return
             try:
                 rid = self.engine.add_request(prompt, params, messages=messages, request_id=request_id)
             except Exception as e:  # noqa: BLE001 - the caller gets the exact error
-                _deliver(loop, _resolve, added, e)
+                _deliver(loop, stream.queue.put_nowait, e)
                 return
+            stream.request_id = rid
             self._streams[rid] = stream
-            _deliver(loop, _resolve, added, rid)
 
-        self._submit(add)
-        rid = await added
         done = False
         try:
+            self._submit(add)
             while not done:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -113,11 +125,13 @@ class AsyncEngine:
                 done = item.finished
                 yield item
         finally:
-            if not done:
-                self.abort(rid)
+            if not done:  # the caller left (cancelled, closed the stream, or raised)
+                stream.cancelled = True
+                self._submit(lambda: self._cancel(stream))
 
     def abort(self, request_id: str) -> None:
-        """Cancel a request; its blocks are freed on the engine thread before the next step."""
+        """Cancel a request; its blocks are freed on the engine thread before the next step, and a stream
+        still reading it ends with RequestFailed."""
         self._submit(lambda: self._abort(request_id))
 
     def stats(self) -> dict[str, Any]:
@@ -131,6 +145,7 @@ class AsyncEngine:
             "num_preemptions": e.scheduler.num_preemptions,
             "num_step_errors": self.num_step_errors,
             "num_recoveries": self.num_recoveries,
+            "num_failed_requests": e.num_failed_requests,
             "spec_drafted": e.spec.drafted,
             "spec_accepted": e.spec.accepted,
         }
@@ -152,8 +167,17 @@ class AsyncEngine:
         self._wake.set()
 
     def _abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
+        stream = self._streams.pop(request_id, None)
         self.engine.abort(request_id)
+        if stream is not None:
+            _deliver(stream.loop, stream.queue.put_nowait, RequestFailed(ABORTED))
+
+    def _cancel(self, stream: _Stream) -> None:
+        """The caller left: abort its request if it is still this stream's (it may have ended meanwhile)."""
+        rid = stream.request_id
+        if rid is not None and self._streams.get(rid) is stream:
+            del self._streams[rid]
+            self.engine.abort(rid)
 
     def _drain(self) -> None:
         while True:
@@ -186,45 +210,51 @@ class AsyncEngine:
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the loop
                 self._on_failed_step(e)
                 continue
-            self._failures_in_a_row = 0
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is None:
-                    continue
-                if out.finished:
-                    del self._streams[out.request_id]
-                _deliver(stream.loop, stream.queue.put_nowait, out)
+            self._publish(outputs)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            item = out if out.error is None else RequestFailed(out.error)
+            _deliver(stream.loop, stream.queue.put_nowait, item)
 
     def _on_failed_step(self, error: Exception) -> None:
         self.num_step_errors += 1
-        self._failures_in_a_row += 1
-        repaired = False
+        log.warning("engine step failed (%s); repairing", type(error).__name__, exc_info=error)
+        repaired = True  # without a hook there is nothing to rebuild: recompute, and isolate if it persists
         if self.on_step_error is not None:
             try:
                 repaired = bool(self.on_step_error(error))
             except Exception:  # noqa: BLE001
                 log.exception("repair after a failed step failed too")
-        if repaired and self._failures_in_a_row <= self.max_repairs:
-            log.warning("engine step failed (%s); repaired, recomputing %d request(s)", error, len(self._streams))
+                repaired = False
+        if repaired:
             try:
-                self.engine.reset_kv()
+                ended = self.engine.recover()
             except Exception:  # noqa: BLE001
-                log.exception("could not reset the KV state after a repair")
+                log.exception("could not recover the engine after a repair")
             else:
                 self.num_recoveries += 1
+                log.warning("recomputing %d request(s) after a failed step", self.engine.num_requests)
+                self._publish(ended)
                 return
-        self._fail_in_flight(error)
+        self._fail_in_flight()
 
-    def _fail_in_flight(self, error: Exception) -> None:
-        log.error("engine step failed; ending %d request(s) in flight", len(self._streams), exc_info=error)
-        message = f"engine step failed: {type(error).__name__}: {error}"
+    def _fail_in_flight(self) -> None:
+        log.error("engine step failed; ending %d request(s) in flight", len(self._streams))
         try:
             self.engine.reset_kv()  # first, so that ending the requests below needs no block-manager call
         except Exception:  # noqa: BLE001 - the health check reports a block manager that stays unreachable
             log.exception("could not reset the KV state")
-        for rid, stream in list(self._streams.items()):
-            self.engine.abort(rid)
-            _deliver(stream.loop, stream.queue.put_nowait, EngineStepError(message))
+        for stream in list(self._streams.values()):
+            _deliver(stream.loop, stream.queue.put_nowait, EngineStepError(STEP_FAILED))
         self._streams.clear()
-        for rid in list(self.engine.requests):  # requests added without a stream (none in normal use)
-            self.engine.abort(rid)
+        for rid in list(self.engine.requests):
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001 - its blocks go back with the next block step, or the next reset
+                log.exception("could not free the blocks of request %s", rid)

@@ -3,12 +3,28 @@
 A step schedules a mixed batch (prefill chunks, decodes), asks the proposer for drafts for the decoding
 sequences, verifies everything in ONE target forward over the paged cache, then accepts, commits the KV of
 accepted tokens (rejected slots are simply overwritten later) and streams text.
+
+Failures, the rule: one request never takes another down.
+- After the forward, each sequence is postprocessed on its own (probabilities, verification, appending
+  tokens, detokenization, stop checks). An exception there ends THAT request: its output says
+  `finish_reason="error"` with a one-line `error` (the details go to the log), its KV and proposer state are
+  freed, and every other sequence's output of the step is delivered as usual.
+- A step that raises before that (block-manager call, proposer, forward) cannot be pinned on one request.
+  `step` raises; the driver repairs the actors, then calls `recover`: the failure is counted against every
+  sequence the step involved, and all requests in flight are recomputed from their tokens so far.
+- A sequence that took part in more than MAX_FAILED_STEPS failed steps without sampling a token in between
+  may be breaking the forward itself. Then the requests in flight are isolated: they run one at a time, the
+  others held back without KV, each until it has sampled a token alone. A sequence whose solo steps fail
+  SOLO_TRIES times is the culprit and ends alone (finish_reason "error"); the others go back to batching.
+  Requests that arrive meanwhile wait with the held ones.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -23,7 +39,7 @@ from engine.metrics import RequestMetrics, SpecCounters
 from engine.model_runner import ModelRunner, StepInput
 from engine.sampler import make_generator, processed_probs
 from engine.sampling_params import SamplingParams, describe_validation_error
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import SeqStatus, Sequence
 from engine.tokenization import RequestError, encode_prompt
 from kv_cache.block_batch import BatchedBlockManager, BlockPool
@@ -34,6 +50,14 @@ from speculator.proposer import Draft, DraftRequest, Proposer
 from speculator.verify import verify_greedy, verify_sampled
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+NO_DRAFT = Draft([])
+# One-line reasons for a request the engine ended (the exception itself goes to the log).
+SEQUENCE_FAILED = "the engine failed while producing this request's tokens; the request was ended"
+BREAKS_FORWARD = "this request made the model's forward pass fail repeatedly; the request was ended"
+MAX_FAILED_STEPS = 2  # failed steps (each repaired and recomputed) a sequence may take part in before isolation
+SOLO_TRIES = 2  # failed solo steps that make a sequence the culprit (one retry after a repair)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,8 +69,9 @@ class RequestOutput:
     delta: str  # text that became visible in this step
     new_token_ids: list[int]
     finished: bool
-    finish_reason: str | None
+    finish_reason: str | None  # "stop", "length", or "error" (then `error` says why, in one line)
     metrics: RequestMetrics
+    error: str | None = None
 
 
 @dataclass
@@ -97,7 +122,13 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
         self.requests: dict[str, _Request] = {}
         self.spec = SpecCounters()
+        self.num_failed_requests = 0  # requests ended with finish_reason "error"
         self._seq_ids = itertools.count()
+        # Isolation (see the module docstring): the head suspect is the only sequence in the scheduler; the
+        # other suspects and the held sequences wait outside it, without KV.
+        self._suspects: deque[Sequence] = deque()
+        self._held: list[Sequence] = []
+        self._in_step: list[Sequence] = []  # the sequences the running step involves (blamed if it fails)
 
     def _make_runner(self, folder, arch, kv_cache_gib: float, num_layers: int | None = None) -> ModelRunner:
         cfg = self.config
@@ -163,17 +194,24 @@ class LLMEngine:
             controller,
             metrics,
         )
-        self.scheduler.add(seq)
+        if self._suspects:
+            self._held.append(seq)
+        else:
+            self.scheduler.add(seq)
         return request_id
 
     def abort(self, request_id: str) -> None:
-        """Cancel a request; its KV blocks are free when this returns."""
+        """Cancel a request wherever it is (waiting, prefilling, decoding, held); its KV blocks are free when
+        this returns. Unknown or finished requests are ignored."""
         req = self.requests.pop(request_id, None)
-        if req is not None:
-            self.scheduler.finish(req.seq)
-            self.scheduler.flush()
-            if self.proposer:
-                self.proposer.release(req.seq.seq_id)
+        if req is None:
+            return
+        seq = req.seq
+        self.scheduler.finish(seq)
+        self._forget_isolated(seq)
+        self.scheduler.flush()
+        if self.proposer:
+            self.proposer.release(seq.seq_id)
 
     def reset_kv(self) -> None:
         """Every KV page is lost (rebuilt shards or block manager): unfinished requests are recomputed from
@@ -185,62 +223,115 @@ class LLMEngine:
         self.block_manager.reset()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._suspects)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests not finished yet (waiting, running or held)."""
+        return len(self.requests)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """KV blocks requests can use (the pool's block 0 is reserved)."""
+        return self.runner.num_blocks - 1
+
+    def num_free_kv_blocks(self) -> int:
+        """Free KV blocks as the block manager counts them (one call to it)."""
+        return self.block_manager.stats()["num_free_blocks"]
 
     # ---- the step -------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule, propose, run the one forward, postprocess each sequence. Raises only when the step fails
+        as a whole (see the module docstring); a failure of one sequence ends that request alone."""
+        self._in_step = [*self.scheduler.running, *self.scheduler.waiting]
         out = self.scheduler.schedule()
+        self._in_step = [s.seq for s in out.scheduled]
         if self.proposer:
             for seq in out.preempted:
                 self.proposer.release(seq.seq_id)
         if not out.scheduled:
             outputs = self._drop_unschedulable()
-            self.scheduler.flush()
+            if self._suspects:
+                self._after_isolated_step(outputs)
+            self._flush_when_idle()
             return outputs
-        decoding = [s for s in out.scheduled if s.num_lookahead]
-        drafts: dict[int, Draft] = {}
-        if decoding and self.proposer:
-            reqs = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_lookahead, s.seq.params) for s in decoding]
-            drafts = {s.seq.seq_id: d for s, d in zip(decoding, self.proposer.propose(reqs))}
+        drafts = self._propose(out.scheduled)
         items = []
         for s in out.scheduled:
             self.runner.copy_blocks(s.copies)
             seq = s.seq
-            draft = drafts.get(seq.seq_id, Draft([]))
+            draft = drafts.get(seq.seq_id, NO_DRAFT)
             feed = seq.token_ids[seq.num_computed : seq.num_computed + s.num_tokens] + draft.tokens
             n_logits = 1 + len(draft.tokens) if s.completes_prefill else 0
             items.append(StepInput(feed, seq.num_computed, self.scheduler.tables[seq.seq_id], n_logits))
         logits = self.runner.execute(items)
-        greedy_rows = logits.argmax(-1).tolist() if any(s.seq.params.greedy for s in out.scheduled) else []
+        self._in_step = []
+        outputs = self._postprocess(out.scheduled, items, drafts, logits)
+        if self._suspects:
+            self._after_isolated_step(outputs)
+        self._flush_when_idle()
+        return outputs
+
+    def _flush_when_idle(self) -> None:
+        """Nothing runs next: send the pending frees now. Outputs are made by then, so a failure here must not
+        lose them: the frees stay pending and go with the next block step."""
+        if self.scheduler.has_work():
+            return
+        try:
+            self.scheduler.flush()
+        except Exception:  # noqa: BLE001
+            log.exception("could not return freed KV blocks; they go with the next block step")
+
+    def _propose(self, scheduled: list[ScheduledSeq]) -> dict[int, Draft]:
+        decoding = [s for s in scheduled if s.num_lookahead]
+        if not (decoding and self.proposer):
+            return {}
+        reqs = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_lookahead, s.seq.params) for s in decoding]
+        return {s.seq.seq_id: d for s, d in zip(decoding, self.proposer.propose(reqs))}
+
+    def _postprocess(
+        self, scheduled: list[ScheduledSeq], items: list[StepInput], drafts: dict[int, Draft], logits: torch.Tensor
+    ) -> list[RequestOutput]:
+        """Each sequence on its own: an exception ends that request (see the module docstring)."""
+        greedy_rows = logits.argmax(-1).tolist() if any(s.seq.params.greedy for s in scheduled) else []
         now = time.perf_counter()
         outputs, row = [], 0
-        for s, item in zip(out.scheduled, items):
+        for s, item in zip(scheduled, items):
             seq = s.seq
             seq.num_computed += s.num_tokens
-            if not item.num_logits:
+            if not item.num_logits:  # a prefill chunk: nothing to sample yet
                 self.scheduler.commit(seq)
                 continue
-            draft = drafts.get(seq.seq_id, Draft([]))
             rows = slice(row, row + item.num_logits)
             row += item.num_logits
             req = self.requests[seq.request_id]
-            if seq.params.greedy:
-                emitted = verify_greedy(greedy_rows[rows], draft.tokens)
-            else:
-                p = processed_probs(logits[rows], seq.params)
-                emitted = verify_sampled(p, draft.tokens, draft.probs, req.generator)
-            accepted = len(emitted) - 1
-            seq.num_computed += accepted
-            if s.num_lookahead or draft.tokens:
-                req.metrics.spec.record(len(draft.tokens), accepted, len(emitted))
-                self.spec.record(len(draft.tokens), accepted, len(emitted))
-                if req.controller:
-                    req.controller.update(len(draft.tokens), accepted)
-            outputs.append(self._append(req, emitted, now))
-        if not self.scheduler.has_work():
-            self.scheduler.flush()
+            try:
+                draft = drafts.get(seq.seq_id, NO_DRAFT)
+                outputs.append(self._accept(req, s, draft, logits[rows], greedy_rows[rows], now))
+            except Exception:  # noqa: BLE001 - this request's failure must not reach the others
+                log.exception("request %s failed while its step output was processed", seq.request_id)
+                outputs.append(self._fail(req, SEQUENCE_FAILED))
         return outputs
+
+    def _accept(
+        self, req: _Request, s: ScheduledSeq, draft: Draft, logits: torch.Tensor, argmax: list[int], now: float
+    ) -> RequestOutput:
+        """Verify the sequence's draft against its logits rows, then append what was emitted."""
+        seq = req.seq
+        if seq.params.greedy:
+            emitted = verify_greedy(argmax, draft.tokens)
+        else:
+            p = processed_probs(logits, seq.params)
+            emitted = verify_sampled(p, draft.tokens, draft.probs, req.generator)
+        accepted = len(emitted) - 1
+        seq.num_computed += accepted
+        if s.num_lookahead or draft.tokens:
+            req.metrics.spec.record(len(draft.tokens), accepted, len(emitted))
+            self.spec.record(len(draft.tokens), accepted, len(emitted))
+            if req.controller:
+                req.controller.update(len(draft.tokens), accepted)
+        return self._append(req, emitted, now)
 
     def _append(self, req: _Request, emitted: list[int], now: float) -> RequestOutput:
         seq, params = req.seq, req.seq.params
@@ -258,6 +349,7 @@ class LLMEngine:
         if req.detok.stopped:
             seq.finish_reason = "stop"
         req.metrics.on_tokens(len(new), now)
+        seq.num_failed_steps = 0
         if seq.finish_reason:
             delta += req.detok.flush()
             return self._finish(req, new, delta, now)
@@ -273,6 +365,23 @@ class LLMEngine:
             self.proposer.release(req.seq.seq_id)
         del self.requests[req.seq.request_id]
         return self._output(req, new, delta)
+
+    def _fail(self, req: _Request, message: str) -> RequestOutput:
+        """End a request whose own processing failed; tolerant of a half-done step (it may have finished)."""
+        seq = req.seq
+        self.num_failed_requests += 1
+        req.metrics.finished = time.perf_counter()
+        seq.finish_reason = "error"
+        self.requests.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        if self.proposer:
+            try:
+                self.proposer.release(seq.seq_id)
+            except Exception:  # noqa: BLE001 - the proposer forgets it on its next reset at worst
+                log.exception("could not release the proposer state of request %s", seq.request_id)
+        out = self._output(req, [], "")
+        out.error = message
+        return out
 
     def _output(self, req: _Request, new: list[int], delta: str) -> RequestOutput:
         seq = req.seq
@@ -295,6 +404,74 @@ class LLMEngine:
         req = self.requests[self.scheduler.waiting[0].request_id]
         req.seq.finish_reason = "length"
         return [self._finish(req, [], req.detok.flush(), time.perf_counter())]
+
+    # ---- recovery and isolation (see the module docstring) -----------------------------------------------
+
+    @property
+    def isolating(self) -> bool:
+        return bool(self._suspects)
+
+    def recover(self) -> list[RequestOutput]:
+        """After `step` raised and the driver repaired what was broken: blame the step's sequences, recompute
+        every request in flight, and isolate or end a request that keeps breaking the forward. Returns the
+        outputs of the requests it ended (finish_reason "error")."""
+        for seq in self._in_step:
+            seq.num_failed_steps += 1
+        self._in_step = []
+        self.reset_kv()
+        if self._suspects:
+            if self._suspects[0].num_failed_steps < SOLO_TRIES:
+                return []
+            seq = self._suspects.popleft()
+            log.error("request %s broke %d solo forward steps; ending it", seq.request_id, seq.num_failed_steps)
+            out = self._fail(self.requests[seq.request_id], BREAKS_FORWARD)
+            self._test_next_suspect()
+            return [out]
+        if any(r.seq.num_failed_steps > MAX_FAILED_STEPS for r in self.requests.values()):
+            log.error("the forward keeps failing: running the %d request(s) in flight alone", len(self.requests))
+            self._isolate()
+        return []
+
+    def _isolate(self) -> None:
+        """Every sequence is waiting and holds no KV (after reset_kv): make them all suspects."""
+        for req in self.requests.values():
+            req.seq.num_failed_steps = 0
+        self._suspects.extend(self.scheduler.waiting)
+        self.scheduler.waiting.clear()
+        self._test_next_suspect()
+
+    def _test_next_suspect(self) -> None:
+        """Schedule the next suspect alone; with none left, the held sequences go back in arrival order."""
+        if self._suspects:
+            self.scheduler.add(self._suspects[0])
+            return
+        for seq in sorted(self._held, key=lambda s: s.arrival):
+            self.scheduler.add(seq)
+        self._held.clear()
+
+    def _after_isolated_step(self, outputs: list[RequestOutput]) -> None:
+        """The suspect under test is cleared once it has sampled a token (or ended) in a step of its own."""
+        seq = self._suspects[0]
+        if seq.status is not SeqStatus.FINISHED and not any(o.request_id == seq.request_id for o in outputs):
+            return  # still prefilling in chunks
+        self._suspects.popleft()
+        if seq.status is not SeqStatus.FINISHED:  # hold it back: its KV goes, it is recomputed afterwards
+            self.scheduler.finish(seq)  # the blocks go back with the next block step
+            if self.proposer:
+                self.proposer.release(seq.seq_id)
+            seq.status, seq.num_computed = SeqStatus.WAITING, 0
+            self._held.append(seq)
+        self._test_next_suspect()
+
+    def _forget_isolated(self, seq: Sequence) -> None:
+        """An aborted sequence leaves the isolation queues (the head's place goes to the next suspect)."""
+        if seq in self._held:
+            self._held.remove(seq)
+        elif self._suspects and self._suspects[0] is seq:
+            self._suspects.popleft()
+            self._test_next_suspect()
+        elif seq in self._suspects:
+            self._suspects.remove(seq)
 
     # ---- conveniences ---------------------------------------------------------------------------------
 

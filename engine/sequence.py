@@ -29,6 +29,7 @@ class Sequence:
     spec_k: int = 0  # draft tokens wanted at the next decode step (set by the speculation controller)
     finish_reason: str | None = None
     num_preemptions: int = 0
+    num_failed_steps: int = 0  # failed engine steps it took part in since it last sampled a token
 
     @property
     def num_uncomputed(self) -> int:

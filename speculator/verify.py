@@ -21,6 +21,11 @@ point mass q = delta_x: accept with probability p(x), otherwise sample p with x 
 Greedy verification is the temperature -> 0 limit: p_j becomes the point mass on argmax p_j, so a
 draft token is accepted iff it equals the target's argmax, and the first mismatch is replaced by it.
 
+Inputs need not be clean: entries of p or q that are NaN, infinite or negative carry no probability. A draft
+position whose q row has no mass, or gives its own token q(x) = 0 (so the drafter could not have drawn it),
+ends the draft there: the token at that position is drawn from p itself, which keeps the output exact for any
+drafter. A target row with no mass has no distribution to sample and raises ValueError.
+
 All randomness is drawn from the caller's ``torch.Generator``, so seeded runs repeat exactly.
 """
 
@@ -31,8 +36,19 @@ import torch
 __all__ = ["sample", "verify_greedy", "verify_sampled"]
 
 
+def _mass(p: torch.Tensor) -> torch.Tensor:
+    """``p`` with every entry that is not a finite non-negative number set to 0."""
+    return torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
+
+
 def sample(p: torch.Tensor, generator: torch.Generator | None) -> int:
     """Draw one token id from the (not necessarily normalised) distribution ``p`` of shape [V]."""
+    p = _mass(p)
+    total = float(p.sum())
+    if total == float("inf"):  # finite entries whose sum overflows: rescale
+        p = p / p.max()
+    elif not total > 0:
+        raise ValueError("the distribution to sample from has no probability mass")
     return int(torch.multinomial(p, 1, generator=generator).item())
 
 
@@ -78,13 +94,21 @@ def verify_sampled(
     if k == 0:
         return [sample(p[0], generator)]
 
+    p = _mass(p)
     x = torch.tensor(draft, dtype=torch.long, device=p.device)
     rows = torch.arange(k, device=p.device)
     ratio = p[rows, x].double()
     if q is not None:
-        # q(x) = 0 means the drafter could not have proposed x: the ratio is then inf (accept) when
-        # p(x) > 0 and nan (reject) when p(x) = 0, since nan compares false.
-        ratio = ratio / q[rows, x].double()
+        q = _mass(q).double()
+        q = q / q.sum(-1, keepdim=True)  # a row without mass becomes NaN: it is cut off below
+        qx = q[rows, x]
+        usable = (qx > 0) & torch.isfinite(qx)
+        if not bool(usable.all()):  # the draft ends at its first position that q cannot explain
+            k = int(usable.long().argmin())
+            if k == 0:
+                return [sample(p[0], generator)]
+            draft, x, rows, q, qx = draft[:k], x[:k], rows[:k], q[:k], qx[:k]
+        ratio = ratio[:k] / qx
     u = torch.rand(k, generator=generator, dtype=torch.float64, device=p.device)
     # Strict "<": with u ~ U[0, 1), P(u < r) = min(r, 1), and a token with p(x) = 0 is never accepted.
     accepted = (u < ratio).tolist()
@@ -96,7 +120,7 @@ def verify_sampled(
         residual = p[j].clone()
         residual[draft[j]] = 0
     else:
-        residual = (p[j] - q[j].to(p.dtype)).clamp_min(0)
+        residual = (p[j].double() - q[j]).clamp_min(0)
     if not residual.sum().item() > 0:  # only reachable through float error: p[j] <= q[j] everywhere
         residual = p[j]
     return list(draft[:j]) + [sample(residual, generator)]

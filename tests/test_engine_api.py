@@ -22,6 +22,9 @@ def engine(make_engine):
         ({"max_tokens": -1}, "max_tokens"),
         ({"top_p": 1.5}, "top_p"),
         ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 1, "seed": 18446744073709551616}, "seed"),  # OpenAI bounds seeds as int64
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
         ({"max_tokens": 4, "nucleus": 0.9}, "nucleus"),
     ],
 )

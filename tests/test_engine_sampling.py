@@ -8,7 +8,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from engine.sampling_params import SamplingParams
+from engine.sampler import make_generator, processed_probs
+from engine.sampling_params import MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
 
 # False-alarm rate of the distribution test: the chi-square p-value must fall below ALPHA to fail.
 ALPHA = 1e-3
@@ -65,3 +66,50 @@ def test_seeded_requests_repeat_exactly(make_engine, prompt_ids, config):
     assert first == again
     assert alone == first[1], "a seeded request must not depend on what shares its batch"
     assert len({tuple(x) for x in first}) > 1, "different seeds gave identical samples"
+
+
+@pytest.mark.parametrize("seed", [SEED_MIN, -1, 0, SEED_MAX, SEED_MAX + 1])  # SEED_MAX + 1: the draft's seed + 1
+def test_make_generator_takes_every_int64_seed_deterministically(seed):
+    draws = [torch.rand(4, generator=make_generator(seed)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    assert torch.equal(draws[0], torch.rand(4, generator=make_generator(seed + 2**64)))  # seeds are mod 2^64
+
+
+def test_seeds_at_both_ends_of_int64_sample_and_repeat(make_engine, prompt_ids):
+    engine = make_engine(speculator="draft", draft_num_layers=8)  # the draft model seeds with seed + 1
+    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=s) for s in (SEED_MIN, -1, SEED_MAX)]
+    first = engine.generate([prompt_ids] * 3, params)
+    again = engine.generate([prompt_ids] * 3, params)
+    assert all(o.finish_reason in ("stop", "length") for o in first)
+    assert [o.output_token_ids for o in first] == [o.output_token_ids for o in again]
+
+
+def test_probabilities_stay_a_distribution_at_extreme_values():
+    g = torch.Generator().manual_seed(0)
+    logits = 30 * torch.randn(3, 1000, generator=g)
+    logits[0, 5], logits[1, :10] = 1e4, -1e30
+    top = logits.argmax(-1)
+    one_hot = torch.nn.functional.one_hot(top, 1000).float()
+    for params in [
+        SamplingParams(temperature=1e-320),
+        SamplingParams(temperature=1e-40),
+        SamplingParams(temperature=0.7, top_p=1e-320),
+        SamplingParams(temperature=0.7, top_k=1),
+    ]:
+        assert torch.equal(processed_probs(logits, params), one_hot), params
+    assert SamplingParams(temperature=MIN_TEMPERATURE / 2).greedy and not SamplingParams(temperature=1e-5).greedy
+    for params in [
+        SamplingParams(temperature=MIN_TEMPERATURE),
+        SamplingParams(temperature=100.0, top_p=0.5, top_k=50),
+        SamplingParams(temperature=1e-3, top_p=1e-9),
+    ]:
+        p = processed_probs(logits, params)
+        assert torch.isfinite(p).all() and (p >= 0).all(), params
+        assert torch.allclose(p.sum(-1), torch.ones(3)) and torch.equal(p.argmax(-1), top), params
+    # NaN logits carry no probability, +inf is the largest; a row without a finite logit raises.
+    bad = logits.clone()
+    bad[0, :500], bad[1, 7] = float("nan"), float("inf")
+    p = processed_probs(bad, SamplingParams(temperature=0.8))
+    assert torch.isfinite(p).all() and (p[0, :500] == 0).all() and p[1].argmax() == 7
+    with pytest.raises(ValueError, match="finite"):
+        processed_probs(torch.full((1, 10), float("nan")), SamplingParams(temperature=0.8))

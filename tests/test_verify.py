@@ -289,3 +289,50 @@ def _seeded_run(seed: int, case: str) -> list[list[int]]:
 def test_seeded_runs_repeat(case: str) -> None:
     assert _seeded_run(123, case) == _seeded_run(123, case)
     assert _seeded_run(123, case) != _seeded_run(124, case)
+
+
+# ------------------------------------------------------------------------------------ unclean inputs
+
+
+def test_entries_that_are_not_probabilities_are_never_emitted() -> None:
+    """NaN, infinite and negative entries of p carry no mass; a row with no mass at all raises."""
+    p = _target(seed=5).clone()
+    p[:, :3] = torch.tensor([float("nan"), float("inf"), -0.5])
+    gen = torch.Generator().manual_seed(0)
+    for draft in ([0, 1, 2], [4, 5, 6], [1, 4, 4]):
+        for _ in range(200):
+            out = verify_sampled(p, draft, None, gen)
+            assert all(t >= 3 for t in out), out
+    with pytest.raises(ValueError, match="no probability mass"):
+        verify_sampled(torch.full((1, V), float("nan")), [], None, gen)
+    with pytest.raises(ValueError, match="no probability mass"):
+        sample(torch.zeros(V), gen)
+    huge = torch.zeros(V)
+    huge[[2, 7]] = torch.finfo(torch.float32).max  # finite entries whose sum overflows
+    assert {sample(huge, gen) for _ in range(50)} == {2, 7}
+
+
+@pytest.mark.parametrize("broken", ["nan_row", "zero_row", "q_of_token_zero"])
+def test_a_draft_distribution_that_cannot_explain_its_token_ends_the_draft_there(broken: str) -> None:
+    """Position 1's q is unusable: the draft is cut there and position 1's token is drawn from p[1] itself,
+    so the output stays distributed as the target (checked at position 1)."""
+    p, q, draw_from = CASES["good_draft"]
+    q = q.clone()
+    q[1] = float("nan") if broken == "nan_row" else 0.0
+    gen = torch.Generator().manual_seed(13)
+    second = []
+    for draft in _drafts(draw_from, seed=12)[:3000].tolist():
+        if broken == "q_of_token_zero":
+            q[1] = draw_from[1]
+            q[1, draft[1]] = 0.0
+        out = verify_sampled(p, draft, q, gen)
+        assert len(out) <= 2
+        if len(out) == 2:
+            second.append(out[1])
+    assert len(second) >= MIN_POSITION_SAMPLES
+    assert chisquare_pvalue(np.array(second), p[1].double().numpy()) > ALPHA
+    # Infinite or negative entries elsewhere in q only lose their mass.
+    q = draw_from[:K].clone()
+    q[:, 0], q[:, 1] = float("inf"), -1.0
+    for draft in _drafts(draw_from, seed=14)[:200].tolist():
+        assert 1 <= len(verify_sampled(p, draft, q, gen)) <= K + 1
