@@ -3,24 +3,33 @@
 Plain pydantic and dicts, no Ray or FastAPI: the HTTP shell parses a body with `parse_request`, turns it into
 engine arguments with `sampling_kwargs()` / `engine_prompt()`, and writes back what the builders return.
 Requests forbid unknown fields (a typo must not be silently ignored) and reject, with a 400 naming the field,
-every OpenAI option the engine cannot honour instead of pretending to.
+every OpenAI option the engine cannot honour instead of pretending to. Every body that fails to decode is a 400
+too: not UTF-8, not JSON, nested too deeply, numbers beyond what a field can hold, NaN / Infinity, and strings
+with lone UTF-16 surrogates (which no tokenizer or encoder takes); nothing past `parse_request` sees them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.tokenization import lone_surrogate
 
 # OpenAI's defaults: sampling at temperature 1 unless the client asks otherwise.
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 SSE_DONE = "data: [DONE]\n\n"
+# OpenAI's integers are int64; nothing wider reaches the engine (torch seeds, token ids).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_JSON_DEPTH = 64  # no request of this API nests deeper than a few levels
+MAX_INT_DIGITS = 64  # wider than any field takes, far below Python's 4,300-digit conversion limit
 
 
 class ProtocolError(Exception):
@@ -42,11 +51,17 @@ class ProtocolError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
+def encodable(text: str) -> str:
+    """`text` with anything UTF-8 cannot encode (lone surrogates) escaped: an error must never fail to encode."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(
     message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> dict:
     """`{"error": {...}}` exactly as OpenAI returns it, so clients surface the message."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    param = None if param is None else encodable(param)
+    return {"error": {"message": encodable(message), "type": type, "param": param, "code": code}}
 
 
 _NAMED = re.compile(r"^([a-z_][a-z0-9_.]*): (.*)$", re.S)
@@ -95,26 +110,102 @@ def validation_error(err: ValidationError) -> ProtocolError:
     return ProtocolError("; ".join(parts) or "invalid request", param=first)
 
 
+class _BadNumber(ValueError):
+    """A JSON number no field can take (raised from the decoder's number hooks)."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _BadNumber(f"an integer in the body has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadNumber(f"the number {text[:40]} is beyond the range of a double")
+    return value
+
+
+def _parse_constant(text: str) -> float:
+    raise _BadNumber(f"{text} is not a JSON number")
+
+
+def decode_json(body: bytes | str) -> Any:
+    """The JSON value of a body; a ProtocolError (400) for anything that is not strict UTF-8 JSON that fits
+    (as Python would otherwise raise RecursionError on deep nesting and ValueError on 5,000-digit integers)."""
+    if isinstance(body, bytes):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"the request body is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+    try:
+        return json.loads(body, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+    except RecursionError:
+        raise ProtocolError(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except _BadNumber as e:
+        raise ProtocolError(f"could not parse the JSON body of the request: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"could not parse the JSON body of the request: {e}") from None
+    except ValueError:
+        raise ProtocolError("could not parse the JSON body of the request: a number is out of range") from None
+
+
+def check_json_value(value: Any) -> None:
+    """400 for a decoded body nested deeper than MAX_JSON_DEPTH or holding a string (or key) with a lone
+    surrogate, naming where. Iterative, so it cannot itself run out of stack."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if len(path) > MAX_JSON_DEPTH:
+            raise ProtocolError(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(item, str):
+            bad = lone_surrogate(item)
+            if bad is not None:
+                where = ".".join(path) or "body"
+                raise ProtocolError(
+                    f"{where}: contains a lone UTF-16 surrogate (\\u{ord(bad):04x}), which is not valid Unicode",
+                    param=where if path else None,
+                )
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if lone_surrogate(key) is not None:
+                    raise ProtocolError(
+                        f"{'.'.join((*path, encodable(key)))}: a key contains a lone UTF-16 surrogate, which is not "
+                        "valid Unicode"
+                    )
+                if isinstance(child, (str, dict, list)):
+                    stack.append((child, (*path, key)))
+        elif isinstance(item, list):
+            for i, child in enumerate(item):
+                if isinstance(child, (str, dict, list)):
+                    stack.append((child, (*path, str(i))))
+
+
 def parse_request(model: type[BaseModel], body: bytes | str | dict) -> Any:
     """Decode and validate a request body; every failure is a ProtocolError (400)."""
     if isinstance(body, (bytes, str)):
-        try:
-            body = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ProtocolError(f"could not parse the JSON body of the request: {e}") from None
+        body = decode_json(body)
     if not isinstance(body, dict):
         raise ProtocolError("the request body must be a JSON object")
+    check_json_value(body)
     try:
         return model.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from None
+    except RecursionError:
+        raise ProtocolError(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+
+
+def _quoted(text: str, limit: int = 80) -> str:
+    return encodable(text if len(text) <= limit else text[:limit] + "...")
 
 
 def check_model(requested: str, served: list[str]) -> None:
     """404 `model_not_found`, as OpenAI answers a request for a model it does not serve."""
     if requested not in served:
         raise ProtocolError(
-            f"The model `{requested}` does not exist; served: {', '.join(served)}",
+            f"The model `{_quoted(requested)}` does not exist; served: {', '.join(served)}",
             status_code=404,
             param="model",
             code="model_not_found",
@@ -122,6 +213,15 @@ def check_model(requested: str, served: list[str]) -> None:
 
 
 # ---- requests -------------------------------------------------------------------------------------------
+
+
+def _only(*values: Any) -> Any:
+    """Documents in the JSON schema (OpenAPI) the only values an option the engine cannot honour accepts; the
+    field's validator gives the 400 that explains why."""
+    return Field(default=values[0], json_schema_extra={"enum": list(values)})
+
+
+_NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -137,23 +237,23 @@ class _BaseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = _only(1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: _NonEmpty | list[_NonEmpty] | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = _only(None, 0)
+    frequency_penalty: float | None = _only(None, 0)
+    logit_bias: dict[str, float] | None = _only(None, {})
     # extensions (vLLM's names)
-    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 = no top-k cut")
+    top_k: int | None = Field(default=None, ge=-1, le=INT64_MAX, description="-1 or 0 = no top-k cut")
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = None
 
     @field_validator("n")
     @classmethod
@@ -244,11 +344,11 @@ def _normalize_prompt(v: Any) -> Any:
 class CompletionRequest(_BaseRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[int]
-    logprobs: int | None = None
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    prompt: _NonEmpty | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    logprobs: int | None = _only(None)
+    echo: bool = _only(False)
+    suffix: str | None = _only(None, "")
+    best_of: int | None = _only(None, 1)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -338,11 +438,11 @@ class ChatCompletionRequest(_BaseRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
+    logprobs: bool | None = _only(None, False)
+    top_logprobs: int | None = _only(None, 0)
     response_format: ResponseFormat | None = None
-    tools: list[dict] | None = None
+    tools: list[dict] | None = _only(None, [])
     tool_choice: Literal["none"] | None = None
 
     @field_validator("logprobs")

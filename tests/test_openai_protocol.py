@@ -180,6 +180,112 @@ def test_body_may_be_raw_json_bytes_and_bad_json_is_a_400():
     assert "object" in rejected(CompletionRequest, b"[1, 2]").message
 
 
+def _encodes(err: ProtocolError) -> dict:
+    """The error body as the HTTP layer writes it (UTF-8 JSON): it must never fail to encode."""
+    return json.loads(json.dumps(err.body(), ensure_ascii=False).encode("utf-8"))
+
+
+def _json_body(body: dict) -> bytes:
+    """A body as a client would send it: JSON with \\u escapes (lone surrogates included), ASCII only."""
+    return json.dumps(body).encode("ascii")
+
+
+@pytest.mark.parametrize(
+    "model, body, param",
+    [
+        (CompletionRequest, {**COMPLETION, "model": "\ud800"}, "model"),
+        (CompletionRequest, {**COMPLETION, "prompt": "x" * 100 + "\udfff"}, "prompt"),
+        (CompletionRequest, {**COMPLETION, "prompt": "\ud800" + "long prompt " * 1000}, "prompt"),
+        (CompletionRequest, {**COMPLETION, "stop": ["ok", "\udc00"]}, "stop.1"),
+        (CompletionRequest, {**COMPLETION, "stop": "\ud83d"}, "stop"),
+        (CompletionRequest, {**COMPLETION, "user": "\ud800"}, "user"),
+        (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": "hi \ud800"}]}, "messages.0.content"),
+        (
+            ChatCompletionRequest,
+            {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "\udbff"}]}]},
+            "messages.0.content.0.text",
+        ),
+    ],
+)
+def test_lone_surrogates_are_a_400_naming_the_field(model, body, param):
+    err = rejected(model, _json_body(body))
+    assert err.param == param
+    assert "surrogate" in err.message
+    assert _encodes(err)["error"]["param"] == param
+
+
+def test_a_surrogate_in_a_key_or_raw_utf8_bytes_is_a_400_that_encodes():
+    err = rejected(CompletionRequest, _json_body({**COMPLETION, "\ud800x": 1}))
+    assert "\\ud800x" in _encodes(err)["error"]["message"]  # escaped, never echoed raw
+    err = rejected(CompletionRequest, b'{"model": "m", "prompt": "\xed\xa0\x80"}')  # a surrogate encoded as UTF-8
+    assert "UTF-8" in err.message
+
+
+def test_valid_astral_characters_pass():
+    req = parse_request(
+        CompletionRequest, _json_body({**COMPLETION, "prompt": "smile \U0001f600", "stop": "\U0001f600"})
+    )
+    assert req.prompt == "smile \U0001f600"
+
+
+def test_error_bodies_escape_what_utf8_cannot_encode():
+    body = error_body("bad \ud800", param="x\udc00")
+    assert body["error"] == {
+        "message": "bad \\ud800",
+        "type": "invalid_request_error",
+        "param": "x\\udc00",
+        "code": None,
+    }
+    json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"[" * 1500 + b"]" * 1500, "nested"),
+        (b'{"model": "m", "prompt": "x", "user": ' + b"[" * 100 + b"]" * 100 + b"}", "nested"),
+        (b'{"model": "m", "prompt": "x", "seed": ' + b"7" * 5000 + b"}", "digits"),
+        (b'{"model": "m", "prompt": "x", "max_tokens": -' + b"7" * 5000 + b"}", "digits"),
+        (b'{"model": "m", "prompt": "x", "temperature": NaN}', "NaN"),
+        (b'{"model": "m", "prompt": "x", "temperature": -Infinity}', "Infinity"),
+        (b'{"model": "m", "prompt": "x", "temperature": 1e400}', "range"),
+        (b'{"model": "m", "prompt": "\xff\xfe"}', "UTF-8"),
+        (b'\xef\xbb\xbf{"model": "m", "prompt": "x"}', "BOM"),
+        (b'{"model": "m", "prompt": "x"', "JSON"),
+        (b"", "JSON"),
+    ],
+)
+def test_bodies_that_fail_to_decode_are_a_400(body, words):
+    err = rejected(CompletionRequest, body)
+    assert words in err.message
+    _encodes(err)
+
+
+def test_numbers_that_decode_but_no_field_takes_name_the_field():
+    huge = 2**64  # the reproduction: "seed": 18446744073709551616
+    assert rejected(CompletionRequest, {**COMPLETION, "temperature": 1, "seed": huge}).param == "seed"
+    assert rejected(CompletionRequest, {**COMPLETION, "seed": -(2**63) - 1}).param == "seed"
+    for seed in (2**63 - 1, -(2**63), 0):
+        assert parse_request(CompletionRequest, {**COMPLETION, "seed": seed}).sampling_kwargs()["seed"] == seed
+        SamplingParams(
+            **parse_request(CompletionRequest, {**COMPLETION, "seed": seed}).sampling_kwargs() | {"max_tokens": 1}
+        )
+    assert rejected(CompletionRequest, {**COMPLETION, "max_tokens": huge}).param == "max_tokens"
+    assert rejected(ChatCompletionRequest, {**CHAT, "max_completion_tokens": huge}).param == "max_completion_tokens"
+    assert rejected(CompletionRequest, {**COMPLETION, "top_k": huge}).param == "top_k"
+    assert rejected(CompletionRequest, {**COMPLETION, "stop_token_ids": [1, huge]}).param == "stop_token_ids.1"
+    assert rejected(CompletionRequest, {**COMPLETION, "stop_token_ids": [-1]}).param == "stop_token_ids.0"
+    assert rejected(CompletionRequest, {**COMPLETION, "logprobs": huge}).param == "logprobs"
+    assert rejected(CompletionRequest, {**COMPLETION, "n": huge}).param == "n"
+
+
+def test_tiny_but_finite_numbers_pass_parsing():
+    """Subnormal temperatures are valid JSON and in range: the sampler, not the parser, must cope with them."""
+    body = b'{"model": "m", "prompt": "x", "temperature": 1e-320, "top_p": 1e-320}'
+    req = parse_request(CompletionRequest, body)
+    assert 0 < req.temperature < 1e-300 and 0 < req.top_p < 1e-300
+
+
 # ---- chat requests -------------------------------------------------------------------------------------
 
 
@@ -311,6 +417,13 @@ def test_unknown_model_is_a_404_model_not_found():
     assert info.value.param == "model"
 
 
+def test_unknown_model_message_is_bounded_and_encodable():
+    with pytest.raises(ProtocolError) as info:
+        check_model("x" * 10_000 + "\ud800", ["m"])
+    message = json.loads(json.dumps(info.value.body(), ensure_ascii=False).encode())["error"]["message"]
+    assert len(message) < 200
+
+
 def _events(stream) -> list:
     events = list(stream)
     assert events[-1] == SSE_DONE
@@ -360,3 +473,29 @@ def test_sse_stream_without_usage_has_no_usage_field():
     assert all("usage" not in c for c in chunks)
     with pytest.raises(ValueError):
         list(sse_stream([], id="x", model="m", chat=True, include_usage=True))
+
+
+# ---- OpenAPI document -----------------------------------------------------------------------------------
+
+
+def test_openapi_document_describes_both_bodies_with_resolvable_refs():
+    import re
+
+    from deployments.openapi_doc import openapi_document
+    from deployments.router import api
+
+    bodies = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+    doc = json.loads(json.dumps(openapi_document(api, bodies, served_models=["m"])))
+    schemas = doc["components"]["schemas"]
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(doc)))
+    assert {"CompletionRequest", "ChatCompletionRequest", "ChatMessage", "TextPart", "ErrorResponse"} <= refs
+    assert refs <= set(schemas)  # every reference resolves
+    assert "$defs" not in json.dumps(doc)
+    for path, model in bodies.items():
+        post = doc["paths"][path]["post"]
+        assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(model.__name__)
+        assert {"200", "400", "404"} <= set(post["responses"])
+    completion = schemas["CompletionRequest"]["properties"]
+    assert completion["model"]["enum"] == ["m"]
+    assert completion["n"]["enum"] == [1]  # options the engine cannot honour document their only values
+    assert completion["seed"]["anyOf"][0]["maximum"] == 2**63 - 1
