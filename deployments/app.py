@@ -42,7 +42,8 @@ def server_options(config: AppConfig) -> dict[str, Any]:
     options["ray_actor_options"] = {"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)}
     if len(bundles) > 1:  # the replica's actor goes into bundle 0, so its resources are that bundle's
         options["placement_group_bundles"] = bundles
-        options["placement_group_strategy"] = "PACK" if any("GPU" in b for b in bundles) else "STRICT_PACK"
+        default = "PACK" if any("GPU" in b for b in bundles) else "STRICT_PACK"
+        options["placement_group_strategy"] = target.placement_strategy or default
     affinity = config.router.prefix_affinity
     if affinity.enabled:
         options["request_router_config"] = request_router_config(

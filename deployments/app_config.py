@@ -9,9 +9,9 @@ sequences, and a silent default would decide the replica count.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from engine.config import EngineConfig
 
@@ -46,6 +46,16 @@ class AutoscalingSettings(_Strict):
         return self
 
 
+class ReplicaAdmissionSettings(_Strict):
+    """A replica's own admission check (deployments/admission.py): 503 + Retry-After beyond these."""
+
+    # Requests handed to the engine that it cannot run yet (no batch slot or KV); beyond: 503.
+    max_waiting: int = Field(default=16, ge=0)
+    # While the engine runs something, a prompt is refused if fewer blocks than this share would stay free.
+    min_free_kv_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    retry_after_s: int = Field(default=1, ge=1)
+
+
 class TargetSettings(_Strict):
     """The engine deployment: how many replicas (fixed or autoscaled) and what each actor gets."""
 
@@ -53,11 +63,16 @@ class TargetSettings(_Strict):
     autoscaling_config: AutoscalingSettings | None = None
     max_ongoing_requests: int = Field(default=64, ge=1)
     # Requests waiting in the handles beyond this get 503 (overloaded) instead of queueing without bound.
-    max_queued_requests: int = Field(default=256, ge=-1)
+    max_queued_requests: int = Field(default=64, ge=-1)
+    admission: ReplicaAdmissionSettings = Field(default_factory=ReplicaAdmissionSettings)
     shard_resources: ActorResources = Field(default_factory=ActorResources)
     draft_resources: ActorResources = Field(default_factory=ActorResources)
     # The KV block manager in its own actor (one call per step); False keeps it inside the replica.
     block_manager_actor: bool = True
+    # How a replica's placement group (replica, shards, draft worker) is laid over nodes; None: STRICT_PACK on
+    # CPU (one node, shards talk over loopback), PACK with GPUs. SPREAD/PACK let lost bundles move to another
+    # node, so a replica survives the loss of the node that held some of its actors.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] | None = None
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> TargetSettings:
@@ -81,6 +96,11 @@ class CompletionCacheSettings(_Strict):
     max_entries: int = Field(default=4096, ge=1)
     max_bytes: int = Field(default=64 << 20, ge=1)
     admit_after: int = Field(default=2, ge=1, le=255)
+    # Entries are scoped per API key and `user`, so that a replay never tells one caller what another asked;
+    # true shares them among all callers (a public deployment, where that reveals nothing).
+    share_across_keys: bool = False
+    # A cache call slower than this (the actor restarting, say) counts as a miss / a dropped offer.
+    timeout_s: float = Field(default=0.5, gt=0)
 
 
 class PrefixAffinitySettings(_Strict):
@@ -91,13 +111,47 @@ class PrefixAffinitySettings(_Strict):
     stats_period_s: float = Field(default=2.0, gt=0)
 
 
+class RouterAdmissionSettings(_Strict):
+    """Completions a router replica answers at once (streams count until their last byte); beyond: 429."""
+
+    max_in_flight: int = Field(default=192, ge=1)
+    retry_after_s: int = Field(default=1, ge=1)
+
+
+class AuthSettings(_Strict):
+    """API keys (deployments/auth.py): from the environment variable `keys_env` and/or the file `keys_file`
+    (a mounted Kubernetes or Ray secret). Off only for the local quick start."""
+
+    enabled: bool = False
+    keys_env: str | None = Field(default="SPECSERVE_API_KEYS", min_length=1)
+    keys_file: str | None = Field(default=None, min_length=1)
+
+
 class RouterSettings(_Strict):
     """The OpenAI-facing ingress deployment."""
 
     num_replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=256, ge=1)
+    # Request bodies beyond this get 413 (before they are read, when Content-Length says so).
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    # A stream whose replica died is resumed on a live replica if one answers within this time; else it ends
+    # with an error event (a non-streaming request: 503 + Retry-After).
+    resume_timeout_s: float = Field(default=60.0, ge=0)
+    admission: RouterAdmissionSettings = Field(default_factory=RouterAdmissionSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     completion_cache: CompletionCacheSettings = Field(default_factory=CompletionCacheSettings)
     prefix_affinity: PrefixAffinitySettings = Field(default_factory=PrefixAffinitySettings)
+
+    @field_validator("admission")
+    @classmethod
+    def _refusals_can_be_answered(cls, v: RouterAdmissionSettings, info: ValidationInfo) -> RouterAdmissionSettings:
+        ongoing = info.data.get("max_ongoing_requests")
+        if ongoing is not None and v.max_in_flight >= ongoing:
+            raise ValueError(
+                f"max_in_flight ({v.max_in_flight}) must be < max_ongoing_requests ({ongoing}), or requests "
+                "beyond it queue before they can be refused"
+            )
+        return v
 
 
 class DraftWorkerSettings(_Strict):

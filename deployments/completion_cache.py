@@ -81,17 +81,27 @@ def _canonical(v: Any) -> Any:
     raise TypeError(f"cannot hash a {type(v).__name__} into a cache key")
 
 
-def make_key(model_id: str, model_version: str, params: dict[str, Any]) -> CacheKey:
+def make_key(model_id: str, model_version: str, params: dict[str, Any], scope: str = "") -> CacheKey:
     """Hash every output-affecting field: the prompt (text, token ids or messages) and all sampling settings.
 
     `params` should hold the request as the engine sees it (prompt or messages, plus the SamplingParams kwargs
     with defaults resolved, e.g. max_tokens filled in): a value left implicit cannot be told from another
-    default. A key whose value is None counts as absent; NON_OUTPUT_KEYS are ignored.
+    default. A key whose value is None counts as absent; NON_OUTPUT_KEYS are ignored. `scope` (see
+    `cache_scope`) keeps callers apart: the same request in another scope is another entry.
     """
     body = {k: v for k, v in params.items() if k not in NON_OUTPUT_KEYS}
     blob = json.dumps(_canonical(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    digest = hashlib.sha256(f"{model_id}\0{model_version}\0{blob}".encode()).hexdigest()
+    head = f"{model_id}\0{model_version}\0{blob}" if not scope else f"{model_id}\0{model_version}\0{scope}\0{blob}"
+    digest = hashlib.sha256(head.encode("utf-8", "surrogatepass")).hexdigest()
     return CacheKey(model_id, model_version, digest)
+
+
+def cache_scope(key_id: str, user: str | None, shared: bool) -> str:
+    """Whose entries a request may see: its API key's and `user`'s own, or everyone's when `shared` (a public
+    deployment). A replayed answer otherwise tells a caller that someone else asked the same thing."""
+    if shared:
+        return ""
+    return json.dumps([key_id, user or ""], ensure_ascii=True)
 
 
 def is_cacheable(params: dict[str, Any]) -> bool:

@@ -3,13 +3,21 @@
 Sharing matters for admission: with N routers each seeing a repeated prompt once, N private caches would
 never reach `admit_after` sightings. The actor is a thin shell (all logic is in completion_cache.py); it asks
 for no CPU so it never competes with engine actors for a slot, and it runs its calls one at a time.
+
+The cache is an optimisation, so a router talks to it through `CacheClient`: every call has a short timeout
+and any failure (the actor restarting, gone) is a miss or a dropped offer, never a failed request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from deployments.completion_cache import CachedCompletion, CacheKey, CompletionCache
 
@@ -56,3 +64,83 @@ def get_or_create_cache_actor(
     if detached:
         options["lifetime"] = "detached"
     return CompletionCacheActor.options(**options).remote(**cache_kwargs)
+
+
+log = logging.getLogger("ray.serve")
+
+
+class BurstLog:
+    """Says whether to log a failure: the first of a burst (failures less than `quiet_s` apart) only."""
+
+    def __init__(self, quiet_s: float = 30.0):
+        self.quiet_s = quiet_s
+        self._last: float | None = None
+        self.suppressed = 0
+
+    def should_log(self, now: float) -> bool:
+        first = self._last is None or now - self._last >= self.quiet_s
+        self._last = now
+        if not first:
+            self.suppressed += 1
+        return first
+
+
+class CacheClient:
+    """A router's side of the cache actor: bounded calls, failures are misses (get) or dropped (offer).
+
+    `connect()` returns the actor handle (get-or-create); it is called again, at most every `reconnect_s`,
+    after the actor died for good, so a cache killed without restart comes back as a new, empty one."""
+
+    def __init__(self, connect: Callable[[], Any], timeout_s: float = 0.5, reconnect_s: float = 5.0):
+        self._connect, self.timeout_s, self.reconnect_s = connect, timeout_s, reconnect_s
+        self._actor: Any = None
+        self._next_connect = 0.0
+        self._log = BurstLog()
+        self._pending: set[asyncio.Task] = set()
+        self.failures = 0
+        self._actor_or_none()
+
+    def _actor_or_none(self) -> Any:
+        if self._actor is None and time.monotonic() >= self._next_connect:
+            self._next_connect = time.monotonic() + self.reconnect_s
+            try:
+                self._actor = self._connect()
+            except Exception as e:  # noqa: BLE001 - no cache is a miss
+                self._failed("connect", e)
+        return self._actor
+
+    def _failed(self, what: str, error: BaseException) -> None:
+        self.failures += 1
+        if isinstance(error, RayActorError) and not isinstance(error, ActorUnavailableError):
+            self._actor = None  # dead for good: connect again later
+        if self._log.should_log(time.monotonic()):
+            log.warning(
+                "completion cache unavailable (%s: %s); serving without it (%d similar failures not logged)",
+                what,
+                type(error).__name__,
+                self._log.suppressed,
+            )
+
+    async def _call(self, what: str, method: str, *args: Any) -> Any:
+        actor = self._actor_or_none()
+        if actor is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.ensure_future(getattr(actor, method).remote(*args)), self.timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - timeouts, actor restarts, deaths: all just "no cache"
+            self._failed(what, e)
+            return None
+
+    async def get(self, key: CacheKey) -> CachedCompletion | None:
+        return await self._call("get", "get", key)
+
+    async def stats(self) -> dict[str, Any] | None:
+        return await self._call("stats", "stats")
+
+    def offer(self, key: CacheKey, value: CachedCompletion) -> None:
+        """Fire and forget (the reply is awaited in the background, so that a failure is seen and logged)."""
+        task = asyncio.get_running_loop().create_task(self._call("offer", "offer", key, value))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)

@@ -1,31 +1,38 @@
 """The router: the OpenAI-compatible HTTP ingress in front of the target replicas.
 
-It validates requests (400 with an OpenAI error body, never a 5xx for bad input), answers repeated
-deterministic requests from the completion cache shared by all router replicas (without touching a replica),
-and otherwise streams the request through a DeploymentHandle to an LLMServer replica chosen by the prefix-
-affinity request router. The first item of a replica's stream decides the HTTP status, so a request the engine
-refuses still gets a proper 4xx even when the client asked for a stream. A client that goes away cancels the
-replica-side stream, which frees the sequence's KV blocks at once.
+Every request first passes the edge (edge.py: request id, API key, body limit, in-flight admission). The
+router validates requests (400 with an OpenAI error body, never a 5xx for bad input), answers repeated
+deterministic requests from the completion cache shared by all router replicas (scoped per API key and
+`user`; a cache that is down is a miss), and otherwise streams the request through a DeploymentHandle to an
+LLMServer replica chosen by the prefix-affinity request router (replica_stream.py resumes it elsewhere if
+that replica dies). The first item of a replica's stream decides the HTTP status, so a request the engine
+refuses still gets a proper 4xx (or 503 + Retry-After when overloaded) even when the client asked for a
+stream. A client that goes away, at any point, cancels the replica-side stream, which frees the sequence's
+KV blocks at once. A 5xx says what failed in one line with the request id; the details go to the log.
 """
 
+import asyncio
 import hashlib
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter as ServeCounter
 
+from deployments.admission import InFlightLimit, overloaded
 from deployments.app_config import AppConfig, load_app_config
-from deployments.completion_cache import CachedCompletion, is_cacheable, make_key, replay_pieces
+from deployments.auth import Caller, KeySource
+from deployments.completion_cache import CachedCompletion, cache_scope, is_cacheable, make_key, replay_pieces
+from deployments.edge import Edge, EdgeSettings, error_headers, refusal_error, server_error
 from deployments.openai_protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -35,7 +42,6 @@ from deployments.openai_protocol import (
     chat_completion_response,
     check_model,
     completion_response,
-    error_body,
     model_list,
     new_id,
     parse_request,
@@ -43,10 +49,23 @@ from deployments.openai_protocol import (
     sse_stream,
     usage,
 )
+from deployments.openapi_doc import install_openapi
+from deployments.replica_stream import ReplicaStream
 from deployments.routing_policy import prefix_keys
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="specserve", docs_url=None, redoc_url=None)
+
+
+def _edge_settings() -> EdgeSettings | None:
+    """The running router's edge policy (the middleware is added before the router exists)."""
+    try:
+        return getattr(serve.get_replica_context().servable_object, "edge", None)
+    except RayServeException:  # not in a replica
+        return None
+
+
+api.add_middleware(Edge, settings=_edge_settings)
 
 
 def model_version(config: AppConfig) -> str:
@@ -68,10 +87,60 @@ def model_version(config: AppConfig) -> str:
 
 REPLICA_HEADER = "x-specserve-replica"  # which replica answered
 CACHE_HIT = {REPLICA_HEADER: "completion-cache"}  # none: the completion cache did
+READY_CHECK_S = 2.0  # how long /health waits for a replica to say it is ready
+STATS_TIMEOUT_S = 10.0
+NOT_READY = ProtocolError(
+    "the model is still loading; retry shortly", status_code=503, type="server_error", code="not_ready"
+)
+NOT_READY.retry_after_s = 5
 
 
-def _error(e: ProtocolError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status_code)
+def _error(e: ProtocolError, request_id: str | None = None) -> JSONResponse:
+    """The error response; a 5xx names its request (`request_id`) in its one-line message."""
+    body = e.body()
+    if e.status_code >= 500 and request_id and request_id not in e.message:
+        body["error"]["message"] = f"{e.message} (request id {request_id})"
+    return JSONResponse(body, status_code=e.status_code, headers=error_headers(e))
+
+
+def item_error(item: dict[str, Any], request_id: str) -> ProtocolError:
+    """A replica's error item as the client sees it: 4xx as given (it names the field), 5xx in one line with
+    the request id (replicas send fixed texts, never exception details)."""
+    status = item["status"]
+    if status < 500:
+        return ProtocolError(item["message"], status_code=status, param=item.get("param"), code=item.get("code"))
+    error = server_error(request_id, item["message"], status=status, code=item.get("code") or "internal_error")
+    if item.get("retry_after_s") is not None or status == 503:
+        error.retry_after_s = item.get("retry_after_s") or 1
+    return error
+
+
+async def _bounded(response: Any, timeout_s: float) -> Any:
+    """Await a DeploymentResponse for at most `timeout_s`; it is cancelled if it does not answer in time."""
+
+    async def wait() -> Any:
+        return await response
+
+    try:
+        return await asyncio.wait_for(wait(), timeout_s)
+    except BaseException:
+        response.cancel()
+        raise
+
+
+class _GuardedStream(StreamingResponse):
+    """A streamed response that cancels its replica-side stream however it ends: finished, failed, or cancelled
+    before its body generator even started (a client gone right after the status line was decided)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 class _Metrics:
@@ -111,26 +180,52 @@ class Router:
         self.stats_handle = server
         self.metrics = _Metrics()
         self.created = int(time.time())
-        settings = self.config.router.completion_cache
+        install_openapi(api, [self.model_id])  # /openapi.json describes the request bodies
+        router = self.config.router
+        auth = router.auth
+        self.edge = EdgeSettings(
+            max_body_bytes=router.max_request_bytes,
+            keys=KeySource(auth.keys_env, auth.keys_file) if auth.enabled else None,  # no keys: the deploy fails
+            limit=InFlightLimit(router.admission.max_in_flight, router.admission.retry_after_s),
+        )
+        self.ready = False
+        settings = router.completion_cache
         self.cache = None
         if settings.enabled:
-            from deployments.completion_cache_actor import get_or_create_cache_actor
+            from deployments.completion_cache_actor import CacheClient, get_or_create_cache_actor
 
-            self.cache = get_or_create_cache_actor(
-                max_entries=settings.max_entries, max_bytes=settings.max_bytes, admit_after=settings.admit_after
-            )
-            # A new model version drops whatever an older deployment of this model left in the shared cache.
-            self.cache.set_model_version.remote(self.model_id, self.version)
+            def connect():
+                actor = get_or_create_cache_actor(
+                    max_entries=settings.max_entries, max_bytes=settings.max_bytes, admit_after=settings.admit_after
+                )
+                # A new model version drops whatever an older deployment of this model left in the shared cache.
+                actor.set_model_version.remote(self.model_id, self.version)
+                return actor
+
+            self.cache = CacheClient(connect, timeout_s=settings.timeout_s)
 
     # ---- small endpoints ------------------------------------------------------------------------------
 
+    async def _is_ready(self) -> bool:
+        """True once a target replica has answered (its constructor ends only when it can serve); cached."""
+        if not self.ready:
+            try:
+                self.ready = bool(await _bounded(self.stats_handle.ready.remote(), READY_CHECK_S))
+            except Exception:  # noqa: BLE001 - no replica yet, or it is starting: not ready
+                self.ready = False
+        return self.ready
+
     @api.get("/v1/models")
-    async def models(self) -> dict:
-        return model_list([self.model_id], created=self.created)
+    async def models(self, request: Request) -> Response:
+        if not await self._is_ready():
+            return _error(NOT_READY, getattr(request.state, "request_id", None))
+        return JSONResponse(model_list([self.model_id], created=self.created))
 
     @api.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok", "model": self.model_id}
+    async def health(self, request: Request) -> Response:
+        if not await self._is_ready():
+            return _error(NOT_READY, getattr(request.state, "request_id", None))
+        return JSONResponse({"status": "ok", "model": self.model_id})
 
     @api.get("/metrics")
     async def prometheus(self) -> Response:
@@ -138,10 +233,20 @@ class Router:
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:
-        """Cache and replica counters (what the tests and operators look at)."""
-        cache = await self.cache.stats.remote() if self.cache is not None else None
-        replica = await self.stats_handle.stats.remote()
-        return {"completion_cache": cache, "replica": replica}
+        """Cache and replica counters (what the tests and operators look at); a part that does not answer
+        in time is null."""
+        cache = await self.cache.stats() if self.cache is not None else None
+        try:
+            replica = await _bounded(self.stats_handle.stats.remote(), STATS_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - no replica answering: reported as such
+            log.warning("replica stats unavailable", exc_info=True)
+            replica = None
+        limit = self.edge.limit
+        return {
+            "completion_cache": cache,
+            "replica": replica,
+            "router": {"in_flight": limit.in_flight, "refused": limit.refused},
+        }
 
     # ---- completions ----------------------------------------------------------------------------------
 
@@ -155,28 +260,23 @@ class Router:
 
     async def _serve(self, request: Request, schema: type, chat: bool) -> Response:
         route = "chat" if chat else "completions"
+        request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
         self.metrics.in_flight.inc()
         try:
-            response = await self._answer(request, schema, chat)
+            response = await self._answer(request, schema, chat, request_id)
         except ProtocolError as e:
-            response = _error(e)
+            response = _error(e, request_id)
         except BackPressureError:
-            response = _error(
-                ProtocolError(
-                    "the server is overloaded; retry later", status_code=503, type="server_error", code="overloaded"
-                )
-            )
-        except Exception as e:  # noqa: BLE001 - a replica failure must still be an OpenAI-shaped answer
-            log.exception("request failed")
-            response = _error(
-                ProtocolError(f"internal error: {type(e).__name__}: {e}", status_code=500, type="server_error")
-            )
+            response = _error(refusal_error(overloaded(self.config.router.admission.retry_after_s)), request_id)
+        except Exception:  # noqa: BLE001 - a replica failure must still be an OpenAI-shaped answer
+            log.exception("request %s failed", request_id)
+            response = _error(server_error(request_id, "internal error while answering the request"))
         finally:
             self.metrics.in_flight.dec()
         self.metrics.request(route, response.status_code)
         return response
 
-    async def _answer(self, request: Request, schema: type, chat: bool) -> Response:
+    async def _answer(self, request: Request, schema: type, chat: bool, request_id: str) -> Response:
         req = parse_request(schema, await request.body())
         check_model(req.model, [self.model_id])
         params = req.sampling_kwargs()
@@ -184,42 +284,44 @@ class Router:
         engine_request = {
             **prompt,
             "params": params,
-            "request_id": uuid.uuid4().hex,
+            "request_id": f"{request_id}-{uuid.uuid4().hex[:8]}",
             "prefix_keys": prefix_keys(prompt.get("messages") or prompt.get("prompt")),
         }
         rid = new_id("chatcmpl" if chat else "cmpl")
         key = None
         if self.cache is not None and is_cacheable(params):
-            key = make_key(self.model_id, self.version, {"chat": chat, **prompt, **params})
-            cached = await self.cache.get.remote(key)
+            caller = getattr(request.state, "caller", None) or Caller("anonymous", frozenset())
+            scope = cache_scope(caller.key_id, req.user, self.config.router.completion_cache.share_across_keys)
+            key = make_key(self.model_id, self.version, {"chat": chat, **prompt, **params}, scope=scope)
+            cached = await self.cache.get(key)
             self.metrics.cache_lookup("hit" if cached is not None else "miss")
             if cached is not None:
                 return self._replay(cached, req, rid, chat)
-        stream = self.server.generate.remote(engine_request)
-        first = await stream.__anext__()
-        if first["type"] == "error":
-            stream.cancel()
-            raise ProtocolError(
-                first["message"],
-                status_code=first["status"],
-                param=first.get("param"),
-                type="invalid_request_error" if first["status"] < 500 else "server_error",
-            )
-        prompt_tokens = first["prompt_tokens"]
-        served_by = {REPLICA_HEADER: first.get("replica", "")}
-        if req.stream:
-            return StreamingResponse(
-                self._sse(stream, req, rid, chat, prompt_tokens, key), media_type="text/event-stream", headers=served_by
-            )
-        text, token_ids, finish = [], [], None
-        async for item in stream:
-            if item["type"] == "error":
-                raise ProtocolError(item["message"], status_code=item["status"], type="server_error")
-            text.append(item["text"])
-            token_ids.extend(item["token_ids"])
-            finish = item["finish_reason"] or finish
+        stream = ReplicaStream(self.server, engine_request, self.config.router.resume_timeout_s)
+        handed_over = False
+        try:
+            first = await stream.start()
+            if first["type"] == "error":
+                raise item_error(first, request_id)
+            prompt_tokens = first["prompt_tokens"]
+            served_by = {REPLICA_HEADER: first.get("replica", "")}
+            if req.stream:
+                events = self._sse(stream, req, rid, chat, prompt_tokens, key, request_id)
+                response = _GuardedStream(events, stream.cancel, media_type="text/event-stream", headers=served_by)
+                handed_over = True
+                return response
+            text, token_ids, finish = [], [], None
+            async for item in stream.items():
+                if item["type"] == "error":
+                    raise item_error(item, request_id)
+                text.append(item["text"])
+                token_ids.extend(item["token_ids"])
+                finish = item["finish_reason"] or finish
+        finally:
+            if not handed_over:
+                stream.cancel()
         done = CachedCompletion("".join(text), tuple(token_ids), finish, prompt_tokens, len(token_ids))
-        self._offer(key, done)
+        self._offer(key if not stream.progress.resumes else None, done)
         build = chat_completion_response if chat else completion_response
         body = build(rid, self.model_id, done.text, finish, done.usage, created=int(time.time()))
         return JSONResponse(body, headers=served_by)
@@ -227,7 +329,7 @@ class Router:
     def _offer(self, key, done: CachedCompletion) -> None:
         self.metrics.tokens.inc(done.completion_tokens)
         if key is not None and done.finish_reason is not None:
-            self.cache.offer.remote(key, done)
+            self.cache.offer(key, done)
 
     def _replay(self, cached: CachedCompletion, req, rid: str, chat: bool) -> Response:
         self.metrics.tokens.inc(cached.completion_tokens)
@@ -245,30 +347,41 @@ class Router:
         body = build(rid, self.model_id, cached.text, cached.finish_reason, cached.usage, created=int(time.time()))
         return JSONResponse(body, headers=CACHE_HIT)
 
-    async def _sse(self, stream, req, rid: str, chat: bool, prompt_tokens: int, key) -> AsyncIterator[str]:
-        """Relay the replica's stream as SSE. If the client goes away this generator is closed, and closing
-        cancels the replica-side stream, which aborts the request and frees its KV blocks."""
+    async def _sse(
+        self, stream: ReplicaStream, req, rid: str, chat: bool, prompt_tokens: int, key, request_id: str
+    ) -> AsyncIterator[str]:
+        """Relay the replica's stream as SSE; it ends with a finish reason, or an error event, then [DONE].
+        If the client goes away this generator is closed, and closing cancels the replica-side stream, which
+        aborts the request and frees its KV blocks."""
         sse = SSEEncoder(rid, self.model_id, chat, int(time.time()), req.include_usage)
         text, token_ids, finish = [], [], None
         completed = False
         try:
             for event in sse.start():
                 yield event
-            async for item in stream:
-                if item["type"] == "error":
-                    yield sse_event(error_body(item["message"], type="server_error"))
-                    yield SSE_DONE
-                    completed = True
-                    return
-                text.append(item["text"])
-                token_ids.extend(item["token_ids"])
-                finish = item["finish_reason"] or finish
-                for event in sse.piece(item["text"], item["finish_reason"]):
-                    yield event
+            try:
+                async for item in stream.items():
+                    if item["type"] == "error":
+                        yield sse_event(item_error(item, request_id).body())
+                        yield SSE_DONE
+                        completed = True
+                        return
+                    text.append(item["text"])
+                    token_ids.extend(item["token_ids"])
+                    finish = item["finish_reason"] or finish
+                    for event in sse.piece(item["text"], item["finish_reason"]):
+                        yield event
+            except Exception:  # noqa: BLE001 - the stream must still end with an error event
+                log.exception("stream of request %s failed", request_id)
+                yield sse_event(server_error(request_id, "internal error while streaming the answer").body())
+                yield SSE_DONE
+                completed = True
+                return
             for event in sse.end(usage(prompt_tokens, len(token_ids))):
                 yield event
             completed = True
-            self._offer(key, CachedCompletion("".join(text), tuple(token_ids), finish, prompt_tokens, len(token_ids)))
+            done = CachedCompletion("".join(text), tuple(token_ids), finish, prompt_tokens, len(token_ids))
+            self._offer(key if not stream.progress.resumes else None, done)
         finally:
             if not completed:
                 stream.cancel()

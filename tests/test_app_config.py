@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,12 @@ def test_target_ongoing_requests_must_be_given_explicitly():
         ({"router": {"completion_cache": {"admit_after": 0}}}, "router.completion_cache.admit_after"),
         ({"router": {"completion_cache": {"max_bytes": -5}}}, "router.completion_cache.max_bytes"),
         ({"served_model_name": ""}, "served_model_name"),
+        ({"router": {"max_request_bytes": 10}}, "router.max_request_bytes"),
+        ({"router": {"admission": {"max_in_flight": 0}}}, "router.admission.max_in_flight"),
+        ({"router": {"admission": {"max_in_flight": 300}}}, "router.admission"),
+        ({"router": {"auth": {"enabled": "maybe"}}}, "router.auth.enabled"),
+        ({"router": {"completion_cache": {"timeout_s": 0}}}, "router.completion_cache.timeout_s"),
+        ({"target": {"admission": {"min_free_kv_fraction": 1.0}}}, "target.admission.min_free_kv_fraction"),
     ],
 )
 def test_bad_values_name_the_key(args, path):
@@ -127,6 +134,25 @@ def test_serve_config_app_args_pass_load_app_config():
     assert "target_ongoing_requests" in app["args"]["target"]["autoscaling_config"]  # explicit, not defaulted
 
 
+def without_auth(applications: list[dict]) -> list[dict]:
+    applications = copy.deepcopy(applications)
+    for app in applications:
+        app["args"]["router"].pop("auth", None)
+    return applications
+
+
+def test_serve_config_states_every_limit_explicitly():
+    """The limits that shed load and bound latency are in the file, not left to defaults."""
+    (app,) = serve_config()["applications"]
+    router, target = app["args"]["router"], app["args"]["target"]
+    for key in ("max_request_bytes", "resume_timeout_s", "admission", "auth"):
+        assert key in router, key
+    assert {"max_queued_requests", "admission"} <= set(target)
+    cfg = load_app_config(app["args"])
+    assert cfg.router.admission.max_in_flight < cfg.router.max_ongoing_requests
+    assert cfg.router.completion_cache.share_across_keys is False
+
+
 def test_serve_config_is_a_valid_serve_deploy_schema():
     from ray.serve.schema import ServeDeploySchema
 
@@ -138,7 +164,11 @@ def test_rayservice_holds_the_same_application_as_serve_config():
     manifest = yaml.safe_load((REPO / "cluster" / "rayservice.yaml").read_text())
     assert manifest["kind"] == "RayService"
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    assert embedded["applications"] == serve_config()["applications"]
+    # the same app, except that a cluster turns API keys on (the local quick start has them off)
+    assert without_auth(embedded["applications"]) == without_auth(serve_config()["applications"])
+    auth = load_app_config(embedded["applications"][0]["args"]).router.auth
+    assert auth.enabled and (auth.keys_env or auth.keys_file)
+    assert load_app_config(serve_config()["applications"][0]["args"]).router.auth.enabled is False
     workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     limits = [c["resources"]["limits"] for w in workers for c in w["template"]["spec"]["containers"]]
     assert any(int(lim.get("nvidia.com/gpu", 0)) >= 1 for lim in limits)

@@ -292,3 +292,35 @@ def test_replay_pieces_reassemble_the_text_and_end_with_the_finish_reason():
 
 def test_replay_of_empty_text():
     assert list(replay_pieces(CachedCompletion("", (), "stop"))) == [("", "stop")]
+
+
+# ---- scopes: one caller's answers are not replayed to another ------------------------------------------------
+
+
+def test_cache_scope_separates_api_keys_and_users_unless_shared():
+    from deployments.completion_cache import cache_scope
+
+    scopes = {
+        cache_scope("key-a", None, shared=False),
+        cache_scope("key-a", "alice", shared=False),
+        cache_scope("key-a", "bob", shared=False),
+        cache_scope("key-b", "alice", shared=False),
+        cache_scope("key-a\0", "alice", shared=False),  # no ambiguity from separators
+        cache_scope("key-a", "\0alice", shared=False),
+    }
+    assert len(scopes) == 6
+    assert cache_scope("key-a", "alice", shared=True) == cache_scope("key-b", None, shared=True) == ""
+    assert cache_scope("key-a", "", shared=False) == cache_scope("key-a", None, shared=False)
+
+
+def test_keys_differ_per_scope_and_an_empty_scope_keeps_the_old_keys():
+    from deployments.completion_cache import cache_scope
+
+    a = make_key("m", "v1", BASE, scope=cache_scope("key-a", "alice", shared=False))
+    b = make_key("m", "v1", BASE, scope=cache_scope("key-b", "alice", shared=False))
+    assert a != b and a.model_id == b.model_id == "m"
+    assert make_key("m", "v1", BASE, scope="") == make_key("m", "v1", BASE)
+    cache = CompletionCache(admit_after=1)
+    cache.get(a)
+    assert cache.offer(a, value())
+    assert cache.get(a) is not None and cache.get(b) is None

@@ -1,11 +1,15 @@
-"""The shared cache actor: every get-or-create call reaches the same cache (starts a 1-CPU local Ray)."""
+"""The shared cache actor: every get-or-create call reaches the same cache (starts a 1-CPU local Ray); a
+router's CacheClient turns a restarting or dead actor into misses, and reconnects to a new one."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import ray
 
 from deployments.completion_cache import CachedCompletion, make_key
-from deployments.completion_cache_actor import get_or_create_cache_actor
+from deployments.completion_cache_actor import BurstLog, CacheClient, get_or_create_cache_actor
 
 RAY_CPUS = 1
 
@@ -24,3 +28,39 @@ def test_routers_share_one_cache_and_admission_counts_across_them(local_ray):
     assert (stats["hits"], stats["misses"], stats["entries"]) == (1, 2, 1)
     assert ray.get(first.set_model_version.remote("m", "v2")) == 1
     ray.kill(first)
+
+
+def test_burst_log_logs_the_first_failure_of_each_burst():
+    log = BurstLog(quiet_s=10)
+    assert [log.should_log(t) for t in (0, 1, 2, 9, 30, 31)] == [True, False, False, False, True, False]
+    assert log.suppressed == 4
+
+
+def test_client_serves_misses_while_the_actor_restarts_or_is_gone(local_ray):
+    def connect():
+        return get_or_create_cache_actor(name="client-cache", namespace="specserve-test", admit_after=1)
+
+    key = make_key("m", "v1", {"prompt": "hi", "temperature": 0, "max_tokens": 4})
+    done = CachedCompletion("hello", (1, 2), "length", 3, 2)
+
+    async def scenario():
+        client = CacheClient(connect, timeout_s=0.5, reconnect_s=0.0)
+        assert await client.get(key) is None
+        client.offer(key, done)
+        await asyncio.sleep(0.5)
+        assert (await client.get(key)).text == "hello"
+        ray.kill(connect(), no_restart=False)  # restarting: calls fail or time out, never raise
+        t0 = time.monotonic()
+        results = [await client.get(key) for _ in range(3)]
+        client.offer(key, done)
+        assert all(r is None or r.text == "hello" for r in results) and time.monotonic() - t0 < 5
+        ray.kill(connect(), no_restart=True)  # gone for good: the client makes a new, empty one
+        deadline = time.monotonic() + 30
+        while await client.stats() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        stats = await client.stats()
+        assert stats is not None and stats["entries"] == 0
+        return client.failures
+
+    assert asyncio.run(scenario()) >= 1
+    ray.kill(connect())
