@@ -88,3 +88,12 @@ def local_ray(request):
     )
     yield
     ray.shutdown()
+
+
+def greedy_reference(make_engine, prompt: str, sizes: tuple[int, ...]) -> dict[int, str]:
+    """What the target alone says (in-process engine, TP=1, no speculation, ignore_eos), by max_tokens: the text
+    a served stream must equal however its actors fail."""
+    from engine.sampling_params import SamplingParams
+
+    engine = make_engine(kv_cache_gib=0.25, max_model_len=1024)
+    return {n: engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].text for n in sizes}

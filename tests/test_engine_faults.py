@@ -93,6 +93,21 @@ def fail_processing_for_seed(monkeypatch, seed: int) -> None:
     monkeypatch.setattr(llm_engine, "processed_probs", flaky)
 
 
+def stream_all(aeng: AsyncEngine, prompts: list, params: list[SamplingParams]) -> list:
+    """Stream every request at once; each one's tokens, or the exception that ended it."""
+
+    async def one(prompt, sp):
+        tokens = []
+        async for out in aeng.generate(prompt, sp):
+            tokens.extend(out.new_token_ids)
+        return tokens
+
+    async def main():
+        return await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params)), return_exceptions=True)
+
+    return asyncio.run(main())
+
+
 def test_a_failure_in_one_sequences_processing_ends_that_request_only(make_engine, monkeypatch):
     engine = make_engine()
     prompts = PROMPTS[1:] * 2
@@ -108,17 +123,7 @@ def test_a_failure_in_one_sequences_processing_ends_that_request_only(make_engin
 
     aeng = AsyncEngine(engine)
     try:
-
-        async def one(prompt, sp):
-            tokens = []
-            async for out in aeng.generate(prompt, sp):
-                tokens.extend(out.new_token_ids)
-            return tokens
-
-        async def main():
-            return await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params)), return_exceptions=True)
-
-        results = asyncio.run(main())
+        results = stream_all(aeng, prompts, params)
     finally:
         aeng.shutdown()
     failed = results.pop(4)
@@ -154,17 +159,7 @@ def test_a_request_that_keeps_breaking_the_forward_is_isolated_and_ended_alone(m
     forwards = break_the_forward_on(engine, marker)
     aeng = AsyncEngine(engine)  # no repair hook: nothing to rebuild, so failed steps are recomputed
     try:
-
-        async def one(prompt, sp):
-            tokens = []
-            async for out in aeng.generate(prompt, sp):
-                tokens.extend(out.new_token_ids)
-            return tokens
-
-        async def main():
-            return await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params)), return_exceptions=True)
-
-        results = asyncio.run(main())
+        results = stream_all(aeng, prompts, params)
     finally:
         aeng.shutdown()
         del engine.runner.execute
