@@ -1,7 +1,7 @@
 """The draft model in its own Ray actor, so it gets its own GPU bundle instead of sharing the target's.
 
 `DraftWorker` is a thin actor around `DraftModelProposer`, built exactly as the engine builds its in-process
-draft (`engine.draft_runner.build_draft_runner`). `RemoteDraftProposer` is the `Proposer` the target replica
+draft (`ModelRunner.from_config(config, draft=True)`). `RemoteDraftProposer` is the `Proposer` the target replica
 hands to `LLMEngine(config, proposer=...)`: one actor call per engine step for the whole batch. One actor
 serves one engine (sequence ids are per engine), so each replica starts its own worker.
 
@@ -32,8 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.app_config import ActorResources
 from engine.config import EngineConfig
-from engine.draft_runner import build_draft_runner
-from engine.loader import load_arch, resolve_model
+from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from speculator.draft_model import DraftModelProposer
 from speculator.proposer import Draft, DraftRequest, Proposer
@@ -54,7 +53,7 @@ class _Mirror:
 class DraftService:
     """The actor's logic as a plain class (the actor is this class under `ray.remote`)."""
 
-    def __init__(self, config: EngineConfig, target_vocab_size: int, max_model_len: int, num_threads: int = 1):
+    def __init__(self, config: EngineConfig, num_threads: int = 1):
         device: str | torch.device = config.device
         if config.device.startswith("cuda"):
             # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU, so it is always device 0 here.
@@ -63,7 +62,7 @@ class DraftService:
         else:
             # Stay within this actor's CPU share instead of spinning a thread per core of the host.
             torch.set_num_threads(max(1, num_threads))
-        self.proposer = DraftModelProposer(build_draft_runner(config, target_vocab_size, max_model_len, device=device))
+        self.proposer = DraftModelProposer(ModelRunner.from_config(config, draft=True, device=device))
         self.seqs: dict[int, _Mirror] = {}
         # Changes on every (re)start: lets callers and tests tell a restarted actor from the old one.
         self.incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -105,10 +104,6 @@ class DraftService:
         """Liveness probe, answered between calls: this process's incarnation id."""
         return self.incarnation
 
-    def num_sequences(self) -> int:
-        """Sequences the actor holds state for (a leak check for tests and metrics)."""
-        return len(self.seqs)
-
 
 @ray.remote(max_restarts=-1)
 class DraftWorker(DraftService):
@@ -118,9 +113,7 @@ class DraftWorker(DraftService):
 def start_draft_worker(
     engine_config: EngineConfig,
     resources: ActorResources | None = None,
-    max_model_len: int | None = None,
     *,
-    target_vocab_size: int | None = None,
     placement_group: Any = None,
     bundle_index: int = -1,
     name: str | None = None,
@@ -130,17 +123,12 @@ def start_draft_worker(
 ) -> Any:
     """Start a DraftWorker for `engine_config` (whose speculator must be 'draft') and return its handle.
 
-    `max_model_len`/`target_vocab_size` default to what LLMEngine derives from the target (pass the engine's
-    values when at hand). On CUDA the worker needs a GPU of its own: `num_gpus` 0 becomes 1. With a
-    `placement_group` the actor goes into bundle `bundle_index` (e.g. one the replica reserved for it). With
-    `ready_timeout_s` this waits for the model to load (raising on failure), otherwise it returns at once."""
+    On CUDA the worker needs a GPU of its own: `num_gpus` 0 becomes 1. With a `placement_group` the actor goes
+    into bundle `bundle_index` (e.g. one the replica reserved for it). With `ready_timeout_s` this waits for the
+    model to load (raising on failure), otherwise it returns at once."""
     if engine_config.speculator != "draft":
         raise ValueError(f"a draft worker needs speculator 'draft', not {engine_config.speculator!r}")
     resources = resources or ActorResources()
-    if max_model_len is None or target_vocab_size is None:
-        arch = load_arch(resolve_model(engine_config.model))
-        target_vocab_size = target_vocab_size or arch.vocab_size
-        max_model_len = max_model_len or min(engine_config.max_model_len or arch.max_model_len, arch.max_model_len)
     num_gpus = resources.num_gpus
     if engine_config.device.startswith("cuda") and num_gpus <= 0:
         num_gpus = 1
@@ -154,7 +142,7 @@ def start_draft_worker(
     if namespace is not None:
         options["namespace"] = namespace
     num_threads = max(1, int(resources.num_cpus))
-    actor = DraftWorker.options(**options).remote(engine_config, target_vocab_size, max_model_len, num_threads)
+    actor = DraftWorker.options(**options).remote(engine_config, num_threads)
     if ready_timeout_s is not None:
         ray.get(actor.ping.remote(), timeout=ready_timeout_s)
     return actor
@@ -230,16 +218,6 @@ class RemoteDraftProposer(Proposer):
         if seq_id in self._held:
             self._held.discard(seq_id)
             self._released.append(seq_id)
-
-    def flush(self) -> None:
-        """Send queued releases now (e.g. when the engine goes idle), without waiting for the actor."""
-        if self._released and self.healthy:
-            released, self._released = self._released, []
-            try:
-                self.actor.release.remote(released)
-            except Exception as e:  # noqa: BLE001
-                self._released = released + self._released
-                self._degrade(e)
 
     # ---- health ---------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from engine.tokenization import lone_surrogate
 
@@ -216,9 +216,24 @@ def check_model(requested: str, served: list[str]) -> None:
 
 
 def _only(*values: Any) -> Any:
-    """Documents in the JSON schema (OpenAPI) the only values an option the engine cannot honour accepts; the
-    field's validator gives the 400 that explains why."""
+    """An option the engine cannot honour: these are the only values it accepts (the first is the default),
+    documented in the JSON schema (OpenAPI); any other is a 400 with the reason in `_UNSUPPORTED`."""
     return Field(default=values[0], json_schema_extra={"enum": list(values)})
+
+
+# Why each `_only` option refuses every other value (one validator checks them all, on whichever model has them).
+_UNSUPPORTED = {
+    "n": "only n=1 is supported",
+    "presence_penalty": "penalties are not supported; only 0 is accepted",
+    "frequency_penalty": "penalties are not supported; only 0 is accepted",
+    "logit_bias": "logit_bias is not supported",
+    "logprobs": "logprobs are not supported",
+    "top_logprobs": "logprobs are not supported",
+    "echo": "echo is not supported",
+    "suffix": "suffix is not supported",
+    "best_of": "only best_of=1 is supported",
+    "tools": "tools are not supported",
+}
 
 
 _NonEmpty = Annotated[str, Field(min_length=1)]
@@ -255,25 +270,11 @@ class _BaseRequest(BaseModel):
     skip_special_tokens: bool = True
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = None
 
-    @field_validator("n")
+    @field_validator(*_UNSUPPORTED, check_fields=False)
     @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v not in (None, 0):
-            raise ValueError("penalties are not supported; only 0 is accepted")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v: dict | None) -> dict | None:
-        if v:
-            raise ValueError("logit_bias is not supported")
+    def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+        if v not in cls.model_fields[info.field_name].json_schema_extra["enum"]:
+            raise ValueError(_UNSUPPORTED[info.field_name])
         return v
 
     @field_validator("stop", mode="before")
@@ -355,34 +356,6 @@ class CompletionRequest(_BaseRequest):
     def _check_prompt(cls, v: Any) -> Any:
         return _normalize_prompt(v)
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise ValueError("logprobs are not supported")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError("suffix is not supported")
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, v: int | None) -> int | None:
-        if v not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return v
-
     def engine_prompt(self) -> dict[str, Any]:
         """`prompt=` for `LLMEngine.add_request` / `encode`."""
         return {"prompt": self.prompt}
@@ -444,27 +417,6 @@ class ChatCompletionRequest(_BaseRequest):
     response_format: ResponseFormat | None = None
     tools: list[dict] | None = _only(None, [])
     tool_choice: Literal["none"] | None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, v: int | None) -> int | None:
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list | None) -> list | None:
-        if v:
-            raise ValueError("tools are not supported")
-        return v
 
     @model_validator(mode="after")
     def _one_limit(self):

@@ -1,54 +1,38 @@
 """One tensor-parallel shard as a Ray actor: a thin shell around `ModelRunner` with `ParallelContext(rank, ws)`.
 
-All model logic lives in engine/; this file only joins the torch.distributed group (gloo on CPU, NCCL on CUDA)
-and exposes the runner's step to the driver. Startup has two phases because rank 0 must pick the rendezvous
-address on its own node before any rank can join: `rendezvous_address()` on rank 0, then `setup(address)` on
-every rank at once (joining blocks until the whole group is there).
+All model logic lives in engine/; this file only joins the torch.distributed group (gloo on CPU, NCCL on CUDA) and
+exposes the runner's step to the driver. Every rank gets the engine's own settings and builds its slice with
+`ModelRunner.from_config`, as the engine builds its in-process runner. Startup has two phases because rank 0 must
+pick the rendezvous address on its own node before any rank can join: `rendezvous_address()` on rank 0, then
+`setup(address)` on every rank at once (joining blocks until the whole group is there).
 """
 
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import ray
 import torch
 import torch.distributed as dist
 
-from engine.loader import load_arch
+from engine.config import EngineConfig
 from engine.model_runner import ModelRunner, StepInput
-from engine.parallel import ParallelContext, rank_kv_cache_bytes
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """What every shard builds: the engine settings that shape the runner (the same on all ranks).
-
-    `kv_cache_bytes` is the budget of ONE shard (one device's memory); all shards end up with the same number
-    of blocks, sized by the rank that holds the most KV heads.
-    """
-
-    folder: str
-    dtype: str = "float32"
-    device: str = "cpu"
-    block_size: int = 16
-    kv_cache_bytes: int = 1 << 30
-    max_model_len: int = 2048
-    num_layers: int | None = None
-    attention_backend: str = "auto"
-    cpu_kernels: bool = True
+from engine.parallel import ParallelContext
 
 
 @ray.remote
 class ShardWorker:
-    """Rank `rank` of a tensor-parallel group; only rank 0 returns logits (they are all-gathered to every rank)."""
+    """Rank `rank` of a tensor-parallel group; only rank 0 returns logits (they are all-gathered to every rank).
 
-    def __init__(self, spec: ShardSpec, rank: int, world_size: int, num_threads: int = 1):
-        self.spec, self.rank, self.world_size = spec, rank, world_size
+    `config.kv_cache_gib` is the budget of ONE shard (one device's memory); all shards end up with the same
+    number of blocks, sized by the rank that holds the most KV heads."""
+
+    def __init__(self, config: EngineConfig, rank: int, world_size: int, num_threads: int = 1):
+        # Not `self.config`: an attribute named like a torch.distributed submodule makes Ray pickle that module.
+        self.engine_config, self.rank, self.world_size = config, rank, world_size
         self.runner: ModelRunner | None = None
-        if spec.device.startswith("cuda"):
+        if config.device.startswith("cuda"):
             # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU, so it is always device 0 here.
             self.device = torch.device("cuda", 0)
             torch.cuda.set_device(self.device)
@@ -75,22 +59,8 @@ class ShardWorker:
             world_size=self.world_size,
             timeout=timedelta(seconds=timeout_s),
         )
-        spec, tp = self.spec, ParallelContext(self.rank, self.world_size)
-        folder = Path(spec.folder)
-        arch = load_arch(folder)
-        self.runner = ModelRunner(
-            folder,
-            arch,
-            dtype=getattr(torch, spec.dtype),
-            device=self.device,
-            block_size=spec.block_size,
-            kv_cache_bytes=rank_kv_cache_bytes(spec.kv_cache_bytes, arch.num_kv_heads, tp),
-            max_model_len=spec.max_model_len,
-            tp=tp,
-            num_layers=spec.num_layers,
-            attention_backend=spec.attention_backend,
-            cpu_kernels=spec.cpu_kernels,
-        )
+        tp = ParallelContext(self.rank, self.world_size)
+        self.runner = ModelRunner.from_config(self.engine_config, device=self.device, tp=tp)
         return self.runner.num_blocks
 
     def execute(self, items: list[StepInput]) -> torch.Tensor | None:
@@ -100,9 +70,6 @@ class ShardWorker:
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self._runner().copy_blocks(pairs)
-
-    def num_blocks(self) -> int:
-        return self._runner().num_blocks
 
     def ping(self) -> int:
         """Liveness probe: the rank, answered between steps."""

@@ -26,9 +26,8 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.placement_group import placement_group as new_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from deployments.shard_worker import ShardSpec, ShardWorker
+from deployments.shard_worker import ShardWorker
 from engine.config import EngineConfig
-from engine.loader import load_arch, resolve_model
 from engine.model_runner import StepInput
 
 
@@ -41,7 +40,7 @@ class ShardFailure(RuntimeError):
 class ShardedRunner:
     def __init__(
         self,
-        spec: ShardSpec,
+        config: EngineConfig,
         tensor_parallel_size: int,
         *,
         cpus_per_shard: float = 1.0,
@@ -51,16 +50,17 @@ class ShardedRunner:
         start_timeout_s: float = 600.0,
         step_timeout_s: float | None = None,
     ):
-        """`step_timeout_s` bounds a step or block copy (None: wait as long as the shards are alive; a dead
+        """Shards built for `config` the way LLMEngine builds its own runner (`ModelRunner.from_config` on every
+        rank). `step_timeout_s` bounds a step or block copy (None: wait as long as the shards are alive; a dead
         shard is reported at once either way)."""
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
-        self.spec = spec
+        self.config = config
         self.tensor_parallel_size = tensor_parallel_size
-        self.block_size = spec.block_size
-        self.cuda = spec.device.startswith("cuda")
+        self.block_size = config.block_size
+        self.cuda = config.device.startswith("cuda")
         # Logits come back through the object store on CPU; hand them to the engine on its device where it can.
-        self.device = torch.device(spec.device if not self.cuda or torch.cuda.is_available() else "cpu")
+        self.device = torch.device(config.device if not self.cuda or torch.cuda.is_available() else "cpu")
         self.cpus_per_shard = cpus_per_shard
         self.bundle_offset = bundle_offset
         self.start_timeout_s, self.step_timeout_s = start_timeout_s, step_timeout_s
@@ -78,20 +78,8 @@ class ShardedRunner:
 
     @classmethod
     def from_config(cls, config: EngineConfig, tensor_parallel_size: int, **kwargs: Any) -> ShardedRunner:
-        """Shards built for `config` the way LLMEngine builds its own runner (same folder, max_model_len)."""
-        folder = resolve_model(config.model)
-        arch = load_arch(folder)
-        spec = ShardSpec(
-            folder=str(folder),
-            dtype=config.dtype,
-            device=config.device,
-            block_size=config.block_size,
-            kv_cache_bytes=int(config.kv_cache_gib * (1 << 30)),
-            max_model_len=min(config.max_model_len or arch.max_model_len, arch.max_model_len),
-            attention_backend=config.attention_backend,
-            cpu_kernels=config.cpu_kernels,
-        )
-        return cls(spec, tensor_parallel_size, **kwargs)
+        """The name the callers use for the constructor (as `ModelRunner.from_config`)."""
+        return cls(config, tensor_parallel_size, **kwargs)
 
     # ---- the ModelRunner interface --------------------------------------------------------------------
 
@@ -165,7 +153,7 @@ class ShardedRunner:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=self.bundle_offset + rank
                 ),
-            ).remote(self.spec, rank, self.tensor_parallel_size, threads)
+            ).remote(self.config, rank, self.tensor_parallel_size, threads)
             for rank in range(self.tensor_parallel_size)
         ]
         self._broken = None

@@ -135,20 +135,9 @@ class AsyncEngine:
         self._submit(lambda: self._abort(request_id))
 
     def stats(self) -> dict[str, Any]:
-        """A racy but cheap snapshot for routing and metrics (plain ints read across threads)."""
-        e = self.engine
-        return {
-            "num_waiting": len(e.scheduler.waiting),
-            "num_running": len(e.scheduler.running),
-            "free_kv_blocks": e.scheduler.num_free_blocks,
-            "total_kv_blocks": e.runner.num_blocks,
-            "num_preemptions": e.scheduler.num_preemptions,
-            "num_step_errors": self.num_step_errors,
-            "num_recoveries": self.num_recoveries,
-            "num_failed_requests": e.num_failed_requests,
-            "spec_drafted": e.spec.drafted,
-            "spec_accepted": e.spec.accepted,
-        }
+        """A racy but cheap snapshot for routing and metrics: the engine's counters (`LLMEngine.stats`) and this
+        loop's."""
+        return {**self.engine.stats(), "num_step_errors": self.num_step_errors, "num_recoveries": self.num_recoveries}
 
     @property
     def alive(self) -> bool:

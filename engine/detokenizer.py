@@ -1,4 +1,7 @@
-"""Incremental detokenization: token ids in, streamed text out, UTF-8 safe and stop-string aware."""
+"""Incremental detokenization: token ids in, streamed text out, UTF-8 safe and stop-string aware.
+
+Not tokenizers' `DecodeStream`: it cannot flush an unfinished last character and takes only a Rust tokenizer.
+"""
 
 from __future__ import annotations
 

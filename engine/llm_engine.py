@@ -33,10 +33,9 @@ from pydantic import ValidationError
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.draft_runner import build_draft_runner
 from engine.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from engine.metrics import RequestMetrics, SpecCounters
-from engine.model_runner import ModelRunner, StepInput
+from engine.model_runner import ModelRunner, StepInput, context_length
 from engine.sampler import make_generator, processed_probs
 from engine.sampling_params import SamplingParams, describe_validation_error
 from engine.scheduler import ScheduledSeq, Scheduler
@@ -105,8 +104,8 @@ class LLMEngine:
         self.folder = resolve_model(cfg.model)
         self.arch = load_arch(self.folder)
         self.tokenizer = load_tokenizer(self.folder)
-        self.max_model_len = min(cfg.max_model_len or self.arch.max_model_len, self.arch.max_model_len)
-        self.runner = runner or self._make_runner(self.folder, self.arch, cfg.kv_cache_gib)
+        self.max_model_len = context_length(cfg, self.arch)
+        self.runner = runner or ModelRunner.from_config(cfg)
         self.block_manager = (make_block_manager or BatchedBlockManager)(
             self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
@@ -130,27 +129,12 @@ class LLMEngine:
         self._held: list[Sequence] = []
         self._in_step: list[Sequence] = []  # the sequences the running step involves (blamed if it fails)
 
-    def _make_runner(self, folder, arch, kv_cache_gib: float, num_layers: int | None = None) -> ModelRunner:
-        cfg = self.config
-        return ModelRunner(
-            folder,
-            arch,
-            dtype=DTYPES[cfg.dtype],
-            device=self.device,
-            block_size=cfg.block_size,
-            kv_cache_bytes=int(kv_cache_gib * (1 << 30)),
-            max_model_len=self.max_model_len,
-            num_layers=num_layers,
-            attention_backend=cfg.attention_backend,
-            cpu_kernels=cfg.cpu_kernels,
-        )
-
     def _make_proposer(self) -> Proposer | None:
         cfg = self.config
         if cfg.speculator == "ngram":
             return NgramProposer(cfg.ngram_min, cfg.ngram_max)
         if cfg.speculator == "draft":
-            return DraftModelProposer(build_draft_runner(cfg, self.arch.vocab_size, self.max_model_len))
+            return DraftModelProposer(ModelRunner.from_config(cfg, draft=True))
         return None
 
     # ---- requests -------------------------------------------------------------------------------------
@@ -238,6 +222,20 @@ class LLMEngine:
     def num_free_kv_blocks(self) -> int:
         """Free KV blocks as the block manager counts them (one call to it)."""
         return self.block_manager.stats()["num_free_blocks"]
+
+    def stats(self) -> dict[str, int]:
+        """Counters for routing and metrics, read from this process's state alone (no block-manager call):
+        cheap, and safe to read from another thread (plain ints, possibly a step old)."""
+        return {
+            "num_waiting": len(self.scheduler.waiting),
+            "num_running": len(self.scheduler.running),
+            "free_kv_blocks": self.scheduler.num_free_blocks,
+            "total_kv_blocks": self.runner.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_failed_requests": self.num_failed_requests,
+            "spec_drafted": self.spec.drafted,
+            "spec_accepted": self.spec.accepted,
+        }
 
     # ---- the step -------------------------------------------------------------------------------------
 

@@ -1,4 +1,9 @@
-"""Runs one forward step of a model over its paged KV pool: builds the flat batch, returns the wanted logits."""
+"""Runs one forward step of a model over its paged KV pool: builds the flat batch, returns the wanted logits.
+
+`ModelRunner.from_config` is the one way to build a runner from the engine settings, in every process that needs
+one (the engine, the draft worker actor, each tensor-parallel shard actor): they must all load the same model the
+same way, or remote drafting and sharded forwards would not reproduce the in-process ones.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.config import EngineConfig
 from engine.cpu_kernels import load_kernels
-from engine.loader import ModelArch
+from engine.loader import ModelArch, ModelLoadError, load_arch, resolve_model
 from engine.model import CausalLM
-from engine.parallel import ParallelContext
-from kv_cache.attention import make_backend, padded_tables
+from engine.parallel import ParallelContext, rank_kv_cache_bytes
+from kv_cache.attention import padded_tables
+from kv_cache.backends import make_backend
 from kv_cache.kv_pool import KVPool
 
 
@@ -24,6 +31,11 @@ class StepInput:
     start: int
     block_table: list[int]
     num_logits: int
+
+
+def context_length(config: EngineConfig, arch: ModelArch) -> int:
+    """The context the engine serves (prompt + output): `config.max_model_len`, capped at the model's own."""
+    return min(config.max_model_len or arch.max_model_len, arch.max_model_len)
 
 
 class ModelRunner:
@@ -61,6 +73,51 @@ class ModelRunner:
         self.backend = make_backend(attention_backend, block_size, device, kernels)
         if kernels is not None and dtype == torch.float32:
             self.model.use_cpu_kernels(kernels)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: EngineConfig,
+        *,
+        draft: bool = False,
+        device: torch.device | str | None = None,
+        tp: ParallelContext | None = None,
+    ) -> ModelRunner:
+        """The target's runner for `config`, or with `draft` the draft's: `config.draft_model` (None = the
+        target's weights) cut to `draft_num_layers`, with a KV pool of `draft_kv_cache_gib`, at the target's
+        context length. `device` overrides `config.device` (an actor sees its GPU as cuda:0); `tp` builds one
+        tensor-parallel rank, whose share of the per-device KV budget gives every rank the same block count.
+
+        Raises ModelLoadError when the draft's vocabulary differs from the target's (its tokens would be
+        meaningless to the verifier) and ValueError when the layer cut exceeds the draft's depth, both before
+        any weights are loaded."""
+        tp = tp or ParallelContext()
+        folder = resolve_model(config.model)
+        arch = load_arch(folder)
+        max_model_len = context_length(config, arch)
+        kv_cache_gib, num_layers = config.kv_cache_gib, None
+        if draft:
+            target_vocab_size = arch.vocab_size
+            folder = resolve_model(config.draft_model or config.model)
+            arch = load_arch(folder)
+            if arch.vocab_size != target_vocab_size:
+                raise ModelLoadError(f"draft vocab {arch.vocab_size} != target vocab {target_vocab_size}")
+            if config.draft_num_layers and config.draft_num_layers > arch.num_layers:
+                raise ValueError(f"draft_num_layers={config.draft_num_layers} > the draft's {arch.num_layers} layers")
+            kv_cache_gib, num_layers = config.draft_kv_cache_gib, config.draft_num_layers
+        return cls(
+            folder,
+            arch,
+            dtype=getattr(torch, config.dtype),
+            device=torch.device(device if device is not None else config.device),
+            block_size=config.block_size,
+            kv_cache_bytes=rank_kv_cache_bytes(int(kv_cache_gib * (1 << 30)), arch.num_kv_heads, tp),
+            max_model_len=max_model_len,
+            tp=tp,
+            num_layers=num_layers,
+            attention_backend=config.attention_backend,
+            cpu_kernels=config.cpu_kernels,
+        )
 
     @property
     def num_blocks(self) -> int:

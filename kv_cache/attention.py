@@ -217,17 +217,3 @@ def padded_tables(tables: list[list[int]], width: int) -> np.ndarray:
         n = min(len(row), width)
         out[i, :n] = row[:n]
     return out
-
-
-def make_backend(name: str, block_size: int, device: torch.device, kernels=None) -> AttentionBackend:
-    """ "torch" anywhere; "cpu" the in-place C++ kernel (`kernels`: the built module of `engine.cpu_kernels`);
-    "auto" the kernel on CPU when it is available, else PyTorch."""
-    if name == "torch" or (name == "auto" and (device.type != "cpu" or kernels is None)):
-        return TorchPagedAttention(block_size, device)
-    if name in ("cpu", "auto"):
-        from kv_cache.cpu_attention import CpuPagedAttention
-
-        if kernels is None:
-            raise ValueError("attention backend 'cpu' needs the built CPU kernels")
-        return CpuPagedAttention(block_size, device, kernels)
-    raise ValueError(f"unknown attention backend '{name}' (available: auto, torch, cpu)")

@@ -47,15 +47,6 @@ class BlockManager:
         self.prefix_cache_hits = 0  # tokens
         self.prefix_cache_queries = 0  # tokens
 
-    def clear_prefix_cache(self) -> int:
-        """Forget every cached block hash (the KV pages were lost, e.g. rebuilt shards); returns how many."""
-        n = len(self.hash_to_block)
-        for b in range(self.num_blocks):
-            self._uncache(b)
-        for state in self.seqs.values():
-            state.num_hashed, state.last_hash = 0, None
-        return n
-
     # ---- block primitives ----
 
     def _uncache(self, b: int) -> None:
@@ -168,17 +159,6 @@ class BlockManager:
             self.hash_to_block.setdefault(h, b)  # keep an existing mapping: no dedup, tables never change
             state.last_hash = h
             state.num_hashed = i + 1
-
-    def trim(self, seq_id: Hashable, num_tokens: int) -> None:
-        """Release blocks wholly beyond num_tokens (e.g. lookahead blocks under memory pressure)."""
-        state = self.seqs[seq_id]
-        keep = max(0, -(-num_tokens // self.block_size))
-        for b in reversed(state.table[keep:]):
-            self._release(b)
-        del state.table[keep:]
-        if state.num_hashed > keep:
-            state.num_hashed = keep
-            state.last_hash = self.block_hash[state.table[keep - 1]] if keep else None
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """Child shares every parent block (copy-on-write later) and continues the parent's hash chain."""

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kv_cache.attention import TorchPagedAttention, make_backend
+from kv_cache.attention import TorchPagedAttention
+from kv_cache.backends import make_backend
 from kv_cache.cpu_attention import CpuPagedAttention
 
 

@@ -314,35 +314,6 @@ def test_hash_of_released_fork_block_dropped_before_overwrite() -> None:
     bm.check_invariants()
 
 
-def test_trim_drops_lookahead_blocks() -> None:
-    bm = BlockManager(16, 4)
-    bm.allocate("a", [1, 2, 3])
-    bm.append_slots("a", 0, 16)
-    table = list(bm.block_table("a"))
-    bm.trim("a", 5)
-    assert bm.block_table("a") == table[:2]
-    assert list(bm.free_list)[-2:] == [table[3], table[2]]
-    bm.trim("a", 8)  # nothing beyond
-    assert bm.block_table("a") == table[:2]
-    bm.check_invariants()
-
-
-def test_trim_below_hashed_prefix_rewinds_hash_chain() -> None:
-    bm = BlockManager(16, 2)
-    tokens = [1, 2, 3, 4, 5, 6, 7]
-    _run(bm, "a", tokens)
-    assert bm.seqs["a"].num_hashed == 3
-    bm.trim("a", 3)
-    assert len(bm.block_table("a")) == 2 and bm.seqs["a"].num_hashed == 2
-    bm.check_invariants()
-    bm.trim("a", 0)
-    assert bm.block_table("a") == [] and bm.seqs["a"].num_hashed == 0 and bm.seqs["a"].last_hash is None
-    assert bm.append_slots("a", 0, 7) == []
-    bm.commit("a", tokens, 7)
-    bm.check_invariants()
-    assert bm.allocate("b", tokens) == 6
-
-
 def test_prefix_caching_disabled() -> None:
     bm = BlockManager(16, 2, enable_prefix_caching=False)
     _run(bm, "a", [1, 2, 3, 4, 5])
@@ -383,17 +354,3 @@ def test_check_invariants_detects_corruption() -> None:
     bm.free_list[0] = None  # null block handed out
     with pytest.raises(AssertionError):
         bm.check_invariants()
-
-
-def test_clear_prefix_cache_forgets_every_cached_block():
-    bm = BlockManager(num_blocks=8, block_size=2)
-    tokens = [1, 2, 3, 4, 5]
-    bm.allocate("a", tokens)
-    bm.append_slots("a", 0, len(tokens))
-    bm.commit("a", tokens, len(tokens))
-    bm.free("a")
-    assert bm.allocate("b", tokens) == 4  # two full blocks are prefix hits
-    bm.free("b")
-    assert bm.clear_prefix_cache() == 2
-    assert bm.allocate("c", tokens) == 0
-    bm.check_invariants()

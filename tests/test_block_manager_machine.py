@@ -216,20 +216,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
         # The child diverges right after the committed prefix.
         self.model[cid] = _Seq(p.tokens[: p.committed] + [data.draw(VOCAB)], p.committed)
 
-    @precondition(lambda self: self._has(inflight=False))
-    @rule(data=st.data())
-    def trim(self, data: st.DataObject) -> None:
-        bm, bs = self.bm, self.bs
-        sid = self._pick(data, inflight=False)
-        old = list(bm.block_table(sid))
-        n = data.draw(st.integers(self.model[sid].committed, len(old) * bs))
-        ref_before = list(bm.ref)
-        bm.trim(sid, n)
-        keep = -(-n // bs)
-        assert bm.block_table(sid) == old[:keep]
-        released = [b for b in reversed(old[keep:]) if ref_before[b] == 1]
-        assert list(bm.free_list)[len(bm.free_list) - len(released) :] == released
-
     @precondition(lambda self: self._has())
     @rule(data=st.data())
     def free(self, data: st.DataObject) -> None:

@@ -9,6 +9,7 @@ what shows that the drafts came from the actor and were used.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -17,9 +18,9 @@ import torch
 
 from deployments.draft_worker import RemoteDraftProposer, start_draft_worker
 from engine.config import EngineConfig
-from engine.draft_runner import build_draft_runner
 from engine.llm_engine import LLMEngine
 from engine.loader import ModelLoadError
+from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from speculator.proposer import DraftRequest
 from tests.conftest import humaneval_prompts
@@ -47,14 +48,18 @@ def references(make_engine, prompts) -> tuple[list[list[int]], list[list[int]]]:
     return off, local
 
 
-def start(restartable: bool, max_model_len: int | None = None, vocab_size: int | None = None):
-    return start_draft_worker(
-        DRAFT,
-        max_model_len=max_model_len,
-        target_vocab_size=vocab_size,
-        max_restarts=-1 if restartable else 0,
-        ready_timeout_s=LOAD_S,
-    )
+def start(restartable: bool):
+    return start_draft_worker(DRAFT, max_restarts=-1 if restartable else 0, ready_timeout_s=LOAD_S)
+
+
+def num_sequences(actor) -> int:
+    """Sequences the draft actor holds state for (a leak check)."""
+    return ray.get(actor.__ray_call__.remote(lambda service: len(service.seqs)))
+
+
+def send_releases(proposer: RemoteDraftProposer) -> None:
+    """Sequences that finished after the last call have their releases queued: an empty call carries them."""
+    assert proposer.propose([]) == []
 
 
 def proposer_for(actor, **kwargs) -> RemoteDraftProposer:
@@ -72,7 +77,7 @@ def remote_engine(local_ray) -> LLMEngine:
 def plug(engine: LLMEngine, restartable: bool, **kwargs) -> tuple[object, RemoteDraftProposer]:
     assert not engine.has_unfinished()
     ray.kill(engine.proposer.actor)
-    actor = start(restartable, engine.max_model_len, engine.arch.vocab_size)
+    actor = start(restartable)
     engine.proposer = proposer_for(actor, device=engine.device, **kwargs)
     engine.spec.drafted = engine.spec.accepted = 0
     return actor, engine.proposer
@@ -86,12 +91,15 @@ def outputs_of(engine: LLMEngine, ids: list[str], finished: dict[str, list[int]]
     return [finished[i] for i in ids]
 
 
-def test_draft_runner_rejects_a_mismatched_vocab_or_too_many_layers():
-    """The checks the engine and the actor share (they fail before any weights are loaded)."""
+def test_draft_runner_rejects_a_mismatched_vocab_or_too_many_layers(model_folder, tmp_path):
+    """The checks the engine and the actor share (they fail before any weights are loaded: the folder with
+    another vocabulary has no weights at all)."""
+    config = json.loads((model_folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 123}))
     with pytest.raises(ModelLoadError, match="draft vocab"):
-        build_draft_runner(DRAFT, target_vocab_size=123, max_model_len=1024)
+        ModelRunner.from_config(DRAFT.model_copy(update={"draft_model": str(tmp_path)}), draft=True)
     with pytest.raises(ValueError, match="draft_num_layers=99"):
-        build_draft_runner(DRAFT.model_copy(update={"draft_num_layers": 99}), 49152, 1024)
+        ModelRunner.from_config(DRAFT.model_copy(update={"draft_num_layers": 99}), draft=True)
 
 
 def test_remote_draft_matches_in_process_draft_and_no_speculation(remote_engine, references, prompts):
@@ -104,8 +112,8 @@ def test_remote_draft_matches_in_process_draft_and_no_speculation(remote_engine,
     assert remote_engine.spec.drafted > 0 and remote_engine.spec.accepted > 0  # drafts came from the actor
     assert proposer.healthy and proposer.fallback_steps == 0 and proposer.failures == 0
     assert proposer.calls > 0 and proposer.resyncs == 0
-    proposer.flush()  # the last sequences finished after the last call: their releases are still queued
-    assert ray.get(actor.num_sequences.remote()) == 0
+    send_releases(proposer)
+    assert num_sequences(actor) == 0
 
 
 def test_remote_drafts_and_probs_equal_in_process_ones(remote_engine, make_engine, prompts):
@@ -121,7 +129,7 @@ def test_remote_drafts_and_probs_equal_in_process_ones(remote_engine, make_engin
         for r in reqs:
             local.release(r.seq_id)
             remote.release(r.seq_id)
-        remote.flush()
+        send_releases(remote)
     assert [d.tokens for d in got] == [d.tokens for d in want]
     assert all(len(d.tokens) == 3 for d in got)
     for r, w, g in zip(reqs, want, got):
@@ -131,7 +139,7 @@ def test_remote_drafts_and_probs_equal_in_process_ones(remote_engine, make_engin
             assert g.probs.shape == w.probs.shape == (3, remote_engine.arch.vocab_size)
             assert g.probs.dtype == w.probs.dtype == torch.float32
             torch.testing.assert_close(g.probs, w.probs, rtol=1e-4, atol=1e-6)
-    assert ray.get(remote.actor.num_sequences.remote()) == 0
+    assert num_sequences(remote.actor) == 0
     # A sequence sent as a delta that the actor has no mirror of (it restarted unnoticed): no draft, and
     # reported so the proposer resends it in full.
     drafts, missing = ray.get(remote.actor.propose.remote([(99_999, 5, [1], 2, None)], []))

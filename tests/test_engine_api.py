@@ -90,6 +90,23 @@ def test_abort_frees_blocks_at_once(engine):
     assert not engine.has_unfinished()
 
 
+def test_stats_count_queued_running_and_free_blocks(engine):
+    idle = engine.stats()
+    assert idle["num_waiting"] == idle["num_running"] == 0
+    assert idle["total_kv_blocks"] == engine.num_kv_blocks + 1
+    assert idle["free_kv_blocks"] == engine.num_free_kv_blocks()
+    a = engine.add_request("Once upon a time", SamplingParams(max_tokens=50, ignore_eos=True))
+    b = engine.add_request("In a land far away", SamplingParams(max_tokens=50, ignore_eos=True))
+    assert engine.stats()["num_waiting"] == 2
+    engine.step()
+    busy = engine.stats()
+    assert busy["num_waiting"] == 0 and busy["num_running"] == 2
+    assert busy["free_kv_blocks"] == engine.num_free_kv_blocks() < idle["free_kv_blocks"]
+    engine.abort(a)
+    engine.abort(b)
+    assert engine.stats()["num_running"] == 0
+
+
 def test_shared_prefix_is_computed_once(engine):
     system = "You are a careful assistant who answers in one short sentence. " * 6
     msgs = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in ("Hi?", "Why?")]
