@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
 
 from deployments.completion_cache import CachedCompletion, CacheKey, CompletionCache
 
@@ -88,8 +87,8 @@ class BurstLog:
 class CacheClient:
     """A router's side of the cache actor: bounded calls, failures are misses (get) or dropped (offer).
 
-    `connect()` returns the actor handle (get-or-create); it is called again, at most every `reconnect_s`,
-    after the actor died for good, so a cache killed without restart comes back as a new, empty one."""
+    `connect()` returns the actor handle (get-or-create); after a failed call it is called again, at most every
+    `reconnect_s`, so a cache killed without restart comes back as a new, empty one."""
 
     def __init__(self, connect: Callable[[], Any], timeout_s: float = 0.5, reconnect_s: float = 5.0):
         self._connect, self.timeout_s, self.reconnect_s = connect, timeout_s, reconnect_s
@@ -111,8 +110,9 @@ class CacheClient:
 
     def _failed(self, what: str, error: BaseException) -> None:
         self.failures += 1
-        if isinstance(error, RayActorError) and not isinstance(error, ActorUnavailableError):
-            self._actor = None  # dead for good: connect again later
+        # Whatever failed (a timeout, a restart, a death), the next call after `reconnect_s` looks the actor up
+        # again by name: a restarting one is found again, one dead for good is replaced by a new, empty one.
+        self._actor = None
         if self._log.should_log(time.monotonic()):
             log.warning(
                 "completion cache unavailable (%s: %s); serving without it (%d similar failures not logged)",

@@ -10,6 +10,7 @@ other Ray clusters on the host.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,27 @@ def wait_until_ok(url: str, timeout_s: float, alive=lambda: True) -> None:
             pass
         time.sleep(1)
     raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
+@contextlib.contextmanager
+def local_app(args: dict[str, Any], num_cpus: int = 4) -> Iterator[str]:
+    """The app of `args` on a private in-process Ray instance (never a running cluster); yields its URL."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name="specserve", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ok(f"{url}/health", 300)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def live_actors(dashboard: str, class_name: str) -> list[Any]:

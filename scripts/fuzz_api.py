@@ -1,6 +1,7 @@
 """Fuzz a running server's HTTP API: schemathesis over its own /openapi.json, then the corpus of known-bad requests.
 
     .venv/bin/python scripts/fuzz_api.py [--url http://127.0.0.1:8000] [--requests 2000] [--api-key KEY]
+    .venv/bin/python scripts/fuzz_api.py --local [--requests 2000]   # a private app, context LOCAL_CONTEXT
 
 Prints one JSON object: requests sent, the count by status class and by status, the 5xx count, hangs (no
 answer within --timeout), and the first problems found. A problem is any 5xx, a hang, a 4xx whose body is not
@@ -22,8 +23,14 @@ from typing import Any
 import httpx
 
 from deployments.app_config import DEFAULT_SERVED_MODEL_NAME
+from deployments.local_cluster import local_app
 
 POST_PATHS = ("/v1/completions", "/v1/chat/completions")
+LOCAL_CONTEXT = 256  # --local: every generated request is bounded by this context
+LOCAL_ARGS = {
+    "engine": {"speculator": "ngram", "kv_cache_gib": 0.05, "max_model_len": LOCAL_CONTEXT},
+    "target": {"num_replicas": 1, "shard_resources": {"num_cpus": 1}},
+}
 
 
 @dataclass(frozen=True)
@@ -239,10 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds without an answer that count as a hang")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--model", default=DEFAULT_SERVED_MODEL_NAME)
+    ap.add_argument("--local", action="store_true", help="serve the default model on a private Ray instance")
     args = ap.parse_args(argv)
+    if args.local:
+        with local_app(LOCAL_ARGS) as url:
+            return fuzz(url, args)
+    return fuzz(args.url, args)
+
+
+def fuzz(url: str, args: argparse.Namespace) -> int:
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     tally = Tally()
-    with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
+    with httpx.Client(base_url=url, timeout=args.timeout) as client:
         run_schema(client, tally, max(1, args.requests // len(POST_PATHS)), headers)
         run_corpus(client, tally, corpus(args.model), headers)
         health = client.get("/health", headers=headers).status_code
