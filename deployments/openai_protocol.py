@@ -1,7 +1,7 @@
-"""OpenAI-compatible request models, response / stream-chunk builders, SSE framing and error bodies.
+"""OpenAI-compatible request models, request parsing and error bodies (responses: `openai_responses.py`).
 
 Plain pydantic and dicts, no Ray or FastAPI: the HTTP shell parses a body with `parse_request`, turns it into
-engine arguments with `sampling_kwargs()` / `engine_prompt()`, and writes back what the builders return.
+engine arguments with `sampling_kwargs()` / `engine_prompt()`, and writes back what `openai_responses` builds.
 Requests forbid unknown fields (a typo must not be silently ignored) and reject, with a 400 naming the field,
 every OpenAI option the engine cannot honour instead of pretending to. Every body that fails to decode is a 400
 too: not UTF-8, not JSON, nested too deeply, numbers beyond what a field can hold, NaN / Infinity, and strings
@@ -13,9 +13,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -25,7 +22,6 @@ from engine.tokenization import lone_surrogate
 # OpenAI's defaults: sampling at temperature 1 unless the client asks otherwise.
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
-SSE_DONE = "data: [DONE]\n\n"
 # OpenAI's integers are int64; nothing wider reaches the engine (torch seeds, token ids).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_JSON_DEPTH = 64  # no request of this API nests deeper than a few levels
@@ -435,192 +431,3 @@ class ChatCompletionRequest(_BaseRequest):
     def engine_prompt(self) -> dict[str, Any]:
         """`messages=` for `LLMEngine.add_request` / `encode`."""
         return {"messages": self.engine_messages()}
-
-
-# ---- responses --------------------------------------------------------------------------------------------
-
-
-def new_id(kind: Literal["cmpl", "chatcmpl"]) -> str:
-    return f"{kind}-{uuid.uuid4().hex}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _now(created: int | None) -> int:
-    return int(time.time()) if created is None else created
-
-
-def completion_response(
-    id: str, model: str, text: str, finish_reason: str | None, usage: dict, created: int | None = None
-) -> dict:
-    """A whole `text_completion` object."""
-    return {
-        "id": id,
-        "object": "text_completion",
-        "created": _now(created),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
-        "usage": usage,
-    }
-
-
-def chat_completion_response(
-    id: str, model: str, text: str, finish_reason: str | None, usage: dict, created: int | None = None
-) -> dict:
-    """A whole `chat.completion` object."""
-    return {
-        "id": id,
-        "object": "chat.completion",
-        "created": _now(created),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason,
-                "logprobs": None,
-            }
-        ],
-        "usage": usage,
-    }
-
-
-def completion_chunk(
-    id: str,
-    model: str,
-    created: int,
-    text: str,
-    finish_reason: str | None = None,
-    include_usage: bool = False,
-) -> dict:
-    """One streamed piece of a completion (OpenAI streams completions as `text_completion` objects)."""
-    chunk = {
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def chat_completion_chunk(
-    id: str,
-    model: str,
-    created: int,
-    content: str | None = None,
-    finish_reason: str | None = None,
-    role: bool = False,
-    include_usage: bool = False,
-) -> dict:
-    """One `chat.completion.chunk`; the first of a stream sets `role=True` (delta carries the role)."""
-    delta: dict[str, Any] = {}
-    if role:
-        delta["role"] = "assistant"
-    if content is not None:
-        delta["content"] = content
-    chunk = {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def usage_chunk(id: str, model: str, created: int, usage: dict, chat: bool) -> dict:
-    """The last chunk of a stream with `stream_options.include_usage`: no choices, only usage."""
-    return {
-        "id": id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage,
-    }
-
-
-def sse_event(obj: dict) -> str:
-    """One server-sent event; the stream ends with `SSE_DONE`."""
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-class SSEEncoder:
-    """The SSE framing of one OpenAI stream, fed piece by piece (works for sync and async producers alike):
-    `start()` (the role chunk for chat), `piece(text, finish)` per engine output, `end(usage)` (the usage chunk
-    if asked for, then [DONE])."""
-
-    def __init__(self, id: str, model: str, chat: bool, created: int | None = None, include_usage: bool = False):
-        self.id, self.model, self.chat = id, model, chat
-        self.created, self.include_usage = _now(created), include_usage
-
-    def start(self) -> list[str]:
-        if not self.chat:
-            return []
-        chunk = chat_completion_chunk(
-            self.id, self.model, self.created, "", role=True, include_usage=self.include_usage
-        )
-        return [sse_event(chunk)]
-
-    def piece(self, text: str, finish: str | None) -> list[str]:
-        if not text and finish is None:
-            return []
-        args = (self.id, self.model, self.created)
-        if not self.chat:
-            return [sse_event(completion_chunk(*args, text, finish, include_usage=self.include_usage))]
-        events = []
-        if text:
-            events.append(sse_event(chat_completion_chunk(*args, content=text, include_usage=self.include_usage)))
-        if finish is not None:
-            chunk = chat_completion_chunk(*args, finish_reason=finish, include_usage=self.include_usage)
-            events.append(sse_event(chunk))
-        return events
-
-    def end(self, final_usage: dict | None = None) -> list[str]:
-        if not self.include_usage:
-            return [SSE_DONE]
-        if final_usage is None:
-            raise ValueError("include_usage needs final_usage")
-        return [sse_event(usage_chunk(self.id, self.model, self.created, final_usage, self.chat)), SSE_DONE]
-
-
-def sse_stream(
-    pieces: Iterable[tuple[str, str | None]],
-    *,
-    id: str,
-    model: str,
-    chat: bool,
-    created: int | None = None,
-    include_usage: bool = False,
-    final_usage: dict | Callable[[], dict] | None = None,
-) -> Iterator[str]:
-    """A whole OpenAI stream as SSE events from (text delta, finish_reason or None) pieces, e.g. the engine's
-    outputs or `completion_cache.replay_pieces`: role chunk (chat), text chunks, a finish chunk, the usage
-    chunk if asked for (`final_usage` may be a callable, read once the pieces are exhausted), then [DONE]."""
-    if include_usage and final_usage is None:
-        raise ValueError("include_usage needs final_usage")
-    sse = SSEEncoder(id, model, chat, created, include_usage)
-    yield from sse.start()
-    for text, finish in pieces:
-        yield from sse.piece(text, finish)
-    yield from sse.end(final_usage() if callable(final_usage) else final_usage)
-
-
-def model_card(model_id: str, created: int | None = None, owned_by: str = "specserve") -> dict:
-    return {"id": model_id, "object": "model", "created": _now(created), "owned_by": owned_by}
-
-
-def model_list(model_ids: list[str], created: int | None = None, owned_by: str = "specserve") -> dict:
-    """The body of GET /v1/models."""
-    return {"object": "list", "data": [model_card(m, created, owned_by) for m in model_ids]}

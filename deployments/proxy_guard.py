@@ -20,7 +20,13 @@ from typing import Any
 
 from starlette.middleware import Middleware
 
-from deployments.openai_protocol import SSE_DONE, error_body, sse_event
+from deployments.openai_protocol import (
+    error_body,
+)
+from deployments.openai_responses import (
+    SSE_DONE,
+    sse_event,
+)
 
 log = logging.getLogger(__name__)
 

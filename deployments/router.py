@@ -34,17 +34,19 @@ from deployments.auth import Caller, KeySource
 from deployments.completion_cache import CachedCompletion, cache_scope, is_cacheable, make_key, replay_pieces
 from deployments.edge import Edge, EdgeSettings, error_headers, refusal_error, server_error
 from deployments.openai_protocol import (
-    SSE_DONE,
     ChatCompletionRequest,
     CompletionRequest,
     ProtocolError,
+    check_model,
+    parse_request,
+)
+from deployments.openai_responses import (
+    SSE_DONE,
     SSEEncoder,
     chat_completion_response,
-    check_model,
     completion_response,
     model_list,
     new_id,
-    parse_request,
     sse_event,
     sse_stream,
     usage,

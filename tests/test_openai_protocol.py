@@ -8,18 +8,20 @@ import pytest
 
 from deployments.openai_protocol import (
     DEFAULT_TEMPERATURE,
-    SSE_DONE,
     ChatCompletionRequest,
     CompletionRequest,
     ProtocolError,
+    check_model,
+    error_body,
+    parse_request,
+)
+from deployments.openai_responses import (
+    SSE_DONE,
     chat_completion_chunk,
     chat_completion_response,
-    check_model,
     completion_chunk,
     completion_response,
-    error_body,
     model_list,
-    parse_request,
     sse_event,
     sse_stream,
     usage,
