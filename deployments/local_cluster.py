@@ -55,14 +55,13 @@ def wait_until_ok(url: str, timeout_s: float, alive=lambda: True) -> None:
 
 
 @contextlib.contextmanager
-def local_app(args: dict[str, Any], num_cpus: int = 4) -> Iterator[str]:
-    """The app of `args` on a private in-process Ray instance (never a running cluster); yields its URL."""
-    import ray
+def served_app(args: dict[str, Any]) -> Iterator[str]:
+    """The app of `args` served by Serve on the Ray instance this process is connected to; yields its URL once
+    /health answers."""
     from ray import serve
 
     from deployments.app import build_app
 
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -72,6 +71,18 @@ def local_app(args: dict[str, Any], num_cpus: int = 4) -> Iterator[str]:
         yield url
     finally:
         serve.shutdown()
+
+
+@contextlib.contextmanager
+def local_app(args: dict[str, Any], num_cpus: int = 4) -> Iterator[str]:
+    """The app of `args` on a private in-process Ray instance (never a running cluster); yields its URL."""
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        with served_app(args) as url:
+            yield url
+    finally:
         ray.shutdown()
 
 

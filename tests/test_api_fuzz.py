@@ -14,10 +14,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("schemathesis")
-from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
-from deployments.local_cluster import free_port, wait_until_ok  # noqa: E402
+from deployments.local_cluster import served_app  # noqa: E402
 from engine.tokenization import encode_prompt  # noqa: E402
 from scripts.fuzz_api import Tally, corpus, run_corpus, run_schema  # noqa: E402
 
@@ -45,14 +43,8 @@ def greedy_text(client: httpx.Client) -> str:
 @pytest.fixture(scope="module")
 def server(local_ray):
     """(client, the greedy text before any fuzzing)."""
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(APP_ARGS), name="specserve", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ok(f"{url}/health", 300)
-    with httpx.Client(base_url=url, timeout=TIMEOUT_S) as client:
+    with served_app(APP_ARGS) as url, httpx.Client(base_url=url, timeout=TIMEOUT_S) as client:
         yield client, greedy_text(client)
-    serve.shutdown()
 
 
 def test_openapi_document_describes_the_request_bodies(server):

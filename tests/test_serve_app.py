@@ -10,10 +10,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
-from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
-from deployments.local_cluster import free_port, wait_until_ok  # noqa: E402
+from deployments.local_cluster import served_app  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 APP_ARGS = {
@@ -25,13 +23,8 @@ APP_ARGS = {
 
 @pytest.fixture(scope="module")
 def base_url(local_ray):
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(APP_ARGS), name="specserve", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ok(f"{url}/health", 300)
-    yield url
-    serve.shutdown()
+    with served_app(APP_ARGS) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
