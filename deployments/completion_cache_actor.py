@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from deployments.completion_cache import CachedCompletion, CacheKey, CompletionCache
 
@@ -110,9 +111,10 @@ class CacheClient:
 
     def _failed(self, what: str, error: BaseException) -> None:
         self.failures += 1
-        # Whatever failed (a timeout, a restart, a death), the next call after `reconnect_s` looks the actor up
-        # again by name: a restarting one is found again, one dead for good is replaced by a new, empty one.
-        self._actor = None
+        # An actor that restarts or died: the next call after `reconnect_s` looks it up again by name (a restarting
+        # one is found again, one dead for good is replaced by a new, empty one). A timeout keeps the handle.
+        if isinstance(error, RayActorError):
+            self._actor = None
         if self._log.should_log(time.monotonic()):
             log.warning(
                 "completion cache unavailable (%s: %s); serving without it (%d similar failures not logged)",

@@ -38,6 +38,7 @@ from deployments.admission import ReplicaAdmission
 from deployments.app_config import AppConfig, load_app_config
 from deployments.block_manager_actor import RemoteBlockManager
 from deployments.prompt_limits import max_bytes_per_token, min_tokens
+from deployments.replica_stream import error_item
 from deployments.resume import ResumedText
 from deployments.routing_policy import RecentPrefixes, ReplicaStats
 from deployments.sharded_runner import ShardedRunner, ShardFailure
@@ -52,19 +53,6 @@ log = logging.getLogger("ray.serve")
 # What a failed engine tells the client: one line, no exception text (that goes to the log).
 ENGINE_FAILED = "the engine failed while generating this request; retry it"
 REQUEST_FAILED = "this request failed in the engine and was ended"
-
-
-def error_item(
-    status: int, message: str, param: str | None = None, code: str | None = None, retry_after_s: int | None = None
-) -> dict[str, Any]:
-    return {
-        "type": "error",
-        "status": status,
-        "message": message,
-        "param": param,
-        "code": code,
-        "retry_after_s": retry_after_s,
-    }
 
 
 def engine_error_item(error: EngineStepError) -> dict[str, Any]:

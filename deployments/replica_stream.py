@@ -25,15 +25,25 @@ RETRY_PAUSE_S = 0.5
 REPLICA_LOST = "the replica serving this request failed and no other replica took it over in time"
 
 
-def lost_item() -> dict[str, Any]:
+MAX_REPLICA_DEATHS = 2  # a request whose replicas keep dying (a prompt that crashes them) is not sent on
+
+
+def error_item(
+    status: int, message: str, param: str | None = None, code: str | None = None, retry_after_s: int | None = None
+) -> dict[str, Any]:
+    """The one error item of a replica's stream (the router turns it into the HTTP error or error event)."""
     return {
         "type": "error",
-        "status": 503,
-        "message": REPLICA_LOST,
-        "param": None,
-        "code": "replica_unavailable",
-        "retry_after_s": 1,
+        "status": status,
+        "message": message,
+        "param": param,
+        "code": code,
+        "retry_after_s": retry_after_s,
     }
+
+
+def lost_item() -> dict[str, Any]:
+    return error_item(503, REPLICA_LOST, code="replica_unavailable", retry_after_s=1)
 
 
 class ReplicaStream:
@@ -42,6 +52,7 @@ class ReplicaStream:
         self.progress = Progress()
         self._stream: Any = None
         self._done = False
+        self._deaths = 0  # replicas that died while serving this request
 
     async def start(self) -> dict[str, Any]:
         """The first item (start or error); while no item was relayed a dead replica is simply retried."""
@@ -64,6 +75,7 @@ class ReplicaStream:
                 return
             except RayActorError as e:
                 log.warning("replica died mid-stream (%s); resuming request %s", type(e).__name__, self._rid())
+                self._deaths += 1
                 item = await self._resume()
                 if item["type"] != "error":
                     continue
@@ -87,7 +99,7 @@ class ReplicaStream:
     async def _resume(self) -> dict[str, Any]:
         """Send the resumed request; its start item (the caller goes on reading deltas), or an error item."""
         self._stream.cancel()
-        if not self.progress.resumable():
+        if not self.progress.resumable() or self._deaths > MAX_REPLICA_DEATHS:
             return lost_item()
         self.progress.resumes += 1
         request = self.progress.resume_request(self.request)
@@ -111,6 +123,9 @@ class ReplicaStream:
             except RayActorError as e:
                 self._stream.cancel()
                 log.warning("replica died before answering request %s (%s)", self._rid(), type(e).__name__)
+                self._deaths += 1
+                if self._deaths > MAX_REPLICA_DEATHS:
+                    return None
                 if deadline is None:
                     deadline = time.monotonic() + self.resume_timeout_s
             except (TimeoutError, asyncio.TimeoutError, StopAsyncIteration):

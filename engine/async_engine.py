@@ -230,8 +230,16 @@ class AsyncEngine:
                 self.num_recoveries += 1
                 log.warning("recomputing %d request(s) after a failed step", self.engine.num_requests)
                 self._publish(ended)
+                self._end_orphaned_streams()
                 return
         self._fail_in_flight()
+
+    def _end_orphaned_streams(self) -> None:
+        """A stream whose request the engine no longer holds (it finished inside the step that failed, so its
+        last output was lost) ends with an error rather than waiting forever."""
+        for rid in [rid for rid in self._streams if rid not in self.engine.requests]:
+            stream = self._streams.pop(rid)
+            _deliver(stream.loop, stream.queue.put_nowait, EngineStepError(STEP_FAILED))
 
     def _fail_in_flight(self) -> None:
         log.error("engine step failed; ending %d request(s) in flight", len(self._streams))

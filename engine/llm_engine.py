@@ -127,7 +127,8 @@ class LLMEngine:
         # other suspects and the held sequences wait outside it, without KV.
         self._suspects: deque[Sequence] = deque()
         self._held: list[Sequence] = []
-        self._in_step: list[Sequence] = []  # the sequences the running step involves (blamed if it fails)
+        # The sequences the running step involves (blamed if it fails); None: all in the scheduler.
+        self._in_step: list[Sequence] | None = []
 
     def _make_proposer(self) -> Proposer | None:
         cfg = self.config
@@ -242,7 +243,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, propose, run the one forward, postprocess each sequence. Raises only when the step fails
         as a whole (see the module docstring); a failure of one sequence ends that request alone."""
-        self._in_step = [*self.scheduler.running, *self.scheduler.waiting]
+        self._in_step = None  # schedule() failing blames every sequence in the scheduler (see `recover`)
         out = self.scheduler.schedule()
         self._in_step = [s.seq for s in out.scheduled]
         if self.proposer:
@@ -413,7 +414,8 @@ class LLMEngine:
         """After `step` raised and the driver repaired what was broken: blame the step's sequences, recompute
         every request in flight, and isolate or end a request that keeps breaking the forward. Returns the
         outputs of the requests it ended (finish_reason "error")."""
-        for seq in self._in_step:
+        blamed = self._in_step if self._in_step is not None else [*self.scheduler.running, *self.scheduler.waiting]
+        for seq in blamed:
             seq.num_failed_steps += 1
         self._in_step = []
         self.reset_kv()

@@ -59,8 +59,12 @@ class DraftModelProposer(Proposer):
                 g = self.generators.setdefault(
                     r.seq_id, make_generator(None if r.params.seed is None else r.params.seed + 1, self.runner.device)
                 )
-                probs[i] = processed_probs(logits[i : i + 1], r.params)[0]
-                tokens[i] = int(torch.multinomial(probs[i], 1, generator=g))
+                try:
+                    probs[i] = processed_probs(logits[i : i + 1], r.params)[0]
+                    tokens[i] = int(torch.multinomial(probs[i], 1, generator=g))
+                except (ValueError, RuntimeError):  # no usable draft distribution: propose the argmax as a
+                    probs[i] = torch.zeros_like(logits[i], dtype=torch.float32)  # point mass (still exact)
+                    probs[i][tokens[i]] = 1.0
         return tokens, probs
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:

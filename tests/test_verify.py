@@ -331,8 +331,13 @@ def test_a_draft_distribution_that_cannot_explain_its_token_ends_the_draft_there
             second.append(out[1])
     assert len(second) >= MIN_POSITION_SAMPLES
     assert chisquare_pvalue(np.array(second), p[1].double().numpy()) > ALPHA
-    # Infinite or negative entries elsewhere in q only lose their mass.
+    # Infinite or negative entries elsewhere in q only lose their mass: the same as zeros there, draw for draw.
     q = draw_from[:K].clone()
     q[:, 0], q[:, 1] = float("inf"), -1.0
+    zeroed = draw_from[:K].clone()
+    zeroed[:, 0] = zeroed[:, 1] = 0.0
+    dirty_gen, clean_gen = torch.Generator().manual_seed(15), torch.Generator().manual_seed(15)
     for draft in _drafts(draw_from, seed=14)[:200].tolist():
-        assert 1 <= len(verify_sampled(p, draft, q, gen)) <= K + 1
+        out = verify_sampled(p, draft, q, dirty_gen)
+        assert 1 <= len(out) <= K + 1
+        assert out == verify_sampled(p, draft, zeroed, clean_gen)
