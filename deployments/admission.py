@@ -1,14 +1,14 @@
 """Admission control: refuse work that cannot start soon, at once and with `Retry-After`, instead of queueing it.
 
 What bounds an admitted request's latency: a replica runs at most `target.max_ongoing_requests` requests
-(Serve), a router queues at most `target.max_queued_requests` more for the replicas (Serve answers beyond
-with BackPressureError, turned into 503), and a router replica answers at most `router.admission.max_in_flight`
+(Serve), a ingress queues at most `target.max_queued_requests` more for the replicas (Serve answers beyond
+with BackPressureError, turned into 503), and a ingress replica answers at most `ingress.admission.max_in_flight`
 at once (429 beyond). Inside a replica, requests that would wait beyond the engine's free batch slots are
 limited to `target.admission.max_waiting`, and a prompt that does not fit the free KV blocks while the engine
 is busy is refused rather than preempting the running ones (503). So an admitted request waits for at most
 (queued + waiting) / running request lifetimes before it runs at full batch.
 
-Plain Python: the router and the replica call it; no Ray, no clocks.
+Plain Python: the ingress and the replica call it; no Ray, no clocks.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Refusal:
-    """An OpenAI-shaped refusal: 429 (this router is full) or 503 (the replicas are)."""
+    """An OpenAI-shaped refusal: 429 (this ingress is full) or 503 (the replicas are)."""
 
     status: int
     message: str
@@ -32,7 +32,7 @@ def overloaded(retry_after_s: int, message: str = "the server is overloaded; ret
 
 
 class InFlightLimit:
-    """A router replica answers at most `limit` requests at once; one more gets 429 at once."""
+    """A ingress replica answers at most `limit` requests at once; one more gets 429 at once."""
 
     def __init__(self, limit: int, retry_after_s: int = 1):
         if limit < 1 or retry_after_s < 1:

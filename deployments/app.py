@@ -1,6 +1,6 @@
 """The Serve application: `import_path: deployments.app:build_app` in serve_config.yaml.
 
-    Router (ingress, OpenAI HTTP API, completion cache)  --DeploymentHandle-->  LLMServer replicas
+    Ingress (OpenAI HTTP API, completion cache)  --DeploymentHandle-->  LLMServer replicas
                                                             (prefix-affinity request router, autoscaled;
                                                              each replica: engine loop + its TP shard actors)
 
@@ -17,9 +17,9 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.app_config import AppConfig, load_app_config
+from deployments.ingress import Ingress
 from deployments.llm_server import LLMServer
 from deployments.request_router import request_router_config
-from deployments.router import Router
 
 
 def server_options(config: AppConfig) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def server_options(config: AppConfig) -> dict[str, Any]:
         options["placement_group_bundles"] = bundles
         default = "PACK" if any("GPU" in b for b in bundles) else "STRICT_PACK"
         options["placement_group_strategy"] = target.placement_strategy or default
-    affinity = config.router.prefix_affinity
+    affinity = config.ingress.prefix_affinity
     if affinity.enabled:
         options["request_router_config"] = request_router_config(
             stats_period_s=affinity.stats_period_s, imbalance_threshold=affinity.imbalance_threshold
@@ -57,9 +57,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     config = load_app_config(args)
     raw = config.model_dump(mode="json")
     server = serve.deployment(LLMServer, name="LLMServer").options(**server_options(config)).bind(raw)
-    router = serve.deployment(Router, name="Router").options(
-        num_replicas=config.router.num_replicas,
-        max_ongoing_requests=config.router.max_ongoing_requests,
+    ingress = serve.deployment(Ingress, name="Ingress").options(
+        num_replicas=config.ingress.num_replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
     )
-    return router.bind(server, raw)
+    return ingress.bind(server, raw)

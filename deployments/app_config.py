@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from engine.config import EngineConfig
+from model.config import EngineConfig
 
 DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -104,15 +104,15 @@ class CompletionCacheSettings(_Strict):
 
 
 class PrefixAffinitySettings(_Strict):
-    """The request router between router replicas and engine replicas (request_router.py)."""
+    """The request router between ingress replicas and engine replicas (request_router.py)."""
 
     enabled: bool = True
     imbalance_threshold: int = Field(default=4, ge=0)
     stats_period_s: float = Field(default=2.0, gt=0)
 
 
-class RouterAdmissionSettings(_Strict):
-    """Completions a router replica answers at once (streams count until their last byte); beyond: 429."""
+class IngressAdmissionSettings(_Strict):
+    """Completions a ingress replica answers at once (streams count until their last byte); beyond: 429."""
 
     max_in_flight: int = Field(default=192, ge=1)
     retry_after_s: int = Field(default=1, ge=1)
@@ -127,7 +127,7 @@ class AuthSettings(_Strict):
     keys_file: str | None = Field(default=None, min_length=1)
 
 
-class RouterSettings(_Strict):
+class IngressSettings(_Strict):
     """The OpenAI-facing ingress deployment."""
 
     num_replicas: int = Field(default=1, ge=1)
@@ -137,14 +137,14 @@ class RouterSettings(_Strict):
     # A stream whose replica died is resumed on a live replica if one answers within this time; else it ends
     # with an error event (a non-streaming request: 503 + Retry-After).
     resume_timeout_s: float = Field(default=60.0, ge=0)
-    admission: RouterAdmissionSettings = Field(default_factory=RouterAdmissionSettings)
+    admission: IngressAdmissionSettings = Field(default_factory=IngressAdmissionSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     completion_cache: CompletionCacheSettings = Field(default_factory=CompletionCacheSettings)
     prefix_affinity: PrefixAffinitySettings = Field(default_factory=PrefixAffinitySettings)
 
     @field_validator("admission")
     @classmethod
-    def _refusals_can_be_answered(cls, v: RouterAdmissionSettings, info: ValidationInfo) -> RouterAdmissionSettings:
+    def _refusals_can_be_answered(cls, v: IngressAdmissionSettings, info: ValidationInfo) -> IngressAdmissionSettings:
         ongoing = info.data.get("max_ongoing_requests")
         if ongoing is not None and v.max_in_flight >= ongoing:
             raise ValueError(
@@ -165,7 +165,7 @@ class AppConfig(_Strict):
     served_model_name: str | None = Field(default=None, min_length=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
     target: TargetSettings = Field(default_factory=TargetSettings)
-    router: RouterSettings = Field(default_factory=RouterSettings)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
     draft_worker: DraftWorkerSettings = Field(default_factory=DraftWorkerSettings)
 
     @model_validator(mode="after")

@@ -1,10 +1,10 @@
-"""One CompletionCache shared by every router replica: a named Ray actor, created by whoever asks first.
+"""One CompletionCache shared by every ingress replica: a named Ray actor, created by whoever asks first.
 
-Sharing matters for admission: with N routers each seeing a repeated prompt once, N private caches would
+Sharing matters for admission: with N ingress replicas each seeing a repeated prompt once, N private caches would
 never reach `admit_after` sightings. The actor is a thin shell (all logic is in completion_cache.py); it asks
 for no CPU so it never competes with engine actors for a slot, and it runs its calls one at a time.
 
-The cache is an optimisation, so a router talks to it through `CacheClient`: every call has a short timeout
+The cache is an optimisation, so a ingress talks to it through `CacheClient`: every call has a short timeout
 and any failure (the actor restarting, gone) is a miss or a dropped offer, never a failed request.
 """
 
@@ -56,7 +56,7 @@ def get_or_create_cache_actor(
 ) -> ray.actor.ActorHandle:
     """The cache actor called `name` in `namespace`, created with `cache_kwargs` if it does not exist yet.
 
-    Every caller gets the same actor (`get_if_exists=True` makes the race between routers safe); the kwargs
+    Every caller gets the same actor (`get_if_exists=True` makes the race between ingress replicas safe); the kwargs
     of a later caller are ignored. `detached=True` lets the cache outlive the job that created it (Serve
     replicas come and go); remove it then with `ray.kill`.
     """
@@ -86,7 +86,7 @@ class BurstLog:
 
 
 class CacheClient:
-    """A router's side of the cache actor: bounded calls, failures are misses (get) or dropped (offer).
+    """A ingress's side of the cache actor: bounded calls, failures are misses (get) or dropped (offer).
 
     `connect()` returns the actor handle (get-or-create); after a failed call it is called again, at most every
     `reconnect_s`, so a cache killed without restart comes back as a new, empty one."""

@@ -31,9 +31,9 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.app_config import ActorResources
-from engine.config import EngineConfig
-from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
+from model.config import EngineConfig
+from model.runner import ModelRunner
+from sampling.params import SamplingParams
 from speculator.draft_model import DraftModelProposer
 from speculator.proposer import Draft, DraftRequest, Proposer
 

@@ -1,4 +1,4 @@
-"""What every HTTP request to the router passes first: a request id, the API key, the body limit, admission.
+"""What every HTTP request to the ingress passes first: a request id, the API key, the body limit, admission.
 
 The id is the one Serve's proxy put in the request's `x-request-id` header (the proxy echoes it in the
 response), or a new one, sent back in that header. A pure ASGI middleware (no Ray), so that it wraps every
@@ -64,7 +64,7 @@ def error_headers(error: ProtocolError) -> dict[str, str]:
 
 @dataclass
 class EdgeSettings:
-    """The router's edge policy: `keys` None = no authentication; `limit` None = no in-flight limit."""
+    """The ingress's edge policy: `keys` None = no authentication; `limit` None = no in-flight limit."""
 
     max_body_bytes: int
     keys: KeySource | None = None
@@ -80,7 +80,7 @@ def route_scope(path: str) -> str | None:
 
 class Edge:
     """ASGI middleware; `settings` returns the EdgeSettings (or None: pass through), looked up per request
-    because the router builds them in its constructor, after the app was made."""
+    because the ingress builds them in its constructor, after the app was made."""
 
     def __init__(self, app, settings: Callable[[], EdgeSettings | None]):
         self.app, self.settings = app, settings

@@ -7,13 +7,13 @@ Each replica owns an LLMEngine driven by an AsyncEngine thread, and the actors a
 - with `draft_worker.enabled`, the DraftWorker actor in the last bundle, proposing for the whole batch.
 Serve reserves, places and releases a replica and its actors together. When a step fails (a shard or the
 block manager died), `_repair` rebuilds what is dead and the requests in flight are recomputed; a dead draft
-worker only turns speculation off until it is back. The replica streams plain dicts to the router and
+worker only turns speculation off until it is back. The replica streams plain dicts to the ingress and
 publishes load, free KV blocks and recent prompt prefixes for the request router (`record_routing_stats`).
 
 Its constructor returns only once the engine has run a step, so Serve sends it nothing before it can serve.
 Prompts are tokenized on a thread of their own, never on the event loop (a long prompt would pause every
 stream) nor on the engine thread (it would pause every step), and a request is checked against the engine's
-queue and free KV before it is added (admission.py: 503 + Retry-After when full). A request the router
+queue and free KV before it is added (admission.py: 503 + Retry-After when full). A request the ingress
 resumes after its replica died (`prompt_token_ids` + `resume`) continues from the tokens already streamed.
 Error items carry fixed one-line texts; the exception details go to this replica's log.
 """
@@ -44,8 +44,8 @@ from deployments.routing_policy import RecentPrefixes, ReplicaStats
 from deployments.sharded_runner import ShardedRunner, ShardFailure
 from engine.async_engine import AsyncEngine, EngineStepError, RequestFailed
 from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams, describe_validation_error
 from engine.tokenization import RequestError
+from sampling.params import SamplingParams, describe_validation_error
 
 log = logging.getLogger("ray.serve")
 
@@ -218,8 +218,8 @@ class LLMServer:
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream of dicts: one {"type": "start"} (with the prompt's token ids, for a resume elsewhere), then
-        {"type": "delta"} items (the last has a finish_reason), or a single {"type": "error"} item. The router
-        reads the first item before it answers the client. Cancelling the stream at any point (the router
+        {"type": "delta"} items (the last has a finish_reason), or a single {"type": "error"} item. The ingress
+        reads the first item before it answers the client. Cancelling the stream at any point (the ingress
         does when its client goes away) aborts the request and frees its KV blocks."""
         self.num_requests += 1
         param = "messages" if request.get("messages") is not None else "prompt"

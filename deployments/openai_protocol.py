@@ -300,7 +300,7 @@ class _BaseRequest(BaseModel):
         return self.max_tokens
 
     def sampling_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `engine.sampling_params.SamplingParams`.
+        """Keyword arguments for `sampling.params.SamplingParams`.
 
         `max_tokens` is None when the client gave none: the caller fills in the context left after the prompt,
         which only it knows (it has the tokenizer and the model's length).

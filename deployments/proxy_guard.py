@@ -1,6 +1,6 @@
 """An ASGI middleware for Ray Serve's HTTP proxy: a Server-Sent Events stream always ends properly.
 
-When the ingress replica (the router) dies after a response has started, Ray Serve's proxy just stops
+When the ingress replica dies after a response has started, Ray Serve's proxy just stops
 sending (`send_http_response_on_exception` sends nothing once a response started): the client sees HTTP 200
 and a chunked body cut off with no error and no `[DONE]`. Serve loads middlewares into every proxy from the
 function named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH; with `middlewares` below there, an event stream

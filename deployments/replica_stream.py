@@ -1,4 +1,4 @@
-"""The router's side of one request to the target replicas: its stream of items, resumed if its replica dies.
+"""The ingress's side of one request to the target replicas: its stream of items, resumed if its replica dies.
 
 A replica that dies mid-stream (killed, its node lost) breaks the handle's stream with a RayActorError. The
 request is then sent again as a resumed request (`resume.Progress`): prompt + output token ids so far, the
@@ -31,7 +31,7 @@ MAX_REPLICA_DEATHS = 2  # a request whose replicas keep dying (a prompt that cra
 def error_item(
     status: int, message: str, param: str | None = None, code: str | None = None, retry_after_s: int | None = None
 ) -> dict[str, Any]:
-    """The one error item of a replica's stream (the router turns it into the HTTP error or error event)."""
+    """The one error item of a replica's stream (the ingress turns it into the HTTP error or error event)."""
     return {
         "type": "error",
         "status": status,

@@ -1,6 +1,6 @@
 """Resuming a request on another replica after its replica died, from the tokens already streamed.
 
-The engine can recompute a sequence from its prompt and output tokens, so the router keeps, per request, the
+The engine can recompute a sequence from its prompt and output tokens, so the ingress keeps, per request, the
 prompt's token ids (sent by the replica in its first item) and the output tokens and text it has relayed.
 A resumed request is the prompt + output so far as token ids, the rest of the token budget, and the text the
 client already has. The new replica decodes the output tokens again with the request's stop strings
@@ -18,7 +18,7 @@ from engine.detokenizer import IncrementalDetokenizer
 
 @dataclass
 class Progress:
-    """What the router has relayed of one request (router side)."""
+    """What the ingress has relayed of one request (ingress side)."""
 
     prompt_token_ids: list[int] | None = None
     output_token_ids: list[int] = field(default_factory=list)

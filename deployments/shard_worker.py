@@ -16,9 +16,9 @@ import ray
 import torch
 import torch.distributed as dist
 
-from engine.config import EngineConfig
-from engine.model_runner import ModelRunner, StepInput
-from engine.parallel import ParallelContext
+from model.config import EngineConfig
+from model.parallel import ParallelContext
+from model.runner import ModelRunner, StepInput
 
 
 @ray.remote

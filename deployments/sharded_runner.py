@@ -27,8 +27,8 @@ from ray.util.placement_group import placement_group as new_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.shard_worker import ShardWorker
-from engine.config import EngineConfig
-from engine.model_runner import StepInput
+from model.config import EngineConfig
+from model.runner import StepInput
 
 
 class ShardFailure(RuntimeError):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.llm_engine import LLMEngine, RequestOutput
-from engine.sampling_params import SamplingParams
+from sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
 

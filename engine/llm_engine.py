@@ -31,17 +31,17 @@ from dataclasses import dataclass
 import torch
 from pydantic import ValidationError
 
-from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from engine.metrics import RequestMetrics, SpecCounters
-from engine.model_runner import ModelRunner, StepInput, context_length
-from engine.sampler import make_generator, processed_probs
-from engine.sampling_params import SamplingParams, describe_validation_error
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import SeqStatus, Sequence
 from engine.tokenization import RequestError, encode_prompt
 from kv_cache.block_batch import BatchedBlockManager, BlockPool
+from model.config import EngineConfig
+from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
+from model.runner import ModelRunner, StepInput, context_length
+from sampling.params import SamplingParams, describe_validation_error
+from sampling.sampler import make_generator, processed_probs
 from speculator.backoff import KController
 from speculator.draft_model import DraftModelProposer
 from speculator.ngram import NgramProposer
@@ -397,7 +397,7 @@ class LLMEngine:
         )
 
     def _drop_unschedulable(self) -> list[RequestOutput]:
-        """Nothing could run: the oldest waiting sequence alone outgrew the KV pool. End it as 'length'."""
+        """Nothing could run: the oldest waiting sequence alone outgrew the KV cache. End it as 'length'."""
         if self.scheduler.running or not self.scheduler.waiting:
             return []
         req = self.requests[self.scheduler.waiting[0].request_id]

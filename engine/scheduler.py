@@ -1,4 +1,4 @@
-"""Iteration-level continuous batching over a paged KV pool.
+"""Iteration-level continuous batching over a paged KV pages.
 
 Every step, in arrival order: running sequences first (a decode step of 1 + k speculative slots, or the next
 chunk of an unfinished prefill), then waiting ones while the token budget and the sequence cap allow. The

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from engine.sampling_params import SamplingParams
+from sampling.params import SamplingParams
 
 
 class SeqStatus(enum.Enum):

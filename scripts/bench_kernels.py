@@ -4,7 +4,7 @@
 
 - matmul: every linear layer of the default model's shape (30 layers and the LM head, float32, fresh random
   weights, so they are read from memory as in decoding) on `rows` rows, through each path of
-  `engine.parallel.linear`: F.linear, oneDNN's prepacked GEMM (used above SMALL_MATMUL_MAX_ROWS rows, and
+  `model.parallel.linear`: F.linear, oneDNN's prepacked GEMM (used above SMALL_MATMUL_MAX_ROWS rows, and
   everywhere without the kernels) and the C++ small matmul. Where the kernel stops winning sets
   SMALL_MATMUL_MAX_ROWS.
 - attention: against `context`-token sequences in each of 30 layers' pages, one decode row, one 1 + 4
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.bench import print_report
-from engine.cpu_kernels import SMALL_MATMUL_MAX_ROWS, load_kernels
-from engine.model import rotate
-from engine.parallel import cpu_packed, linear
-from kv_cache.attention import TorchPagedAttention
-from kv_cache.cpu_attention import CpuPagedAttention
+from cli.bench import print_report
+from model.attention.cpu import CpuPagedAttention
+from model.attention.paged import TorchPagedAttention
+from model.cpu_kernels import SMALL_MATMUL_MAX_ROWS, load_kernels
+from model.decoder import rotate
+from model.parallel import cpu_packed, linear
 
 HIDDEN, INTERMEDIATE, QKV, LAYERS, VOCAB = 576, 1536, 960, 30, 49152  # SmolLM2-135M
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
@@ -51,7 +51,7 @@ def bench_matmul(kernels, rows: list[int], repeats: int) -> list[dict]:
     weights = [torch.randn(n, k) for n, k in shapes + [(VOCAB, HIDDEN)]]
     packed = [cpu_packed(w) for w in weights]
     gb = sum(w.numel() * 4 for w in weights) / 1e9
-    # the three paths of engine.parallel.linear: F.linear, oneDNN's prepacked GEMM, the C++ small matmul
+    # the three paths of model.parallel.linear: F.linear, oneDNN's prepacked GEMM, the C++ small matmul
     paths = {"f_linear": lambda w, p: (None, None), "onednn": lambda w, p: (p, None)}
     paths["kernel"] = lambda w, p: (None, kernels.small_matmul)
     out = []

@@ -28,13 +28,13 @@ import httpx
 import torch
 import yaml
 
-from deployments.local_cluster import REPO, LocalCluster
-from engine.bench import print_report, run_specserve, standard_prompt_sets
-from engine.config import EngineConfig
+from cli.bench import print_report, run_specserve, standard_prompt_sets
+from cli.prompts import PromptSpec
+from cluster.local_cluster import REPO, LocalCluster
 from engine.llm_engine import LLMEngine
-from engine.prompts import PromptSpec
-from engine.sampling_params import SamplingParams
 from engine.tokenization import encode_prompt
+from model.config import EngineConfig
+from sampling.params import SamplingParams
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -43,7 +43,7 @@ def app_config(cpus: int, speculator: str, k: int) -> dict:
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     args = config["applications"][0]["args"]
     args["engine"].update(speculator=speculator, num_speculative_tokens=k)
-    args["router"]["completion_cache"]["enabled"] = False
+    args["ingress"]["completion_cache"]["enabled"] = False
     target = args["target"]
     del target["autoscaling_config"]
     target["num_replicas"] = 1

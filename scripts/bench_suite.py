@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from engine.bench import HFBaseline, print_report, run_alternating, run_specserve, standard_prompt_sets, warm
-from engine.config import EngineConfig
+from cli.bench import HFBaseline, print_report, run_alternating, run_specserve, standard_prompt_sets, warm
 from engine.llm_engine import LLMEngine
+from model.config import EngineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

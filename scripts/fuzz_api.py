@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 
+from cluster.local_cluster import local_app
 from deployments.app_config import DEFAULT_SERVED_MODEL_NAME
-from deployments.local_cluster import local_app
 
 POST_PATHS = ("/v1/completions", "/v1/chat/completions")
 LOCAL_CONTEXT = 256  # --local: every generated request is bounded by this context

@@ -4,7 +4,7 @@
                                             [--overload-factor 4] [--kill-streams 8] [--no-kills] [--out F.json]
 
 Without `--url` it starts its own `ray start --head` cluster and deploys the app as the fault tests do
-(tensor_parallel_size 2, draft worker, block manager and completion cache actors; deployments/hostile_client.py).
+(tensor_parallel_size 2, draft worker, block manager and completion cache actors; cluster/hostile_client.py).
 Against a running service, actor kills need `--dashboard` (Ray's dashboard, on this host: kills are SIGKILLs).
 - cancel: `--cancel` requests dropped at random points (before the headers, after them, mid-stream, non-streamed
   while waiting), then what the replica still holds (goal: nothing) and how long it took to let go;
@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from deployments import hostile_client as hc
-from deployments.local_cluster import LocalCluster, kill_actors
+from cluster import hostile_client as hc
+from cluster.local_cluster import LocalCluster, kill_actors
 
 PROMPT = "def bubble_sort(items):\n    "
 

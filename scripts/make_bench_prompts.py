@@ -9,7 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.prompts import humaneval_to_jsonl, sharegpt_to_jsonl  # noqa: E402
+from cli.prompts import humaneval_to_jsonl, sharegpt_to_jsonl  # noqa: E402
 
 DEFAULT_HUMANEVAL = REPO.parent / "shared" / "data" / "humaneval.jsonl.gz"
 

@@ -21,11 +21,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from engine.bench import print_report
-from engine.config import EngineConfig
+from cli.bench import print_report
 from engine.llm_engine import LLMEngine
-from engine.parallel import ColumnParallelLinear, RowParallelLinear
-from engine.sampling_params import SamplingParams
+from model.config import EngineConfig
+from model.parallel import ColumnParallelLinear, RowParallelLinear
+from sampling.params import SamplingParams
 
 MATMUL_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear", "aten::matmul")
 

@@ -13,5 +13,5 @@ cd "$(dirname "$0")/.."
 # Build the CPU kernels now rather than on the first request (about a minute, once): the .so lands in
 # ~/.cache/specserve/kernels and every later process, a Ray replica included, imports it without rebuilding.
 # Without a compiler the engine uses its PyTorch paths.
-.venv/bin/python -c "from engine.cpu_kernels import load_kernels; load_kernels()" \
+.venv/bin/python -c "from model.cpu_kernels import load_kernels; load_kernels()" \
   || echo "setup: CPU kernels not built; the PyTorch paths will be used" >&2

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.model_runner import ModelRunner, StepInput
-from engine.sampler import make_generator, processed_probs
 from kv_cache.block_manager import BlockManager
+from model.runner import ModelRunner, StepInput
+from sampling.sampler import make_generator, processed_probs
 from speculator.proposer import Draft, DraftRequest, Proposer
 
 

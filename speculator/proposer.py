@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from sampling.params import SamplingParams
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from engine.default_model import default_model_path
-from engine.loader import load_tokenizer, resolve_model
+from model.default_model import default_model_path
+from model.loader import load_tokenizer, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 HUMANEVAL = REPO.parent / "shared" / "data" / "humaneval.jsonl.gz"
@@ -73,7 +73,7 @@ def make_engine():
 @pytest.fixture(scope="session")
 def cpu_kernels():
     """The built C++ CPU kernels (built on first use, then loaded from torch's extension cache)."""
-    from engine.cpu_kernels import load_kernels
+    from model.cpu_kernels import load_kernels
 
     return load_kernels()
 
@@ -93,7 +93,7 @@ def local_ray(request):
 def greedy_reference(make_engine, prompt: str, sizes: tuple[int, ...]) -> dict[int, str]:
     """What the target alone says (in-process engine, TP=1, no speculation, ignore_eos), by max_tokens: the text
     a served stream must equal however its actors fail."""
-    from engine.sampling_params import SamplingParams
+    from sampling.params import SamplingParams
 
     engine = make_engine(kv_cache_gib=0.25, max_model_len=1024)
     return {n: engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].text for n in sizes}

@@ -1,4 +1,4 @@
-"""Admission policy: a router's in-flight limit (429) and a replica's queue and KV checks (503)."""
+"""Admission policy: a ingress's in-flight limit (429) and a replica's queue and KV checks (503)."""
 
 from __future__ import annotations
 

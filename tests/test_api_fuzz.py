@@ -15,7 +15,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("schemathesis")
 
-from deployments.local_cluster import served_app  # noqa: E402
+from cluster.local_cluster import served_app  # noqa: E402
 from engine.tokenization import encode_prompt  # noqa: E402
 from scripts.fuzz_api import Tally, corpus, run_corpus, run_schema  # noqa: E402
 
@@ -26,7 +26,7 @@ MODEL = "SmolLM2-135M-Instruct"
 APP_ARGS = {
     "engine": {"speculator": "ngram", "kv_cache_gib": 0.05, "max_model_len": 128},
     "target": {"num_replicas": 1, "shard_resources": {"num_cpus": 1}},
-    "router": {"completion_cache": {"admit_after": 2}},
+    "ingress": {"completion_cache": {"admit_after": 2}},
 }
 EXAMPLES_PER_PATH = 30
 TIMEOUT_S = 60.0  # no answer within this counts as a hang

@@ -28,7 +28,7 @@ def test_defaults():
     assert cfg.served_model_name == DEFAULT_SERVED_MODEL_NAME
     assert cfg.tensor_parallel_size == 1
     assert cfg.target.replica_options() == {"max_ongoing_requests": 64, "num_replicas": 1}
-    assert cfg.router.completion_cache.admit_after == 2
+    assert cfg.ingress.completion_cache.admit_after == 2
     assert load_app_config(None) == cfg
 
 
@@ -39,7 +39,7 @@ def test_defaults():
         ({"engine": {"modle": "x"}}, "engine.modle: unknown key"),
         ({"target": {"replicas": 2}}, "target.replicas: unknown key"),
         ({"target": {"shard_resources": {"gpus": 1}}}, "target.shard_resources.gpus: unknown key"),
-        ({"router": {"completion_cache": {"size": 1}}}, "router.completion_cache.size: unknown key"),
+        ({"ingress": {"completion_cache": {"size": 1}}}, "ingress.completion_cache.size: unknown key"),
         ({"draft_worker": {"enable": True}}, "draft_worker.enable: unknown key"),
     ],
 )
@@ -66,15 +66,15 @@ def test_target_ongoing_requests_must_be_given_explicitly():
             {"target": {"autoscaling_config": {**AUTOSCALE["autoscaling_config"], "target_ongoing_requests": 0}}},
             "target.autoscaling_config.target_ongoing_requests",
         ),
-        ({"router": {"num_replicas": 0}}, "router.num_replicas"),
-        ({"router": {"completion_cache": {"admit_after": 0}}}, "router.completion_cache.admit_after"),
-        ({"router": {"completion_cache": {"max_bytes": -5}}}, "router.completion_cache.max_bytes"),
+        ({"ingress": {"num_replicas": 0}}, "ingress.num_replicas"),
+        ({"ingress": {"completion_cache": {"admit_after": 0}}}, "ingress.completion_cache.admit_after"),
+        ({"ingress": {"completion_cache": {"max_bytes": -5}}}, "ingress.completion_cache.max_bytes"),
         ({"served_model_name": ""}, "served_model_name"),
-        ({"router": {"max_request_bytes": 10}}, "router.max_request_bytes"),
-        ({"router": {"admission": {"max_in_flight": 0}}}, "router.admission.max_in_flight"),
-        ({"router": {"admission": {"max_in_flight": 300}}}, "router.admission"),
-        ({"router": {"auth": {"enabled": "maybe"}}}, "router.auth.enabled"),
-        ({"router": {"completion_cache": {"timeout_s": 0}}}, "router.completion_cache.timeout_s"),
+        ({"ingress": {"max_request_bytes": 10}}, "ingress.max_request_bytes"),
+        ({"ingress": {"admission": {"max_in_flight": 0}}}, "ingress.admission.max_in_flight"),
+        ({"ingress": {"admission": {"max_in_flight": 300}}}, "ingress.admission"),
+        ({"ingress": {"auth": {"enabled": "maybe"}}}, "ingress.auth.enabled"),
+        ({"ingress": {"completion_cache": {"timeout_s": 0}}}, "ingress.completion_cache.timeout_s"),
         ({"target": {"admission": {"min_free_kv_fraction": 1.0}}}, "target.admission.min_free_kv_fraction"),
     ],
 )
@@ -137,20 +137,20 @@ def test_serve_config_app_args_pass_load_app_config():
 def without_auth(applications: list[dict]) -> list[dict]:
     applications = copy.deepcopy(applications)
     for app in applications:
-        app["args"]["router"].pop("auth", None)
+        app["args"]["ingress"].pop("auth", None)
     return applications
 
 
 def test_serve_config_states_every_limit_explicitly():
     """The limits that shed load and bound latency are in the file, not left to defaults."""
     (app,) = serve_config()["applications"]
-    router, target = app["args"]["router"], app["args"]["target"]
+    ingress, target = app["args"]["ingress"], app["args"]["target"]
     for key in ("max_request_bytes", "resume_timeout_s", "admission", "auth"):
-        assert key in router, key
+        assert key in ingress, key
     assert {"max_queued_requests", "admission"} <= set(target)
     cfg = load_app_config(app["args"])
-    assert cfg.router.admission.max_in_flight < cfg.router.max_ongoing_requests
-    assert cfg.router.completion_cache.share_across_keys is False
+    assert cfg.ingress.admission.max_in_flight < cfg.ingress.max_ongoing_requests
+    assert cfg.ingress.completion_cache.share_across_keys is False
 
 
 def test_serve_config_is_a_valid_serve_deploy_schema():
@@ -166,9 +166,9 @@ def test_rayservice_holds_the_same_application_as_serve_config():
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     # the same app, except that a cluster turns API keys on (the local quick start has them off)
     assert without_auth(embedded["applications"]) == without_auth(serve_config()["applications"])
-    auth = load_app_config(embedded["applications"][0]["args"]).router.auth
+    auth = load_app_config(embedded["applications"][0]["args"]).ingress.auth
     assert auth.enabled and (auth.keys_env or auth.keys_file)
-    assert load_app_config(serve_config()["applications"][0]["args"]).router.auth.enabled is False
+    assert load_app_config(serve_config()["applications"][0]["args"]).ingress.auth.enabled is False
     workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     limits = [c["resources"]["limits"] for w in workers for c in w["template"]["spec"]["containers"]]
     assert any(int(lim.get("nvidia.com/gpu", 0)) >= 1 for lim in limits)

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from engine.async_engine import STEP_FAILED, AsyncEngine, EngineStepError, RequestFailed
-from engine.sampling_params import SamplingParams
+from sampling.params import SamplingParams
 
 PROMPTS = ["def add(a, b):\n    return", "The three primary colours are", "Once upon a time, in a small village,"]
 GREEDY = SamplingParams(max_tokens=12)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from kv_cache.attention import TorchPagedAttention
-from kv_cache.backends import make_backend
-from kv_cache.cpu_attention import CpuPagedAttention
+from model.attention.backends import make_backend
+from model.attention.cpu import CpuPagedAttention
+from model.attention.paged import TorchPagedAttention
 
 
 def backend_of(name: str, block_size: int, cpu_kernels) -> TorchPagedAttention:

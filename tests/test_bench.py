@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.bench import BenchResult, run_alternating
+from cli.bench import BenchResult, run_alternating
+from cli.prompts import PromptSpec
 from engine.metrics import SpecCounters
-from engine.prompts import PromptSpec
 
 
 def test_alternating_runs_go_prompt_by_prompt_and_merge_their_results():

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from kv_cache.block_batch import Admit, BatchedBlockManager, BlockStep, Extend
+from sampling.params import SamplingParams
 from tests.test_scheduler import check_mirror
 
 

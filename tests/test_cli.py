@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine.cli import main
+from cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_generate_streams_to_stdout():
         [
             sys.executable,
             "-m",
-            "engine.cli",
+            "cli.main",
             "generate",
             "Say hi.",
             "--max-tokens",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from cluster.local_cluster import REPO
 from deployments.app_config import load_app_config
-from deployments.local_cluster import REPO
 from deployments.proxy_guard import ENV_VAR, IMPORT_PATH
 
 CLUSTER = REPO / "cluster"
@@ -31,7 +31,7 @@ def test_cluster_serve_config_is_the_rayservice_application_with_auth_on():
     ServeDeploySchema.model_validate(config)
     embedded = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
     assert config["applications"] == embedded["applications"]
-    auth = load_app_config(config["applications"][0]["args"]).router.auth
+    auth = load_app_config(config["applications"][0]["args"]).ingress.auth
     assert auth.enabled and auth.keys_file
 
 
@@ -39,7 +39,7 @@ def test_rayservice_turns_ray_token_auth_on_and_mounts_the_keys():
     manifest = rayservice()
     assert manifest["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
     args = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
-    mount_dir = str(Path(load_app_config(args).router.auth.keys_file).parent)
+    mount_dir = str(Path(load_app_config(args).ingress.auth.keys_file).parent)
     for c in containers(manifest):
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         assert env.get("RAY_AUTH_MODE") in (None, "token")  # never disabled

@@ -1,5 +1,5 @@
 """The shared cache actor: every get-or-create call reaches the same cache (starts a 1-CPU local Ray); a
-router's CacheClient turns a restarting or dead actor into misses, and reconnects to a new one."""
+ingress's CacheClient turns a restarting or dead actor into misses, and reconnects to a new one."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ def test_routers_share_one_cache_and_admission_counts_across_them(local_ray):
     second = get_or_create_cache_actor(name="test-cache", namespace="specserve-test", admit_after=99)
     assert first._actor_id == second._actor_id  # the later caller's settings are ignored
     key = make_key("m", "v1", {"prompt": "hi", "temperature": 0, "max_tokens": 4})
-    assert ray.get(first.get.remote(key)) is None  # router 1 sees it once
-    assert ray.get(second.get.remote(key)) is None  # router 2 sees it once: two sightings in all
+    assert ray.get(first.get.remote(key)) is None  # ingress 1 sees it once
+    assert ray.get(second.get.remote(key)) is None  # ingress 2 sees it once: two sightings in all
     assert ray.get(second.offer.remote(key, CachedCompletion("hello", (1, 2), "length", 3, 2))) is True
     hit = ray.get(first.get.remote(key))
     assert hit.text == "hello" and hit.finish_reason == "length"

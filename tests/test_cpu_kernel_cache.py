@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import cpu_kernels as ck
+from model import cpu_kernels as ck
 
 # A tiny extension (no torch headers: it compiles in about a second) for the lock tests, which build for real.
 TINY_SOURCE = """
@@ -31,7 +31,7 @@ PyMODINIT_FUNC CAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create
 LOAD_TINY = """
 import json, sys
 from pathlib import Path
-from engine import cpu_kernels
+from model import cpu_kernels
 m = cpu_kernels.load_extension("tiny", [Path(sys.argv[1])], [], [], cache=Path(sys.argv[2]))
 print(json.dumps({"answer": m.answer(), "builds": cpu_kernels.builds, "file": m.__file__}))
 """
@@ -39,7 +39,7 @@ print(json.dumps({"answer": m.answer(), "builds": cpu_kernels.builds, "file": m.
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from engine.cpu_kernels import build_lock
+from model.cpu_kernels import build_lock
 with build_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(600)
@@ -74,7 +74,7 @@ def test_another_environment_reuses_the_build_without_compiling(cpu_kernels, tmp
     target = ck.kernel_cache_dir() / f"specserve_cpu_kernels_{ck.build_key(ck.SOURCES, ck.CFLAGS, ck.LDFLAGS)}.so"
     assert target.exists()
     before = snapshot(target.parent)
-    code = "import json; from engine import cpu_kernels as k; m = k.load_kernels(); "
+    code = "import json; from model import cpu_kernels as k; m = k.load_kernels(); "
     code += "print(json.dumps({'file': m.__file__, 'builds': k.builds, 'ops': hasattr(m, 'paged_attention')}))"
     out = run_python(code, env=ray_worker_like_env(tmp_path), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]

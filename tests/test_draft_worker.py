@@ -17,11 +17,11 @@ import ray
 import torch
 
 from deployments.draft_worker import RemoteDraftProposer, start_draft_worker
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.loader import ModelLoadError
-from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
+from model.config import EngineConfig
+from model.loader import ModelLoadError
+from model.runner import ModelRunner
+from sampling.params import SamplingParams
 from speculator.proposer import DraftRequest
 from tests.conftest import humaneval_prompts
 

@@ -32,7 +32,7 @@ def make_app(settings: EdgeSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def boom():
-        raise RuntimeError('Traceback: File "/home/ray/deployments/router.py", pid=4242, ip=10.0.0.7, actor_id=abc')
+        raise RuntimeError('Traceback: File "/home/ray/deployments/ingress.py", pid=4242, ip=10.0.0.7, actor_id=abc')
 
     @app.get("/health")
     async def health():

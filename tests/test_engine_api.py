@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.loader import ModelLoadError
-from engine.sampling_params import SamplingParams
 from engine.tokenization import RequestError
+from model.config import EngineConfig
+from model.loader import ModelLoadError
+from sampling.params import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampling_params import SamplingParams
+from sampling.params import SamplingParams
 from tests.conftest import humaneval_prompts
 
 MAX_TOKENS = 32

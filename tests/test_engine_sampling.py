@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from engine.sampler import make_generator, processed_probs
-from engine.sampling_params import MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
+from sampling.params import MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
+from sampling.sampler import make_generator, processed_probs
 
 # False-alarm rate of the distribution test: the chi-square p-value must fall below ALPHA to fail.
 ALPHA = 1e-3

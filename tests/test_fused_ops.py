@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.model import rotate
+from model.decoder import rotate
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 

@@ -1,14 +1,14 @@
 """The local test cluster (`ray start --head` with token auth off) listens on loopback only (but for what Ray
-Serve binds to [::] itself), and its proxies carry the stream guard: killing the router mid-stream ends every
-stream with an error event and [DONE], and the app serves again once Serve has replaced the router."""
+Serve binds to [::] itself), and its proxies carry the stream guard: killing the ingress mid-stream ends every
+stream with an error event and [DONE], and the app serves again once Serve has replaced the ingress."""
 
 from __future__ import annotations
 
 import pytest
 
-from deployments import hostile_client as hc
-from deployments.local_cluster import LocalCluster
-from deployments.loopback import LOOPBACK_IPS, listening
+from cluster import hostile_client as hc
+from cluster.local_cluster import LocalCluster
+from cluster.loopback import LOOPBACK_IPS, listening
 from deployments.proxy_guard import INTERRUPTED_CODE
 
 pytestmark = pytest.mark.slow
@@ -39,15 +39,15 @@ def test_no_port_of_the_cluster_listens_on_all_interfaces(cluster):
     names = {name for _, _, name in sockets}
     assert {"gcs_server", "raylet"} <= names and any(n.startswith(REPLICA) for n in names), names
     exposed = [s for s in sockets if s[0] not in LOOPBACK_IPS]
-    # Ray Serve 2.60 binds each replica's inter-deployment gRPC server to [::] (deployments/loopback.py): one
-    # port for the Router's replica and one for the LLMServer's, and nothing else
-    assert sorted(name for _, _, name in exposed) == [f"{REPLICA}:specserve:{d}" for d in ("LLMServer", "Router")]
+    # Ray Serve 2.60 binds each replica's inter-deployment gRPC server to [::] (cluster/loopback.py): one
+    # port for the Ingress replica and one for the LLMServer's, and nothing else
+    assert sorted(name for _, _, name in exposed) == [f"{REPLICA}:specserve:{d}" for d in ("Ingress", "LLMServer")]
 
 
-def test_router_killed_mid_stream_ends_with_an_error_event(cluster):
+def test_ingress_killed_mid_stream_ends_with_an_error_event(cluster):
     bodies = [hc.completion_body(f"def task_{i}(items):\n    ", 200) for i in range(3)]
-    router = hc.victim_class("router")
-    outcomes, killed, killed_at = hc.streams_under_fault(cluster.url, bodies, lambda: cluster.kill(router), after=2)
+    ingress = hc.victim_class("ingress")
+    outcomes, killed, killed_at = hc.streams_under_fault(cluster.url, bodies, lambda: cluster.kill(ingress), after=2)
     assert killed == 1
     assert [o.kind for o in outcomes] == ["error"] * len(bodies), [o.summary() for o in outcomes]
     for o in outcomes:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.loader import load_arch
-from engine.model_runner import ModelRunner, StepInput
+from model.loader import load_arch
+from model.runner import ModelRunner, StepInput
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-3), (torch.bfloat16, 1.5)])

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from deployments import hostile_client as hc
-from deployments.local_cluster import LocalCluster
+from cluster import hostile_client as hc
+from cluster.local_cluster import LocalCluster
 from tests.conftest import greedy_reference
 
 PROMPT = "def bubble_sort(items):\n    "
@@ -70,7 +70,7 @@ def cluster(tmp_path_factory):
             f"pg = placement_group([{{'CPU': {HEAD_CPUS - HEAD_FREE}}}], name='{HOLD}', lifetime='detached')\n"
             "ray.get(pg.ready(), timeout=60)\n"
         )
-        # The router (no CPU) is placed now, on the head; the replica's group waits for the second node.
+        # The ingress (no CPU) is placed now, on the head; the replica's group waits for the second node.
         c.deploy(app_config(), tmp_path_factory.mktemp("node_loss") / "serve_config.yaml")
         c.add_worker_node(WORKER_CPUS)
         hc.wait_deployed(c, UP_S)

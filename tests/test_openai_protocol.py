@@ -27,7 +27,7 @@ from deployments.openai_responses import (
     usage,
     usage_chunk,
 )
-from engine.sampling_params import SamplingParams
+from sampling.params import SamplingParams
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": "m", "prompt": "Once upon"}
@@ -483,8 +483,8 @@ def test_sse_stream_without_usage_has_no_usage_field():
 def test_openapi_document_describes_both_bodies_with_resolvable_refs():
     import re
 
+    from deployments.ingress import api
     from deployments.openapi_doc import openapi_document
-    from deployments.router import api
 
     bodies = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
     doc = json.loads(json.dumps(openapi_document(api, bodies, served_models=["m"])))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.prompts import PromptSpec, humaneval_to_jsonl, load_prompts, sharegpt_to_jsonl
+from cli.prompts import PromptSpec, humaneval_to_jsonl, load_prompts, sharegpt_to_jsonl
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval.jsonl.gz"
 

@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from ray.serve._private.http_util import _apply_middlewares, validate_http_proxy_callback_return
 
-from deployments.local_cluster import free_port
+from cluster.local_cluster import free_port
 from deployments.proxy_guard import ENV_VAR, IMPORT_PATH, INTERRUPTED_CODE, StreamGuard, middlewares, proxy_env
 
 SSE = [(b"content-type", b"text/event-stream"), (b"x-request-id", b"req-123")]

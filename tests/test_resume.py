@@ -1,4 +1,4 @@
-"""Resuming a stream elsewhere (router progress, replica-side text), the prompt-size bound, and the replica's
+"""Resuming a stream elsewhere (ingress progress, replica-side text), the prompt-size bound, and the replica's
 error items: exact text across any cut, no tokenization of prompts that cannot fit, no internals in errors."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 from deployments.prompt_limits import max_bytes_per_token, min_tokens
 from deployments.resume import Progress, ResumedText
 from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
+from sampling.params import SamplingParams
 
 
 def test_progress_builds_the_resumed_request():

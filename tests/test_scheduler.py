@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import SeqStatus, Sequence
 from kv_cache.block_batch import BatchedBlockManager
+from sampling.params import SamplingParams
 
 
 def seq(i: int, n_prompt: int, max_tokens: int = 16, spec_k: int = 0) -> Sequence:

@@ -11,13 +11,13 @@ import pytest
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-from deployments.local_cluster import served_app  # noqa: E402
+from cluster.local_cluster import served_app  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 APP_ARGS = {
     "engine": {"speculator": "ngram", "kv_cache_gib": 0.25, "max_model_len": 2048},
     "target": {"num_replicas": 1, "shard_resources": {"num_cpus": 1}},
-    "router": {"completion_cache": {"admit_after": 2}, "prefix_affinity": {"stats_period_s": 0.5}},
+    "ingress": {"completion_cache": {"admit_after": 2}, "prefix_affinity": {"stats_period_s": 0.5}},
 }
 
 
@@ -54,7 +54,7 @@ def test_completion_matches_the_in_process_engine(client, make_engine):
 
 
 def engine_params(max_tokens: int):
-    from engine.sampling_params import SamplingParams
+    from sampling.params import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0)
 

@@ -3,7 +3,7 @@
 The app is serve_config.yaml with test-sized settings: tensor_parallel_size 2 (gloo), a draft worker and a
 block manager actor per replica, autoscaling 1..2. The streamed text is exactly the in-process engine's, with
 the draft worker drafting; sustained load starts a second replica that serves traffic, and it goes away after
-the load. Actor kills mid-stream (each actor, the replica and the router included) are in test_serve_faults.py.
+the load. Actor kills mid-stream (each actor, the replica and the ingress included) are in test_serve_faults.py.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import httpx
 import pytest
 import yaml
 
-from deployments import hostile_client as hc
-from deployments.local_cluster import REPO, LocalCluster
-from engine.sampling_params import SamplingParams
+from cluster import hostile_client as hc
+from cluster.local_cluster import REPO, LocalCluster
+from sampling.params import SamplingParams
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "def bubble_sort(items):\n    "
@@ -33,8 +33,8 @@ def app_config() -> dict:
     )
     args["tensor_parallel_size"] = 2
     args["draft_worker"]["enabled"] = True
-    args["router"]["completion_cache"]["enabled"] = False  # every request must reach a replica here
-    args["router"]["prefix_affinity"]["stats_period_s"] = 0.5
+    args["ingress"]["completion_cache"]["enabled"] = False  # every request must reach a replica here
+    args["ingress"]["prefix_affinity"]["stats_period_s"] = 0.5
     args["target"]["autoscaling_config"].update(
         target_ongoing_requests=2, upscale_delay_s=0, downscale_delay_s=5, look_back_period_s=2
     )

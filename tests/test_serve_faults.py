@@ -4,7 +4,7 @@ tensor_parallel_size 2, a draft worker, the block manager actor and the completi
 - Cancellation: requests dropped at random points of their life (before the response headers, right after
   them, mid-stream, non-streamed while waiting): afterwards the replica runs nothing and holds no KV block.
 - Faults: greedy streams in flight while one actor is SIGKILLed (what a crash or an OOM kill looks like):
-  the draft worker, the shards, the block manager, the completion cache, the router's replica, the target
+  the draft worker, the shards, the block manager, the completion cache, the ingress's replica, the target
   replica. Every stream ends with its finish reason and exactly the text the in-process engine gives, or with
   an OpenAI error event followed by [DONE]; none ends silently. The actors the replica repairs lose nothing,
   and a dead cache is a miss. The time until the app serves again is measured from the kill.
@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from deployments import hostile_client as hc
-from deployments.local_cluster import LocalCluster
+from cluster import hostile_client as hc
+from cluster.local_cluster import LocalCluster
 from tests.conftest import greedy_reference
 
 PROMPT = "def bubble_sort(items):\n    "

@@ -16,8 +16,8 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
+from cluster.local_cluster import free_port  # noqa: E402
 from deployments.app import build_app  # noqa: E402
-from deployments.local_cluster import free_port  # noqa: E402
 
 RAY_CPUS = 2
 MODEL = "SmolLM2-135M-Instruct"
@@ -39,7 +39,7 @@ def app_args(keys_file: str) -> dict:
             "max_queued_requests": 2,
             "admission": {"max_waiting": 2},
         },
-        "router": {
+        "ingress": {
             "max_ongoing_requests": 64,
             "max_request_bytes": BODY_LIMIT,
             "resume_timeout_s": 180,
@@ -117,7 +117,7 @@ def test_out_of_service_until_a_replica_can_serve(served):
     _, early = served
     assert early[-1][0] == 200
     not_ready = [e for e in early if e[0] == 503 and '"not_ready"' in e[2]]
-    assert not_ready, early  # the router was up before the replica and said so
+    assert not_ready, early  # the ingress was up before the replica and said so
     for _, retry_after, _, _ in not_ready:
         assert retry_after is not None and int(retry_after) >= 1
     # /v1/models (asked just before /health) is 503 while not ready; 404 only while Serve's proxy has no route
@@ -246,7 +246,7 @@ def test_disconnects_at_any_point_free_every_sequence_and_block(base_url):
     blocks = replica["block_manager"]
     assert (replica["num_running"], replica["num_waiting"], blocks["num_seqs"]) == (0, 0, 0), replica
     assert blocks["num_free_blocks"] == idle_free, replica
-    assert stats(base_url)["router"]["in_flight"] == 0
+    assert stats(base_url)["ingress"]["in_flight"] == 0
     held = idle_free - blocks["num_free_blocks"]
     print(f"\ndisconnects: {outcomes.count('dropped')}/{len(outcomes)} dropped, {held} KV blocks held after")
 

@@ -18,12 +18,12 @@ import psutil
 import pytest
 import yaml
 
-from deployments import hostile_client as hc
-from deployments.local_cluster import REPO, free_port
-from deployments.loopback import LOOPBACK_IPS, listening
+from cluster import hostile_client as hc
+from cluster.local_cluster import REPO, free_port
+from cluster.loopback import LOOPBACK_IPS, listening
 from deployments.proxy_guard import proxy_env
 
-SPECSERVE = [sys.executable, "-m", "engine.cli", "serve"]
+SPECSERVE = [sys.executable, "-m", "cli.main", "serve"]
 START_S = 600  # bound on a start to RUNNING (model load) on a busy 2-core machine
 STOP_S = 60  # bound on SIGTERM to exit
 
@@ -67,7 +67,7 @@ def small_config(port: int) -> dict:
     target = args["target"]
     target.pop("autoscaling_config", None)
     target.update(num_replicas=1, block_manager_actor=False)
-    args["router"]["completion_cache"]["enabled"] = False
+    args["ingress"]["completion_cache"]["enabled"] = False
     return config
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.cpu_kernels import SMALL_MATMUL_MAX_ROWS
+from model.cpu_kernels import SMALL_MATMUL_MAX_ROWS
 
 
 @pytest.mark.parametrize("rows", [1, 5, 8, 11, 16])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.sampling_params import SamplingParams
+from sampling.params import SamplingParams
 from speculator.backoff import KController
 from speculator.ngram import NgramProposer
 from speculator.proposer import DraftRequest

@@ -11,13 +11,13 @@ import time
 import pytest
 import torch
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.loader import load_arch
-from engine.model_runner import StepInput
-from engine.parallel import ParallelContext, rank_kv_cache_bytes
-from engine.sampling_params import SamplingParams
-from kv_cache.kv_pool import KVPool
+from model.config import EngineConfig
+from model.kv_pages import KVPages
+from model.loader import load_arch
+from model.parallel import ParallelContext, rank_kv_cache_bytes
+from model.runner import StepInput
+from sampling.params import SamplingParams
 
 ray = pytest.importorskip("ray")
 
@@ -58,8 +58,8 @@ def test_uneven_kv_heads_give_every_rank_the_same_block_count():
     for r in range(2):
         tp = ParallelContext(r, 2)
         local = tp.span(3)[1]
-        counts.add(KVPool.blocks_for_budget(rank_kv_cache_bytes(budget, 3, tp), layers, bs, local, d, torch.float32))
-    assert counts == {KVPool.blocks_for_budget(budget, layers, bs, 2, d, torch.float32)}
+        counts.add(KVPages.blocks_for_budget(rank_kv_cache_bytes(budget, 3, tp), layers, bs, local, d, torch.float32))
+    assert counts == {KVPages.blocks_for_budget(budget, layers, bs, 2, d, torch.float32)}
 
 
 # ---- real model, real Ray -----------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def _prefill_and_decode(runner, ids: list[int], table: list[int]) -> tuple[torch
 def test_tp2_logits_match_tp1(engine_tp1, sharded, model_folder):
     arch = load_arch(model_folder)
     # rank 0 holds 2 of the 3 KV heads and sizes the pool for both ranks
-    assert sharded.num_blocks == KVPool.blocks_for_budget(
+    assert sharded.num_blocks == KVPages.blocks_for_budget(
         int(CONFIG.kv_cache_gib * (1 << 30)), arch.num_layers, CONFIG.block_size, 2, arch.head_dim, torch.float32
     )
     ids = engine_tp1.encode('def quicksort(items):\n    """Sort a list in place."""\n')

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from deployments.loopback import LOOPBACK_ENV, NODE_IP
+from cluster.loopback import LOOPBACK_ENV, NODE_IP
 from deployments.proxy_guard import proxy_env
 
 READY_POLL_S = 1.0

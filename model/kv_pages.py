@@ -1,11 +1,11 @@
-"""The KV page pool: one preallocated tensor holding every layer's K and V pages."""
+"""The KV pages: one preallocated tensor holding every layer's K and V pages."""
 
 from __future__ import annotations
 
 import torch
 
 
-class KVPool:
+class KVPages:
     """Pages laid out [layers, 2, num_blocks, block_size, kv_heads, head_dim]; block 0 is the null block."""
 
     def __init__(

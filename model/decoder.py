@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.loader import ModelArch, ModelLoadError, iter_weights, rope_cos_sin
-from engine.parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear, VocabParallelEmbedding
-from kv_cache.attention import AttentionBackend, AttnMetadata
-from kv_cache.kv_pool import KVPool
+from model.attention.paged import AttentionBackend, AttnMetadata
+from model.kv_pages import KVPages
+from model.loader import ModelArch, ModelLoadError, iter_weights, rope_cos_sin
+from model.parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear, VocabParallelEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -123,7 +123,7 @@ class CausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        pool: KVPool,
+        kv: KVPages,
         meta: AttnMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
@@ -133,7 +133,7 @@ class CausalLM(nn.Module):
             x = x * self.arch.embedding_multiplier
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, pool.layer(i), meta, backend)
+            x = layer(x, cos, sin, kv.layer(i), meta, backend)
         return self.norm(x)
 
     @torch.inference_mode()
@@ -143,7 +143,7 @@ class CausalLM(nn.Module):
 
     def use_cpu_kernels(self, kernels) -> None:
         """Route the few-row matmuls (decode, verification) through the C++ small matmul, and the norms, RoPE and
-        MLP activation through fused ops (`engine.cpu_kernels`; float32 on CPU)."""
+        MLP activation through fused ops (`model.cpu_kernels`; float32 on CPU)."""
         for module in self.modules():
             if hasattr(module, "small_matmul"):
                 module.small_matmul = kernels.small_matmul

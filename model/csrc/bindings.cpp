@@ -1,4 +1,4 @@
-// Python bindings of the CPU kernels (one extension module, built by engine/cpu_kernels.py).
+// Python bindings of the CPU kernels (one extension module, built by model/cpu_kernels.py).
 #include <torch/extension.h>
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

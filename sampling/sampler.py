@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from sampling.params import SamplingParams
 
 _U64 = 1 << 64
 

@@ -1,4 +1,4 @@
-"""Runs one forward step of a model over its paged KV pool: builds the flat batch, returns the wanted logits.
+"""Runs one forward step of a model over its paged KV pages: builds the flat batch, returns the wanted logits.
 
 `ModelRunner.from_config` is the one way to build a runner from the engine settings, in every process that needs
 one (the engine, the draft worker actor, each tensor-parallel shard actor): they must all load the same model the
@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.config import EngineConfig
-from engine.cpu_kernels import load_kernels
-from engine.loader import ModelArch, ModelLoadError, load_arch, resolve_model
-from engine.model import CausalLM
-from engine.parallel import ParallelContext, rank_kv_cache_bytes
-from kv_cache.attention import padded_tables
-from kv_cache.backends import make_backend
-from kv_cache.kv_pool import KVPool
+from model.attention.backends import make_backend
+from model.attention.paged import padded_tables
+from model.config import EngineConfig
+from model.cpu_kernels import load_kernels
+from model.decoder import CausalLM
+from model.kv_pages import KVPages
+from model.loader import ModelArch, ModelLoadError, load_arch, resolve_model
+from model.parallel import ParallelContext, rank_kv_cache_bytes
 
 
 @dataclass
@@ -61,12 +61,12 @@ class ModelRunner:
         self.model.load(folder, max_model_len)
         layer = self.model.layers[0]
         n_layers = len(self.model.layers)
-        num_blocks = KVPool.blocks_for_budget(
+        num_blocks = KVPages.blocks_for_budget(
             kv_cache_bytes, n_layers, block_size, layer.num_kv_heads, arch.head_dim, dtype
         )
         if num_blocks < 2:
             raise ValueError(f"kv cache budget of {kv_cache_bytes} bytes holds fewer than 2 blocks")
-        self.pool = KVPool(n_layers, num_blocks, block_size, layer.num_kv_heads, arch.head_dim, dtype, device)
+        self.kv = KVPages(n_layers, num_blocks, block_size, layer.num_kv_heads, arch.head_dim, dtype, device)
         kernels = None
         if device.type == "cpu" and cpu_kernels:
             kernels = load_kernels(required=attention_backend == "cpu")
@@ -84,7 +84,7 @@ class ModelRunner:
         tp: ParallelContext | None = None,
     ) -> ModelRunner:
         """The target's runner for `config`, or with `draft` the draft's: `config.draft_model` (None = the
-        target's weights) cut to `draft_num_layers`, with a KV pool of `draft_kv_cache_gib`, at the target's
+        target's weights) cut to `draft_num_layers`, with KV pages of `draft_kv_cache_gib`, at the target's
         context length. `device` overrides `config.device` (an actor sees its GPU as cuda:0); `tp` builds one
         tensor-parallel rank, whose share of the per-device KV budget gives every rank the same block count.
 
@@ -121,7 +121,7 @@ class ModelRunner:
 
     @property
     def num_blocks(self) -> int:
-        return self.pool.num_blocks
+        return self.kv.num_blocks
 
     def execute(self, items: list[StepInput]) -> torch.Tensor:
         """Forward the batch; logits [sum(num_logits), vocab] float32, in item order."""
@@ -140,11 +140,11 @@ class ModelRunner:
         hidden = self.model(
             torch.from_numpy(ids).to(self.device),
             torch.from_numpy(positions).to(self.device),
-            self.pool,
+            self.kv,
             meta,
             self.backend,
         )
         return self.model.logits(hidden[torch.from_numpy(rows).to(self.device)])
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        self.pool.copy_blocks(pairs)
+        self.kv.copy_blocks(pairs)

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from engine.config import EngineConfig
+from cli.prompts import PromptSpec, humaneval_to_jsonl, load_prompts, sharegpt_to_jsonl
 from engine.llm_engine import DTYPES, LLMEngine
-from engine.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from engine.metrics import SpecCounters
-from engine.prompts import PromptSpec, humaneval_to_jsonl, load_prompts, sharegpt_to_jsonl
-from engine.sampling_params import SamplingParams
 from engine.tokenization import encode_prompt
+from model.config import EngineConfig
+from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
+from sampling.params import SamplingParams
 
 
 @dataclass

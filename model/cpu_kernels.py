@@ -1,6 +1,6 @@
-"""The C++ CPU kernels: paged attention reading K/V in place (`kv_cache.cpu_attention`), the small-batch
-matmul of decode and verification steps (`engine.parallel.linear`) and the decoder layer's fused element-wise
-ops (RMSNorm with the residual add, RoPE, the MLP's silu * up; `engine.model`).
+"""The C++ CPU kernels: paged attention reading K/V in place (`model.attention.cpu`), the small-batch
+matmul of decode and verification steps (`model.parallel.linear`) and the decoder layer's fused element-wise
+ops (RMSNorm with the residual add, RoPE, the MLP's silu * up; `model.decoder`).
 
 They are compiled once with the local compiler (about a minute; `scripts/setup.sh` does it ahead) into
 `~/.cache/specserve/kernels/<name>_<key>.so`, the key a hash of what makes a binary fit this process: the
@@ -63,7 +63,7 @@ def cpu_tag() -> str:
 
 
 def kernel_cache_dir() -> Path:
-    from engine.loader import cache_dir
+    from model.loader import cache_dir
 
     return cache_dir() / "kernels"
 

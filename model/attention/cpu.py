@@ -5,7 +5,7 @@ for decoding that copy costs more than the attention itself (at batch 1 and a 30
 sixth of the step, and most of a 16-sequence step at 2,000-token contexts). This backend keeps its prompt
 and long-chunk paths (compute-bound, where SDPA is good) and sends every other row (decodes, speculative
 verification, short chunks, with any mix of query lengths) to one kernel call per layer. The kernel comes
-from `engine.cpu_kernels`, which builds it; this module only lays out its metadata.
+from `model.cpu_kernels`, which builds it; this module only lays out its metadata.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from kv_cache.attention import AttnGroup, TorchPagedAttention, padded_tables
+from model.attention.paged import AttnGroup, TorchPagedAttention, padded_tables
 
 
 class CpuPagedAttention(TorchPagedAttention):

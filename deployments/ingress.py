@@ -1,8 +1,8 @@
-"""The router: the OpenAI-compatible HTTP ingress in front of the target replicas.
+"""The ingress: the OpenAI-compatible HTTP ingress in front of the target replicas.
 
 Every request first passes the edge (edge.py: request id, API key, body limit, in-flight admission). The
-router validates requests (400 with an OpenAI error body, never a 5xx for bad input), answers repeated
-deterministic requests from the completion cache shared by all router replicas (scoped per API key and
+ingress validates requests (400 with an OpenAI error body, never a 5xx for bad input), answers repeated
+deterministic requests from the completion cache shared by all ingress replicas (scoped per API key and
 `user`; a cache that is down is a miss), and otherwise streams the request through a DeploymentHandle to an
 LLMServer replica chosen by the prefix-affinity request router (replica_stream.py resumes it elsewhere if
 that replica dies). The first item of a replica's stream decides the HTTP status, so a request the engine
@@ -60,7 +60,7 @@ api = FastAPI(title="specserve", docs_url=None, redoc_url=None)
 
 
 def _edge_settings() -> EdgeSettings | None:
-    """The running router's edge policy (the middleware is added before the router exists)."""
+    """The running ingress's edge policy (the middleware is added before the ingress exists)."""
     try:
         return getattr(serve.get_replica_context().servable_object, "edge", None)
     except RayServeException:  # not in a replica
@@ -74,7 +74,7 @@ def model_version(config: AppConfig) -> str:
     """Identifies the weights being served: cached completions of any other version are never replayed."""
     path = config.engine.model
     if path is None:
-        from engine.default_model import default_model_path
+        from model.default_model import default_model_path
 
         path = str(default_model_path())
     try:
@@ -171,7 +171,7 @@ class _Metrics:
 
 
 @serve.ingress(api)
-class Router:
+class Ingress:
     """Serve ingress deployment class (options are set in app.py)."""
 
     def __init__(self, server: DeploymentHandle, app_config: dict[str, Any]):
@@ -183,15 +183,15 @@ class Router:
         self.metrics = _Metrics()
         self.created = int(time.time())
         install_openapi(api, [self.model_id])  # /openapi.json describes the request bodies
-        router = self.config.router
-        auth = router.auth
+        ingress = self.config.ingress
+        auth = ingress.auth
         self.edge = EdgeSettings(
-            max_body_bytes=router.max_request_bytes,
+            max_body_bytes=ingress.max_request_bytes,
             keys=KeySource(auth.keys_env, auth.keys_file) if auth.enabled else None,  # no keys: the deploy fails
-            limit=InFlightLimit(router.admission.max_in_flight, router.admission.retry_after_s),
+            limit=InFlightLimit(ingress.admission.max_in_flight, ingress.admission.retry_after_s),
         )
         self.ready = False
-        settings = router.completion_cache
+        settings = ingress.completion_cache
         self.cache = None
         if settings.enabled:
             from deployments.completion_cache_actor import CacheClient, get_or_create_cache_actor
@@ -247,7 +247,7 @@ class Router:
         return {
             "completion_cache": cache,
             "replica": replica,
-            "router": {"in_flight": limit.in_flight, "refused": limit.refused},
+            "ingress": {"in_flight": limit.in_flight, "refused": limit.refused},
         }
 
     # ---- completions ----------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ class Router:
         except ProtocolError as e:
             response = _error(e, request_id)
         except BackPressureError:
-            response = _error(refusal_error(overloaded(self.config.router.admission.retry_after_s)), request_id)
+            response = _error(refusal_error(overloaded(self.config.ingress.admission.retry_after_s)), request_id)
         except Exception:  # noqa: BLE001 - a replica failure must still be an OpenAI-shaped answer
             log.exception("request %s failed", request_id)
             response = _error(server_error(request_id, "internal error while answering the request"))
@@ -293,13 +293,13 @@ class Router:
         key = None
         if self.cache is not None and is_cacheable(params):
             caller = getattr(request.state, "caller", None) or Caller("anonymous", frozenset())
-            scope = cache_scope(caller.key_id, req.user, self.config.router.completion_cache.share_across_keys)
+            scope = cache_scope(caller.key_id, req.user, self.config.ingress.completion_cache.share_across_keys)
             key = make_key(self.model_id, self.version, {"chat": chat, **prompt, **params}, scope=scope)
             cached = await self.cache.get(key)
             self.metrics.cache_lookup("hit" if cached is not None else "miss")
             if cached is not None:
                 return self._replay(cached, req, rid, chat)
-        stream = ReplicaStream(self.server, engine_request, self.config.router.resume_timeout_s)
+        stream = ReplicaStream(self.server, engine_request, self.config.ingress.resume_timeout_s)
         handed_over = False
         try:
             first = await stream.start()

@@ -1,9 +1,9 @@
 """A throwaway single-machine Ray cluster driven the way users drive one: `ray start --head`, then the `serve`
 CLI and the dashboard's REST API. For the end-to-end tests and the serving benchmark.
 
-Token auth is off (`RAY_AUTH_MODE=disabled`), so every port listens on 127.0.0.1 only (`deployments/loopback.py`;
+Token auth is off (`RAY_AUTH_MODE=disabled`), so every port listens on 127.0.0.1 only (`cluster/loopback.py`;
 except the Serve replicas' inter-deployment gRPC ports, which Ray binds to [::]). The Serve proxies load
-`deployments.proxy_guard` (streams cut by a dying router still end properly).
+`deployments.proxy_guard` (streams cut by a dying ingress still end properly).
 `stop()` ends exactly what `start` began (`ray start --block` takes its processes down on SIGTERM), never
 other Ray clusters on the host.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import yaml
 
-from deployments.loopback import LOOPBACK_ENV, NODE_IP, RAY_JOIN
+from cluster.loopback import LOOPBACK_ENV, NODE_IP, RAY_JOIN
 from deployments.proxy_guard import proxy_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from engine.default_model import default_model_path
+from model.default_model import default_model_path
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM",

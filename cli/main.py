@@ -30,7 +30,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from engine.config import EngineConfig
+    from model.config import EngineConfig
 
     return EngineConfig(
         model=args.model,
@@ -47,7 +47,7 @@ def _config(args: argparse.Namespace):
 
 def _generate(args: argparse.Namespace) -> int:
     from engine.llm_engine import LLMEngine
-    from engine.sampling_params import SamplingParams
+    from sampling.params import SamplingParams
 
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -82,8 +82,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from engine.bench import run_hf, run_specserve
-    from engine.prompts import load_prompts
+    from cli.bench import run_hf, run_specserve
+    from cli.prompts import load_prompts
 
     specs = load_prompts(args.prompts, args.limit)
     if not specs:
@@ -104,7 +104,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from deployments.serve_main import ServeError, serve_config
+    from cli.serve import ServeError, serve_config
 
     try:
         return serve_config(args.config, args.address, args.num_cpus, args.start_timeout)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValidationError as e:
-        from engine.sampling_params import describe_validation_error
+        from sampling.params import describe_validation_error
 
         print(f"specserve: error: {describe_validation_error(e)}", file=sys.stderr)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -6,14 +6,14 @@ from types import ModuleType
 
 import torch
 
-from kv_cache.attention import AttentionBackend, TorchPagedAttention
-from kv_cache.cpu_attention import CpuPagedAttention
+from model.attention.cpu import CpuPagedAttention
+from model.attention.paged import AttentionBackend, TorchPagedAttention
 
 
 def make_backend(
     name: str, block_size: int, device: torch.device, kernels: ModuleType | None = None
 ) -> AttentionBackend:
-    """ "torch" anywhere; "cpu" the in-place C++ kernel (`kernels`: the built module of `engine.cpu_kernels`);
+    """ "torch" anywhere; "cpu" the in-place C++ kernel (`kernels`: the built module of `model.cpu_kernels`);
     "auto" the kernel on CPU when it is available, else PyTorch."""
     if name == "torch" or (name == "auto" and (device.type != "cpu" or kernels is None)):
         return TorchPagedAttention(block_size, device)

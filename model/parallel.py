@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.cpu_kernels import SMALL_MATMUL_MAX_ROWS
+from model.cpu_kernels import SMALL_MATMUL_MAX_ROWS
 
 
 @dataclass(frozen=True)

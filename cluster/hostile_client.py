@@ -24,18 +24,18 @@ from typing import Any
 import httpx
 import yaml
 
+from cluster.local_cluster import REPO
 from deployments.app_config import DEFAULT_SERVED_MODEL_NAME
-from deployments.local_cluster import REPO
 
 # Actor classes to SIGKILL, and whether every stream in flight must still complete: the replica repairs a
-# dead draft worker, shards or block manager and recomputes, and a dead cache is a miss; a dead router or
+# dead draft worker, shards or block manager and recomputes, and a dead cache is a miss; a dead ingress or
 # replica takes its streams with it unless they are resumed elsewhere (else an error event ends them).
 VICTIMS = {
     "draft_worker": ("DraftWorker", True),
     "shards": ("ShardWorker", True),
     "block_manager": ("BlockManagerActor", True),
     "completion_cache": ("CompletionCacheActor", True),
-    "router": ("ServeReplica:{app}:Router", False),
+    "ingress": ("ServeReplica:{app}:Ingress", False),
     "replica": ("ServeReplica:{app}:LLMServer", False),
 }
 
@@ -59,8 +59,8 @@ def fault_app_config(tensor_parallel_size: int = 2, cache: bool = True) -> dict[
     target.pop("autoscaling_config", None)
     target["num_replicas"] = 1
     target["block_manager_actor"] = True
-    args["router"]["completion_cache"].update(enabled=cache, admit_after=255)
-    args["router"]["prefix_affinity"]["stats_period_s"] = 0.5
+    args["ingress"]["completion_cache"].update(enabled=cache, admit_after=255)
+    args["ingress"]["prefix_affinity"]["stats_period_s"] = 0.5
     return config
 
 
