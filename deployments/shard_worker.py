@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from model.config import EngineConfig
 from model.parallel import ParallelContext
-from model.runner import ModelRunner, StepInput
+from model.runner import ModelRunner, StepInput, StepOutput
 
 
 @ray.remote
@@ -67,6 +67,13 @@ class ShardWorker:
         """Run the step; rank 0 returns float32 logits on CPU (they cross processes), other ranks None."""
         logits = self._runner().execute(items)
         return logits.cpu() if self.rank == 0 else None
+
+    def execute_with_hidden(self, items: list[StepInput]) -> StepOutput | None:
+        """Like `execute`, with the final hidden states too (replicated after the last norm: rank 0's are whole)."""
+        out = self._runner().execute_with_hidden(items)
+        if self.rank != 0:
+            return None
+        return StepOutput(out.logits.cpu(), None if out.hidden is None else out.hidden.cpu())
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self._runner().copy_blocks(pairs)

@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.shard_worker import ShardWorker
 from model.config import EngineConfig
-from model.runner import StepInput
+from model.runner import StepInput, StepOutput
 
 
 class ShardFailure(RuntimeError):
@@ -94,6 +94,15 @@ class ShardedRunner:
         results = self._wait(self._pending + refs, self.step_timeout_s)
         self._pending = []
         return results[-len(refs)].to(self.device)
+
+    def execute_with_hidden(self, items: list[StepInput]) -> StepOutput:
+        """Forward the batch on every shard; rank 0's logits and final hidden states."""
+        self._check()
+        refs = [w.execute_with_hidden.remote(items) for w in self._workers]
+        results = self._wait(self._pending + refs, self.step_timeout_s)
+        self._pending = []
+        out = results[-len(refs)]
+        return StepOutput(out.logits.to(self.device), None if out.hidden is None else out.hidden.to(self.device))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Send copy-on-write pairs to every shard without waiting: each actor runs its calls in order, so the

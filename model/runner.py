@@ -1,4 +1,5 @@
-"""Runs one forward step of a model over its paged KV pages: builds the flat batch, returns the wanted logits.
+"""Runs one forward step of a model over its paged KV pages: builds the flat batch, returns the wanted logits
+(and, for learned drafters, the final hidden states of the rows they read, from the same forward).
 
 `ModelRunner.from_config` is the one way to build a runner from the engine settings, in every process that needs
 one (the engine, the draft worker actor, each tensor-parallel shard actor): they must all load the same model the
@@ -25,12 +26,23 @@ from model.parallel import ParallelContext, rank_kv_cache_bytes
 
 @dataclass
 class StepInput:
-    """One sequence's share of a step: feed `token_ids` at positions start.., want the last `num_logits` rows."""
+    """One sequence's share of a step: feed `token_ids` at positions start.., want the last `num_logits` rows'
+    logits and the last `num_hidden` rows' final hidden states (after the last norm, before the LM head)."""
 
     token_ids: list[int]
     start: int
     block_table: list[int]
     num_logits: int
+    num_hidden: int = 0
+
+
+@dataclass
+class StepOutput:
+    """A step's results in item order: logits [sum(num_logits), vocab] float32, hidden [sum(num_hidden),
+    hidden_size] in the model's dtype (None when no item asked for hidden states)."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
 
 
 def context_length(config: EngineConfig, arch: ModelArch) -> int:
@@ -125,6 +137,10 @@ class ModelRunner:
 
     def execute(self, items: list[StepInput]) -> torch.Tensor:
         """Forward the batch; logits [sum(num_logits), vocab] float32, in item order."""
+        return self.execute_with_hidden(items).logits
+
+    def execute_with_hidden(self, items: list[StepInput]) -> StepOutput:
+        """Forward the batch; the wanted logits and final hidden states, both in item order."""
         bs = self.block_size
         q_lens = [len(it.token_ids) for it in items]
         seq_lens = [it.start + n for it, n in zip(items, q_lens)]
@@ -144,7 +160,11 @@ class ModelRunner:
             meta,
             self.backend,
         )
-        return self.model.logits(hidden[torch.from_numpy(rows).to(self.device)])
+        logits = self.model.logits(hidden[torch.from_numpy(rows).to(self.device)])
+        if not any(it.num_hidden for it in items):
+            return StepOutput(logits)
+        hidden_rows = np.concatenate([np.arange(e - it.num_hidden, e) for it, e in zip(items, ends)])
+        return StepOutput(logits, hidden[torch.from_numpy(hidden_rows).to(self.device)])
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.kv.copy_blocks(pairs)

@@ -107,6 +107,17 @@ def test_tp2_logits_match_tp1(engine_tp1, sharded, model_folder):
     assert (got_step - ref_step).abs().max().item() < 1e-3
 
 
+def test_tp2_hidden_states_match_tp1(engine_tp1, sharded):
+    ids = engine_tp1.encode("Once upon a time there was a")
+    table = _scratch_table(engine_tp1, sharded)
+    item = StepInput(ids, 0, table, 1, num_hidden=3)
+    ref = engine_tp1.runner.execute_with_hidden([item])
+    got = sharded.execute_with_hidden([item])
+    assert got.hidden is not None and got.hidden.shape == ref.hidden.shape == (3, engine_tp1.arch.hidden_size)
+    assert (got.hidden - ref.hidden).abs().max().item() < 1e-3
+    assert (got.logits - ref.logits).abs().max().item() < 1e-3
+
+
 def test_tp2_greedy_tokens_match_tp1(engine_tp1, sharded):
     engine_tp2 = LLMEngine(CONFIG, runner=sharded)
     params = SamplingParams(max_tokens=MAX_TOKENS)
