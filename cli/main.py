@@ -112,6 +112,24 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(str(e)) from e
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from cli.distill import run
+    from model.config import EngineConfig
+    from speculator.distill import DistillOptions
+
+    options = DistillOptions(
+        n_predict=args.n_predict, draft_vocab=args.draft_vocab, epochs=args.epochs, batch_size=args.batch_size
+    )
+    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, kv_cache_gib=args.kv_cache_gib)
+    report = run(
+        args.prompts, args.out, kind=args.kind, max_tokens=args.max_tokens, limit=args.limit, options=options,
+        engine_config=config,
+    )  # fmt: skip
+    keys = ("num_prompts", "generated_tokens", "accuracy_by_position", "expected_tokens_per_step", "total_s")
+    print(json.dumps({k: report[k] for k in keys} | {"out": args.out}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-cpus", type=int, default=None, help="CPUs of the private cluster (default: all)")
     serve.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for RUNNING")
     serve.set_defaults(func=_serve)
+    dist = sub.add_parser("distill", help="train a learned drafter on the target's greedy outputs for a prompt file")
+    dist.add_argument("--prompts", required=True, help="JSONL: {prompt} | {messages} | {turns}, optional id")
+    dist.add_argument("--kind", choices=["mlp", "eagle"], default="mlp")
+    dist.add_argument("--out", required=True, help="folder for the drafter, its draft vocabulary and report.json")
+    dist.add_argument("--max-tokens", type=int, default=128, help="greedy tokens generated per prompt")
+    dist.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    dist.add_argument("--draft-vocab", type=int, default=8192, help="predict over the K most frequent tokens; 0 = all")
+    dist.add_argument("--epochs", type=int, default=4)
+    dist.add_argument("--n-predict", type=int, default=3, help="tokens the drafter proposes per step")
+    dist.add_argument("--batch-size", type=int, default=256)
+    dist.add_argument("--model", default=None, help="HF model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    dist.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    dist.add_argument("--device", default="cpu")
+    dist.add_argument("--kv-cache-gib", type=float, default=1.0)
+    dist.set_defaults(func=_distill)
     return parser
 
 

@@ -1,0 +1,125 @@
+"""`specserve distill`: train a learned drafter on the target's own greedy outputs for a prompt file.
+
+The engine generates every prompt's continuation (batched, greedy), one teacher-forced pass over prompt + output
+collects the target's final hidden states, `speculator.distill.distill` trains the drafter, and the output folder
+gets the drafter in IBM's format (config.json, model.safetensors, draft_vocab.json) and report.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cli.prompts import PromptSpec, load_prompts
+from engine.llm_engine import LLMEngine
+from engine.tokenization import RequestError
+from model.config import EngineConfig
+from model.runner import StepInput
+from sampling.params import SamplingParams
+from speculator.distill import DistillOptions, distill, proposal_seconds
+from speculator.distill_data import teacher_forced_records
+from speculator.mlp_checkpoint import save_speculator
+
+
+def generate(engine: LLMEngine, specs: list[PromptSpec], max_tokens: int) -> tuple[list[tuple[list[int], int]], int]:
+    """Greedy continuations of every prompt, batched by the engine: (prompt + output ids, prompt length) per
+    prompt that fits, and how many did not."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    ids, skipped = [], 0
+    for spec in specs:
+        try:
+            ids.append(engine.add_request(spec.prompt, params, messages=spec.messages))
+        except RequestError:
+            skipped += 1
+    done = {}
+    with tqdm(total=len(ids), desc="generate", unit="req") as bar:
+        for out in engine.run():
+            if out.finished:
+                done[out.request_id] = out
+                bar.update(1)
+    outs = [done[i] for i in ids]
+    return [(o.prompt_token_ids + o.output_token_ids, len(o.prompt_token_ids)) for o in outs], skipped
+
+
+def target_step_seconds(engine: LLMEngine, context: int = 128, repeats: int = 30) -> float:
+    """Median wall time of one target decode step for one sequence at `context` tokens (the engine idle; its
+    KV pages are written, so its block manager is reset afterwards)."""
+    runner, bs = engine.runner, engine.config.block_size
+    table = list(range(1, 2 + context // bs))
+    runner.execute([StepInput([1] * context, 0, table, 1)])
+    times = []
+    for _ in range(repeats + 3):
+        t0 = time.perf_counter()
+        runner.execute([StepInput([1], context, table, 1)])
+        times.append(time.perf_counter() - t0)
+    engine.reset_kv()
+    return sorted(times[3:])[repeats // 2]
+
+
+def run(
+    prompts: str,
+    out_dir: str,
+    *,
+    kind: str = "mlp",
+    max_tokens: int = 128,
+    limit: int | None = None,
+    options: DistillOptions,
+    engine_config: EngineConfig,
+) -> dict:
+    """The whole command; returns the report it wrote."""
+    if kind != "mlp":
+        raise ValueError(f"--kind {kind} is not available yet (only mlp)")
+    t_start = time.perf_counter()
+    specs = load_prompts(prompts, limit)
+    if len(specs) < 2:
+        raise ValueError(f"{prompts}: distillation needs at least 2 prompts")
+    digest = hashlib.sha256(Path(prompts).read_bytes()).hexdigest()
+    engine = LLMEngine(engine_config)
+    t0 = time.perf_counter()
+    sequences, skipped = generate(engine, specs, max_tokens)
+    generate_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine.reset_kv()  # the teacher-forced pass owns the KV pages from here
+    with tqdm(total=len(sequences), desc="hidden states", unit="seq") as bar:
+        records = teacher_forced_records(engine.runner, sequences, progress=bar.update)
+    hidden_s = time.perf_counter() - t0
+    step_s = target_step_seconds(engine)
+    result = distill(records, kind, target_vocab_size=engine.arch.vocab_size, options=options)
+    drafter = result.model
+    proposal_s = proposal_seconds(drafter)
+    out = Path(out_dir)
+    save_speculator(drafter, out)
+    metrics = asdict(result.metrics)
+    report = {
+        "kind": kind,
+        "prompts": str(prompts),
+        "prompts_sha256": digest,
+        "num_prompts": len(sequences),
+        "skipped_prompts": skipped,
+        "max_tokens": max_tokens,
+        "generated_tokens": sum(len(t) - first for t, first in sequences),
+        "model": engine_config.model,
+        "options": options.model_dump(),
+        "draft_vocab_size": len(drafter.draft_vocab.ids) if drafter.draft_vocab else drafter.config.vocab_size,
+        **{k: metrics[k] for k in metrics if k != "history"},
+        "generate_s": round(generate_s, 2),
+        "hidden_states_s": round(hidden_s, 2),
+        "total_s": round(time.perf_counter() - t_start, 2),
+        "cost": {
+            "proposal_s": proposal_s,
+            "proposal_tokens": drafter.n_predict,
+            "target_step_s": step_s,
+            "proposal_per_target_step": proposal_s / step_s,
+            "per_token_per_target_step": proposal_s / drafter.n_predict / step_s,
+        },
+        "history": metrics["history"],
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report

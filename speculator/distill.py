@@ -1,0 +1,263 @@
+"""Distilling a learned drafter from the target's own behaviour: the training core.
+
+Input is what the target did: its token sequences and its final hidden states along them (`DistillRecord`). As in
+IBM's recipe, the sample at position t is (hidden state at t, token t+1) and stage i learns token t+2+i, teacher
+forced (stage i reads the true token t+1+i). Every tenth record is held out; the held-out top-1 accuracy by stage
+is what the report and the progress bar show. With greedy target outputs, "stages 0..i all right" on held-out
+data is exactly the acceptance a greedy chain of i+1 drafts gets there, so it is reported too.
+
+The function is plain (no engine, no files) so the command line and a retraining loop on logged traffic share it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from speculator.draft_vocab import DraftVocab
+from speculator.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
+
+IGNORE = -100
+
+
+@dataclass
+class DistillRecord:
+    """One target sequence: `token_ids` (prompt + output) and the final hidden states [n, hidden_size] at
+    positions hidden_start .. hidden_start + n - 1."""
+
+    token_ids: list[int]
+    hidden: torch.Tensor
+    hidden_start: int
+
+
+class DistillOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_predict: int = Field(default=3, ge=1, le=8)
+    inner_dim: int = Field(default=0, ge=0, description="0 = the target's hidden size")
+    draft_vocab: int = Field(default=8192, ge=0, description="K most frequent target tokens; 0 = full vocabulary")
+    tie_weights: bool = True
+    scale_input: bool = True
+    epochs: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    holdout_every: int = Field(default=10, ge=2, description="every Nth record is held out")
+    seed: int = 0
+
+
+@dataclass
+class DistillMetrics:
+    accuracy_by_position: list[float]  # held-out teacher-forced top-1, stage i predicting t+2+i
+    chain_acceptance_by_position: list[float]  # held-out: stages 0..i all right
+    expected_tokens_per_step: float  # 1 + sum of cumulative products of accuracy_by_position
+    unigram_accuracy_by_position: list[float]  # always guessing the most frequent training token
+    train_samples: int
+    heldout_samples: int
+    train_time_s: float
+    final_loss: float
+    history: list[dict] = field(default_factory=list)  # held-out metrics after each epoch
+
+
+@dataclass
+class DistillResult:
+    model: MLPSpeculator
+    metrics: DistillMetrics
+
+
+@dataclass
+class _Samples:
+    hidden: torch.Tensor  # [S, d] float32
+    windows: torch.Tensor  # [S, n + 1] target ids of t+1 .. t+1+n, -1 past the end
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+
+def _samples(records: list[DistillRecord], n: int) -> _Samples:
+    hidden, windows = [], []
+    for r in records:
+        tokens = torch.tensor(r.token_ids + [-1] * (n + 1), dtype=torch.long)
+        # position t = hidden_start + j needs a label: token t+2 must exist
+        rows = min(r.hidden.shape[0], len(r.token_ids) - 2 - r.hidden_start)
+        if rows <= 0:
+            continue
+        starts = torch.arange(rows) + r.hidden_start + 1
+        windows.append(tokens[starts[:, None] + torch.arange(n + 1)])
+        hidden.append(r.hidden[:rows].float())
+    if not hidden:
+        return _Samples(torch.empty(0, 0), torch.empty(0, n + 1, dtype=torch.long))
+    return _Samples(torch.cat(hidden), torch.cat(windows))
+
+
+def _inputs_and_labels(windows: torch.Tensor, model: MLPSpeculator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Own-vocabulary inputs [B, n] and labels [B, n] (IGNORE past a sequence's end)."""
+    inputs = model.own_ids(windows[:, :-1].clamp(min=0))
+    labels = windows[:, 1:]
+    return inputs, torch.where(labels < 0, IGNORE, model.own_ids(labels.clamp(min=0)))
+
+
+def _evaluate(model: MLPSpeculator, data: _Samples, batch_size: int) -> dict:
+    """Held-out loss, accuracy by stage and chain acceptance by stage."""
+    n = model.n_predict
+    other = model.draft_vocab.other if model.draft_vocab is not None else -1
+    correct, chain, count, loss_sum = torch.zeros(n), torch.zeros(n), torch.zeros(n), 0.0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(data), batch_size * 4):
+            inputs, labels = _inputs_and_labels(data.windows[i : i + batch_size * 4], model)
+            logits = model(data.hidden[i : i + batch_size * 4], inputs)  # [n, B, V]
+            loss_sum += _loss(logits, labels).item() * labels.shape[0]
+            valid = labels != IGNORE
+            right = (logits.argmax(-1).T == labels) & valid & (labels != other)
+            correct += right.sum(0)
+            chain += right.cumprod(dim=1).sum(0)
+            count += valid.sum(0)
+    model.train()
+    acc = (correct / count.clamp(min=1)).tolist()
+    return {
+        "loss": loss_sum / max(len(data), 1),
+        "accuracy_by_position": acc,
+        "chain_acceptance_by_position": (chain / count.clamp(min=1)).tolist(),
+        "expected_tokens_per_step": expected_tokens_per_step(acc),
+    }
+
+
+def expected_tokens_per_step(accuracy_by_position: list[float]) -> float:
+    """1 + sum over i of the product of the first i+1 accuracies (a chain's expected accepted drafts + bonus)."""
+    total, survive = 1.0, 1.0
+    for a in accuracy_by_position:
+        survive *= a
+        total += survive
+    return total
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over stages of each stage's mean cross-entropy (IBM weighs the stages equally)."""
+    return sum(
+        F.cross_entropy(logits[i].float(), labels[:, i], ignore_index=IGNORE)
+        for i in range(logits.shape[0])
+        if (labels[:, i] != IGNORE).any()
+    )
+
+
+def _unigram_accuracy(train: _Samples, held: _Samples, n: int) -> list[float]:
+    labels = train.windows[:, 1]
+    top = int(torch.bincount(labels[labels >= 0]).argmax())
+    out = []
+    for i in range(n):
+        col = held.windows[:, 1 + i]
+        valid = col >= 0
+        out.append(float((col[valid] == top).float().mean()) if valid.any() else 0.0)
+    return out
+
+
+def distill(
+    records: list[DistillRecord],
+    kind: Literal["mlp"] = "mlp",
+    *,
+    target_vocab_size: int,
+    options: DistillOptions | None = None,
+    progress: bool = True,
+) -> DistillResult:
+    """Train a drafter of `kind` on the target's records; returns it (eval mode, float32, CPU) with held-out
+    metrics. Raises ValueError for an unknown kind or too few records to hold some out."""
+    if kind != "mlp":
+        raise ValueError(f"distilling a {kind!r} drafter is not available yet (only 'mlp')")
+    opts = options or DistillOptions()
+    n = opts.n_predict
+    held_idx = {i for i in range(len(records)) if i % opts.holdout_every == opts.holdout_every - 1}
+    if not held_idx and len(records) >= 2:
+        held_idx = {len(records) - 1}
+    if not held_idx:
+        raise ValueError("distillation needs at least 2 sequences (one is held out)")
+    train = _samples([r for i, r in enumerate(records) if i not in held_idx], n)
+    held = _samples([r for i, r in enumerate(records) if i in held_idx], n)
+    if not len(train) or not len(held):
+        raise ValueError("too few generated tokens to train on and to hold out")
+    torch.manual_seed(opts.seed)
+    vocab = None
+    if opts.draft_vocab:
+        train_targets = train.windows[:, 1]
+        vocab = DraftVocab.most_frequent(train_targets[train_targets >= 0], opts.draft_vocab, target_vocab_size)
+    config = MLPSpeculatorConfig(
+        emb_dim=train.hidden.shape[1],
+        inner_dim=opts.inner_dim,
+        vocab_size=vocab.num_rows if vocab else target_vocab_size,
+        n_predict=n,
+        tie_weights=opts.tie_weights and n > 1,
+        scale_input=opts.scale_input,
+    )
+    model = MLPSpeculator(config, vocab).train()
+    steps_per_epoch = math.ceil(len(train) / opts.batch_size)
+    total = steps_per_epoch * opts.epochs
+    optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
+    warmup = max(1, total // 20)
+
+    def lr_at(step: int) -> float:  # linear warm-up over 5%, then cosine down to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
+    history: list[dict] = []
+    start, ema = time.perf_counter(), None
+    bar = tqdm(total=total, desc=f"distill {kind}", unit="step", disable=not progress)
+    for epoch in range(opts.epochs):
+        order = torch.randperm(len(train))
+        for s in range(steps_per_epoch):
+            idx = order[s * opts.batch_size : (s + 1) * opts.batch_size]
+            inputs, labels = _inputs_and_labels(train.windows[idx], model)
+            loss = _loss(model(train.hidden[idx], inputs), labels)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            bar.update(1)
+            if s % 20 == 0:
+                bar.set_postfix(loss=f"{ema:.3f}", **_acc_postfix(history))
+        history.append(_evaluate(model, held, opts.batch_size) | {"epoch": epoch + 1, "train_loss": ema})
+        bar.set_postfix(loss=f"{ema:.3f}", **_acc_postfix(history))
+    bar.close()
+    train_time = time.perf_counter() - start
+    last = history[-1]
+    metrics = DistillMetrics(
+        accuracy_by_position=last["accuracy_by_position"],
+        chain_acceptance_by_position=last["chain_acceptance_by_position"],
+        expected_tokens_per_step=last["expected_tokens_per_step"],
+        unigram_accuracy_by_position=_unigram_accuracy(train, held, n),
+        train_samples=len(train),
+        heldout_samples=len(held),
+        train_time_s=train_time,
+        final_loss=float(ema or 0.0),
+        history=history,
+    )
+    return DistillResult(model.eval(), metrics)
+
+
+def _acc_postfix(history: list[dict]) -> dict[str, str]:
+    """Held-out top-1 accuracy by position of the last evaluation, for the progress bar."""
+    if not history:
+        return {}
+    return {"heldout_acc": "/".join(f"{a:.2f}" for a in history[-1]["accuracy_by_position"])}
+
+
+def proposal_seconds(model: MLPSpeculator, repeats: int = 50) -> float:
+    """Wall time of one greedy chain proposal of n_predict tokens for one sequence (median of `repeats`)."""
+    hidden = torch.randn(1, model.config.emb_dim, dtype=next(model.parameters()).dtype)
+    token = torch.zeros(1, dtype=torch.long)
+    times = []
+    for _ in range(repeats + 3):
+        t0 = time.perf_counter()
+        model.propose_chain(hidden, token)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[3:])[repeats // 2]

@@ -1,0 +1,85 @@
+"""Distillation: training samples, the training core on a synthetic target, the teacher-forced hidden states,
+and `specserve distill` end to end on real HumanEval prompts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from cli.main import main
+from cli.prompts import humaneval_to_jsonl
+from speculator.distill import DistillOptions, DistillRecord, _samples, distill, expected_tokens_per_step
+from speculator.distill_data import teacher_forced_records
+from speculator.mlp_checkpoint import load_speculator
+from tests.conftest import HUMANEVAL
+
+
+def test_samples_pair_the_hidden_state_at_t_with_tokens_t_plus_1_on():
+    hidden = torch.arange(5.0)[:, None].repeat(1, 4)  # row j = position 3 + j
+    s = _samples([DistillRecord([10, 11, 12, 13, 14, 15, 16, 17], hidden, 3)], n=3)
+    # positions 3..5 have a label (t + 2 <= 7); position 3 reads 14 and learns 15, 16, 17
+    assert s.hidden[:, 0].tolist() == [0.0, 1.0, 2.0]
+    assert s.windows.tolist() == [[14, 15, 16, 17], [15, 16, 17, -1], [16, 17, -1, -1]]
+
+
+def test_expected_tokens_per_step_is_one_plus_cumulative_products():
+    assert expected_tokens_per_step([0.5, 0.5, 1.0]) == pytest.approx(1 + 0.5 + 0.25 + 0.25)
+
+
+def test_distill_learns_a_synthetic_target():
+    """A target whose hidden state at t encodes token t+2: stage 0 must learn to read it, stage 1 to chain on."""
+    torch.manual_seed(0)
+    vocab, d = 40, 32
+    code = torch.randn(vocab, d)
+    records = []
+    for _ in range(60):
+        tokens = torch.randint(0, 20, (40,)).tolist()  # 20 of 40 ids used: the draft vocabulary finds them
+        hidden = torch.stack([code[tokens[t + 2]] if t + 2 < 40 else torch.zeros(d) for t in range(40)])
+        records.append(DistillRecord(tokens, hidden, 0))
+    opts = DistillOptions(n_predict=2, draft_vocab=30, epochs=20, batch_size=64, lr=3e-3, tie_weights=False)
+    result = distill(records, target_vocab_size=vocab, options=opts, progress=False)
+    m = result.metrics
+    assert m.accuracy_by_position[0] > 0.95
+    assert m.unigram_accuracy_by_position[0] < 0.2
+    assert set(result.model.draft_vocab.ids) == set(range(20))
+    assert m.chain_acceptance_by_position[1] <= m.accuracy_by_position[0]
+    assert m.heldout_samples == 6 * 38 and m.train_samples == 54 * 38
+    with pytest.raises(ValueError, match="not available"):
+        distill(records, "eagle", target_vocab_size=vocab)
+
+
+def test_teacher_forced_batches_equal_one_sequence_at_a_time(make_engine):
+    engine = make_engine(max_model_len=256, kv_cache_gib=0.05)
+    seqs = [(engine.encode(f"def f{i}(x):\n    return x * {i}\n"), 5) for i in range(5)]
+    batched = teacher_forced_records(engine.runner, seqs, max_batch_tokens=40)
+    alone = [teacher_forced_records(engine.runner, [s])[0] for s in seqs]
+    engine.reset_kv()
+    for b, a, (tokens, first) in zip(batched, alone, seqs):
+        assert b.hidden_start == first - 1 and b.hidden.shape == (len(tokens) - first + 1, engine.arch.hidden_size)
+        assert not b.hidden.is_inference()
+        assert torch.allclose(b.hidden, a.hidden, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_distill_command_beats_a_unigram_predictor(tmp_path, capsys):
+    prompts = tmp_path / "humaneval.jsonl"
+    humaneval_to_jsonl(HUMANEVAL, prompts)
+    out = tmp_path / "drafter"
+    argv = ["distill", "--prompts", str(prompts), "--limit", "40", "--max-tokens", "32", "--out", str(out)]
+    assert main(argv + ["--epochs", "6"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_prompts"] == 40
+    report = json.loads((out / "report.json").read_text())
+    assert report["prompts_sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
+    assert report["generated_tokens"] <= 40 * 32 and report["heldout_samples"] > 50
+    acc, uni = report["accuracy_by_position"], report["unigram_accuracy_by_position"]
+    assert len(acc) == 3 and all(a > u for a, u in zip(acc, uni)), (acc, uni)
+    assert report["expected_tokens_per_step"] == pytest.approx(expected_tokens_per_step(acc))
+    assert 0 < report["cost"]["proposal_per_target_step"] < 1
+    drafter = load_speculator(out)
+    assert drafter.draft_vocab is not None and len(drafter.draft_vocab.ids) == report["draft_vocab_size"] <= 8192
+    assert json.loads((out / "config.json").read_text())["model_type"] == "mlp_speculator"
+    assert main(argv[:5] + ["--kind", "eagle", "--out", str(tmp_path / "e")]) == 2
+    assert "not available" in capsys.readouterr().err
