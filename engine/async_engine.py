@@ -131,9 +131,7 @@ class AsyncEngine:
         request raises RequestError before the first output, a request that failed alone raises RequestFailed,
         one ended by an unrepairable fault EngineStepError. Leaving the iteration at any point (a client that
         went away) aborts the request, freeing its KV blocks."""
-        if not isinstance(prompt, EngineRequest):
-            prompt = await self.prepare(prompt, params, messages=messages)
-        request = prompt
+        request = prompt if isinstance(prompt, EngineRequest) else await self.prepare(prompt, params, messages=messages)
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
 

@@ -107,7 +107,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.folder)
         self.max_model_len = context_length(cfg, self.arch)
         self.runner = runner or ModelRunner.from_config(cfg)
-        self.limits = ModelLimits(self.arch.vocab_size, self.max_model_len, cfg.block_size, self.runner.num_blocks - 1)
+        self.limits = ModelLimits(self.arch.vocab_size, self.max_model_len, cfg.block_size, self.num_kv_blocks)
         self.block_manager = (make_block_manager or BatchedBlockManager)(
             self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
@@ -223,7 +223,7 @@ class LLMEngine:
 
     def num_free_kv_blocks(self) -> int:
         """Free KV blocks as the block manager counts them (one call to it)."""
-        return self.block_manager_stats()["num_free_blocks"]
+        return self.block_manager.stats()["num_free_blocks"]
 
     def block_manager_stats(self) -> dict[str, Any]:
         """The block manager's own counters (one call to it; an actor's may raise while it is being repaired)."""
