@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from model.config import EngineConfig
+from sampling.params import describe_validation_error
 
 DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -187,20 +188,6 @@ def served_name_for(model: str | None) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-def describe(err: ValidationError) -> str:
-    """One line: `key.path: what is wrong` for each error."""
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        msg = msg[:1].lower() + msg[1:]
-        if ": " in msg and not where:  # a cross-field check that names its key itself
-            parts.append(msg)
-        else:
-            parts.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(parts)
-
-
 def load_app_config(args: dict[str, Any] | None) -> AppConfig:
     """Validate the app builder's args; ValueError with a one-line message naming the key path if bad."""
     if args is None:
@@ -210,4 +197,4 @@ def load_app_config(args: dict[str, Any] | None) -> AppConfig:
     try:
         return AppConfig.model_validate(args)
     except ValidationError as e:
-        raise ValueError(describe(e)) from None
+        raise ValueError(describe_validation_error(e, unknown="unknown key")) from None

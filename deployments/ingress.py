@@ -54,6 +54,7 @@ from deployments.openai_responses import (
 from deployments.openapi_doc import install_openapi
 from deployments.replica_stream import ReplicaStream
 from deployments.routing_policy import prefix_keys
+from deployments.stream_items import ErrorItem, ErrorKind
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="specserve", docs_url=None, redoc_url=None)
@@ -105,15 +106,25 @@ def _error(e: ProtocolError, request_id: str | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=e.status_code, headers=error_headers(e))
 
 
-def item_error(item: dict[str, Any], request_id: str) -> ProtocolError:
+# An error item's kind as HTTP: status and OpenAI error code (a 503 also carries Retry-After).
+_ITEM_STATUS = {
+    ErrorKind.INVALID_REQUEST: (400, None),
+    ErrorKind.OVERLOADED: (503, "overloaded"),
+    ErrorKind.ENGINE_FAILED: (503, "engine_error"),
+    ErrorKind.REQUEST_FAILED: (500, "request_failed"),
+    ErrorKind.REPLICA_LOST: (503, "replica_unavailable"),
+}
+
+
+def item_error(item: ErrorItem, request_id: str) -> ProtocolError:
     """A replica's error item as the client sees it: 4xx as given (it names the field), 5xx in one line with
     the request id (replicas send fixed texts, never exception details)."""
-    status = item["status"]
+    status, code = _ITEM_STATUS[item.kind]
     if status < 500:
-        return ProtocolError(item["message"], status_code=status, param=item.get("param"), code=item.get("code"))
-    error = server_error(request_id, item["message"], status=status, code=item.get("code") or "internal_error")
-    if item.get("retry_after_s") is not None or status == 503:
-        error.retry_after_s = item.get("retry_after_s") or 1
+        return ProtocolError(item.message, status_code=status, param=item.param, code=code)
+    error = server_error(request_id, item.message, status=status, code=code)
+    if item.retry_after_s is not None or status == 503:
+        error.retry_after_s = item.retry_after_s or 1
     return error
 
 
@@ -303,10 +314,10 @@ class Ingress:
         handed_over = False
         try:
             first = await stream.start()
-            if first["type"] == "error":
+            if isinstance(first, ErrorItem):
                 raise item_error(first, request_id)
-            prompt_tokens = first["prompt_tokens"]
-            served_by = {REPLICA_HEADER: first.get("replica", "")}
+            prompt_tokens = first.prompt_tokens
+            served_by = {REPLICA_HEADER: first.replica}
             if req.stream:
                 events = self._sse(stream, req, rid, chat, prompt_tokens, key, request_id)
                 response = _GuardedStream(events, stream.cancel, media_type="text/event-stream", headers=served_by)
@@ -314,11 +325,11 @@ class Ingress:
                 return response
             text, token_ids, finish = [], [], None
             async for item in stream.items():
-                if item["type"] == "error":
+                if isinstance(item, ErrorItem):
                     raise item_error(item, request_id)
-                text.append(item["text"])
-                token_ids.extend(item["token_ids"])
-                finish = item["finish_reason"] or finish
+                text.append(item.text)
+                token_ids.extend(item.token_ids)
+                finish = item.finish_reason or finish
         finally:
             if not handed_over:
                 stream.cancel()
@@ -363,15 +374,15 @@ class Ingress:
                 yield event
             try:
                 async for item in stream.items():
-                    if item["type"] == "error":
+                    if isinstance(item, ErrorItem):
                         yield sse_event(item_error(item, request_id).body())
                         yield SSE_DONE
                         completed = True
                         return
-                    text.append(item["text"])
-                    token_ids.extend(item["token_ids"])
-                    finish = item["finish_reason"] or finish
-                    for event in sse.piece(item["text"], item["finish_reason"]):
+                    text.append(item.text)
+                    token_ids.extend(item.token_ids)
+                    finish = item.finish_reason or finish
+                    for event in sse.piece(item.text, item.finish_reason):
                         yield event
             except Exception:  # noqa: BLE001 - the stream must still end with an error event
                 log.exception("stream of request %s failed", request_id)

@@ -7,15 +7,17 @@ Each replica owns an LLMEngine driven by an AsyncEngine thread, and the actors a
 - with `draft_worker.enabled`, the DraftWorker actor in the last bundle, proposing for the whole batch.
 Serve reserves, places and releases a replica and its actors together. When a step fails (a shard or the
 block manager died), `_repair` rebuilds what is dead and the requests in flight are recomputed; a dead draft
-worker only turns speculation off until it is back. The replica streams plain dicts to the ingress and
-publishes load, free KV blocks and recent prompt prefixes for the request router (`record_routing_stats`).
+worker only turns speculation off until it is back. The replica streams typed items (stream_items.py) to the
+ingress and publishes load, free KV blocks and recent prompt prefixes for the request router
+(`record_routing_stats`).
 
 Its constructor returns only once the engine has run a step, so Serve sends it nothing before it can serve.
-Prompts are tokenized on a thread of their own, never on the event loop (a long prompt would pause every
-stream) nor on the engine thread (it would pause every step), and a request is checked against the engine's
-queue and free KV before it is added (admission.py: 503 + Retry-After when full). A request the ingress
-resumes after its replica died (`prompt_token_ids` + `resume`) continues from the tokens already streamed.
-Error items carry fixed one-line texts; the exception details go to this replica's log.
+The engine tokenizes and checks each request once, on its input thread (`AsyncEngine.prepare`), never on this
+replica's event loop; a raw prompt too long for any tokenization to fit is refused before that
+(prompt_limits.py). A request is then checked against the engine's queue and free KV before it is added
+(admission.py: 503 + Retry-After when full). A request the ingress resumes after its replica died
+(`prompt_token_ids` + `resume`) continues from the tokens already streamed. Error items carry fixed one-line
+texts; the exception details go to this replica's log.
 """
 
 from __future__ import annotations
@@ -24,13 +26,11 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 import torch
-from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
@@ -38,14 +38,14 @@ from deployments.admission import ReplicaAdmission
 from deployments.app_config import AppConfig, load_app_config
 from deployments.block_manager_actor import RemoteBlockManager
 from deployments.prompt_limits import max_bytes_per_token, min_tokens
-from deployments.replica_stream import error_item
 from deployments.resume import ResumedText
 from deployments.routing_policy import RecentPrefixes, ReplicaStats
 from deployments.sharded_runner import ShardedRunner, ShardFailure
+from deployments.stream_items import DeltaItem, ErrorItem, ErrorKind, StartItem, StreamItem
 from engine.async_engine import AsyncEngine, EngineStepError, RequestFailed
 from engine.llm_engine import LLMEngine
-from engine.tokenization import RequestError
-from sampling.params import SamplingParams, describe_validation_error
+from engine.tokenization import EngineRequest, RequestError, sampling_params
+from sampling.params import SamplingParams
 
 log = logging.getLogger("ray.serve")
 
@@ -55,22 +55,20 @@ ENGINE_FAILED = "the engine failed while generating this request; retry it"
 REQUEST_FAILED = "this request failed in the engine and was ended"
 
 
-def engine_error_item(error: EngineStepError) -> dict[str, Any]:
+def engine_error_item(error: EngineStepError) -> ErrorItem:
     if isinstance(error, RequestFailed):
-        return error_item(500, REQUEST_FAILED, code="request_failed")
-    return error_item(503, ENGINE_FAILED, code="engine_error", retry_after_s=1)
+        return ErrorItem(ErrorKind.REQUEST_FAILED, REQUEST_FAILED)
+    return ErrorItem(ErrorKind.ENGINE_FAILED, ENGINE_FAILED, retry_after_s=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
-    """A request as the engine takes it; a resumed one also carries what was already streamed."""
+    """A request as the engine takes it (None: a resumed request whose budget was already spent) and the
+    prompt's token ids; a resumed one also carries what was already streamed."""
 
-    ids: list[int]
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    prior_tokens: int = 0  # output tokens streamed before a resume
+    request: EngineRequest | None
+    prompt_token_ids: tuple[int, ...]
     resumed: ResumedText | None = None
-    finished: str | None = None  # a resumed request whose budget is already spent: its finish reason
 
 
 class LLMServer:
@@ -81,8 +79,8 @@ class LLMServer:
         self.model_id = self.config.served_model_name
         self.runner = None
         self.draft = self._make_draft_proposer()
+        self.blocks: RemoteBlockManager | None = None  # the block manager actor's client, if it has one
         self.engine = AsyncEngine(self._make_engine, on_step_error=self._repair)  # built on the engine thread
-        self.max_model_len = self.engine.engine.max_model_len
         self.prefixes = RecentPrefixes()
         self.num_requests = 0
         self.admitted = 0  # requests handed to the engine and not finished
@@ -95,10 +93,7 @@ class LLMServer:
             engine.max_num_seqs,
             target.retry_after_s,
         )
-        # Tokenizing runs here, not on the event loop (a long prompt would stall every stream) nor on the engine
-        # thread (it would stall every step); one thread, so tokenizing takes at most one core from the engine.
-        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-        self.bytes_per_token = max_bytes_per_token(self.engine.engine.tokenizer)
+        self.bytes_per_token = max_bytes_per_token(self.engine.tokenizer)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except RayServeException:  # constructed outside Serve
@@ -110,11 +105,16 @@ class LLMServer:
             self.config.engine,
             runner=self.runner,
             proposer=self.draft,
-            make_block_manager=RemoteBlockManager if self.config.target.block_manager_actor else None,
+            make_block_manager=self._make_block_manager if self.config.target.block_manager_actor else None,
         )
         # A step end to end (kernels, block manager actor, shards) before the replica reports ready.
-        engine.generate([engine.encode("Hi")], SamplingParams(max_tokens=1))
+        engine.generate(["Hi"], SamplingParams(max_tokens=1))
         return engine
+
+    def _make_block_manager(self, *args: Any) -> RemoteBlockManager:
+        """The block manager actor's client; the replica keeps it to restart a dead actor (`_repair`)."""
+        self.blocks = RemoteBlockManager(*args)
+        return self.blocks
 
     def _make_runner(self) -> ShardedRunner | None:
         tp = self.config.tensor_parallel_size
@@ -156,108 +156,81 @@ class LLMServer:
             except ShardFailure:
                 log.warning("rebuilding the tensor-parallel shards")
                 self.runner.restart()
-        blocks = self.engine.engine.block_manager
-        if isinstance(blocks, RemoteBlockManager) and not blocks.alive():
+        if self.blocks is not None and not self.blocks.alive():
             log.warning("restarting the block manager actor")
-            blocks.restart()
+            self.blocks.restart()
         return True
 
     # ---- requests -------------------------------------------------------------------------------------
 
-    def _prepare(self, request: dict[str, Any]) -> Prepared:
-        """Token ids and sampling params (in the tokenizer thread); RequestError (-> 400) for anything the
-        engine cannot serve. A request with `prompt_token_ids` and `resume` continues a stream (resume.py)."""
-        engine = self.engine.engine
+    async def _prepare(self, request: dict[str, Any]) -> Prepared:
+        """The request as the engine takes it, tokenized and checked once by the engine (off this event loop);
+        RequestError (-> 400) for anything it cannot serve. A request with `prompt_token_ids` and `resume`
+        continues a stream (resume.py)."""
         kwargs = dict(request.get("params") or {})
-        if request.get("prompt_token_ids") is not None:
-            prompt_ids = engine.encode(list(request["prompt_token_ids"]))
-        elif request.get("messages") is not None:
-            prompt_ids = engine.encode(messages=request["messages"])
-        else:
-            prompt = request.get("prompt")
-            if isinstance(prompt, str) and self.bytes_per_token:
-                least = min_tokens(prompt, self.bytes_per_token)
-                if least >= self.max_model_len:  # cannot fit: refused without tokenizing megabytes
-                    raise RequestError(
-                        f"prompt has at least {least} tokens; the model's context is {self.max_model_len}"
-                    )
-            prompt_ids = engine.encode(prompt)
-        if not prompt_ids:
-            raise RequestError("prompt is empty")
-        resume = request.get("resume")
-        done = list(resume["output_token_ids"]) if resume else []
-        if done:
-            engine.encode(done)  # validates the ids
-        ids = prompt_ids + done
-        room = self.max_model_len - len(ids)
-        if resume:
-            max_tokens = kwargs.get("max_tokens")
-            left = room if max_tokens is None else min(room, max_tokens - len(done))
-            params = self._params({**kwargs, "max_tokens": max(left, 1), "stop": []})
-            resumed = ResumedText(
-                engine.tokenizer, prompt_ids, done, resume.get("text", ""), self._params(kwargs | {"max_tokens": 1})
-            )
-            return Prepared(ids, params, prompt_ids, len(done), resumed, None if left >= 1 else "length")
-        if room < 1:
-            raise RequestError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
-        if kwargs.get("max_tokens") is None:
-            kwargs["max_tokens"] = room
-        elif kwargs["max_tokens"] > room:
-            raise RequestError(
-                f"max_tokens={kwargs['max_tokens']} plus the prompt's {len(ids)} tokens exceeds the model's "
-                f"context of {self.max_model_len} tokens"
-            )
-        return Prepared(ids, self._params(kwargs), prompt_ids)
+        if request.get("resume") is not None:
+            return await self._prepare_resumed(list(request["prompt_token_ids"]), request["resume"], kwargs)
+        prompt = request.get("prompt")
+        if isinstance(prompt, str) and self.bytes_per_token:
+            least = min_tokens(prompt, self.bytes_per_token)
+            if least >= self.engine.max_model_len:  # cannot fit: refused without tokenizing megabytes
+                raise RequestError(
+                    f"prompt has at least {least} tokens; the model's context is {self.engine.max_model_len}"
+                )
+        prepared = await self.engine.prepare(prompt, kwargs, messages=request.get("messages"), fit_context=True)
+        return Prepared(prepared, prepared.prompt_token_ids)
 
-    @staticmethod
-    def _params(kwargs: dict[str, Any]) -> SamplingParams:
-        try:
-            return SamplingParams(**kwargs)
-        except ValidationError as e:
-            raise RequestError(describe_validation_error(e)) from None
+    async def _prepare_resumed(self, prompt_ids: list[int], resume: dict[str, Any], kwargs: dict) -> Prepared:
+        """Prompt + the output already streamed, with the rest of the budget. The engine runs it without stop
+        strings: ResumedText replays the output with them, so a stop string across the cut still stops it."""
+        done = list(resume["output_token_ids"])
+        left = self.engine.max_model_len - len(prompt_ids) - len(done)
+        if kwargs.get("max_tokens") is not None:
+            left = min(left, kwargs["max_tokens"] - len(done))
+        request = None
+        if left >= 1:
+            request = await self.engine.prepare(prompt_ids + done, {**kwargs, "max_tokens": left})
+            params = request.params
+            request = replace(request, params=params.model_copy(update={"stop": []}))
+        else:  # the budget was spent as the replica died: only text held back is left to send
+            params = sampling_params({**kwargs, "max_tokens": 1})
+        resumed = await asyncio.to_thread(
+            ResumedText, self.engine.tokenizer, prompt_ids, done, resume.get("text", ""), params
+        )
+        return Prepared(request, tuple(prompt_ids), resumed)
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream of dicts: one {"type": "start"} (with the prompt's token ids, for a resume elsewhere), then
-        {"type": "delta"} items (the last has a finish_reason), or a single {"type": "error"} item. The ingress
-        reads the first item before it answers the client. Cancelling the stream at any point (the ingress
-        does when its client goes away) aborts the request and frees its KV blocks."""
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[StreamItem]:
+        """A StartItem (with the prompt's token ids, for a resume elsewhere), then DeltaItems (the last has a
+        finish_reason), or a single ErrorItem. The ingress reads the first item before it answers the client.
+        Cancelling the stream at any point (the ingress does when its client goes away) aborts the request and
+        frees its KV blocks."""
         self.num_requests += 1
         param = "messages" if request.get("messages") is not None else "prompt"
         try:
-            prep = await asyncio.get_running_loop().run_in_executor(self._tokenize, self._prepare, request)
+            prep = await self._prepare(request)
         except RequestError as e:
-            yield error_item(400, str(e), param)
+            yield ErrorItem(ErrorKind.INVALID_REQUEST, str(e), param)
             return
-        refusal = self.admission.check(self.engine.stats(), len(prep.ids), self.admitted)
-        if refusal is not None and prep.resumed is None:  # a resumed request was admitted once already
-            yield error_item(refusal.status, refusal.message, code=refusal.code, retry_after_s=refusal.retry_after_s)
-            return
+        if prep.resumed is None:  # a resumed request was admitted once already
+            n = len(prep.request.prompt_token_ids)
+            refusal = self.admission.check(self.engine.stats(), n, self.admitted)
+            if refusal is not None:
+                yield ErrorItem(ErrorKind.OVERLOADED, refusal.message, retry_after_s=refusal.retry_after_s)
+                return
         request_id = request.get("request_id") or uuid.uuid4().hex
-        start = {
-            "type": "start",
-            "prompt_tokens": len(prep.prompt_token_ids),
-            "prompt_token_ids": prep.prompt_token_ids,
-            "request_id": request_id,
-            "replica": self.replica_id,
-        }
-        if prep.finished is not None:
+        start = StartItem(prep.prompt_token_ids, self.replica_id)
+        if prep.request is None:
             yield start
-            yield {
-                "type": "delta",
-                "text": prep.resumed.add([], True),
-                "token_ids": [],
-                "finish_reason": prep.finished,
-                "completion_tokens": prep.prior_tokens,
-            }
+            yield DeltaItem(prep.resumed.add([], True), (), "length")
             return
         self.prefixes.add(request.get("prefix_keys") or ())
         self.admitted += 1
-        outputs = self.engine.generate(prep.ids, prep.params, request_id=request_id)
+        outputs = self.engine.generate(prep.request, request_id=request_id)
         try:
             try:
                 out = await outputs.__anext__()
             except RequestError as e:
-                yield error_item(400, str(e), param)
+                yield ErrorItem(ErrorKind.INVALID_REQUEST, str(e), param)
                 return
             yield start
             while True:
@@ -265,13 +238,7 @@ class LLMServer:
                 if prep.resumed is not None:
                     text = prep.resumed.add(out.new_token_ids, out.finished)
                     finish = "stop" if prep.resumed.stopped else finish
-                yield {
-                    "type": "delta",
-                    "text": text,
-                    "token_ids": out.new_token_ids,
-                    "finish_reason": finish,
-                    "completion_tokens": prep.prior_tokens + len(out.output_token_ids),
-                }
+                yield DeltaItem(text, tuple(out.new_token_ids), finish)
                 if finish is not None:
                     return
                 out = await outputs.__anext__()
@@ -292,7 +259,7 @@ class LLMServer:
         """Engine counters plus the block manager's own view (and the draft worker's, if any)."""
         out = {**self.engine.stats(), "num_requests": self.num_requests, "model": self.model_id}
         try:
-            out["block_manager"] = self.engine.engine.block_manager.stats()
+            out["block_manager"] = self.engine.block_manager_stats()
         except Exception as e:  # noqa: BLE001 - being repaired
             out["block_manager"] = {"error": str(e)}
         if self.draft is not None:
@@ -315,8 +282,6 @@ class LLMServer:
             raise RuntimeError("engine loop thread died")
 
     def __del__(self) -> None:
-        if getattr(self, "_tokenize", None) is not None:
-            self._tokenize.shutdown(wait=False, cancel_futures=True)
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from engine.tokenization import lone_surrogate
+from sampling.params import describe_validation_error, field_errors
 
 # OpenAI's defaults: sampling at temperature 1 unless the client asks otherwise.
 DEFAULT_TEMPERATURE = 1.0
@@ -26,6 +26,7 @@ DEFAULT_TOP_P = 1.0
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_JSON_DEPTH = 64  # no request of this API nests deeper than a few levels
 MAX_INT_DIGITS = 64  # wider than any field takes, far below Python's 4,300-digit conversion limit
+UNKNOWN_FIELD = "unknown field (not part of this API)"
 
 
 class ProtocolError(Exception):
@@ -60,50 +61,11 @@ def error_body(
     return {"error": {"message": encodable(message), "type": type, "param": param, "code": code}}
 
 
-_NAMED = re.compile(r"^([a-z_][a-z0-9_.]*): (.*)$", re.S)
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def _is_union_tag(item: Any) -> bool:
-    """pydantic puts the union member it tried ('str', 'list[TextPart]') into an error's location."""
-    return isinstance(item, str) and (not item.isidentifier() or item[0].isupper() or item in _TYPE_TAGS)
-
-
-def _field_errors(err: ValidationError) -> list[tuple[str, str]]:
-    """(path, message) per error; of the members of a union only the one that got furthest is kept."""
-    best: dict[tuple, int] = {}  # union site -> longest location among its errors
-    for e in err.errors():
-        loc = e["loc"]
-        tag = next((i for i, x in enumerate(loc) if _is_union_tag(x)), None)
-        if tag is not None:
-            best[loc[:tag]] = max(best.get(loc[:tag], 0), len(loc))
-    out, seen = [], set()
-    for e in err.errors():
-        loc = e["loc"]
-        tag = next((i for i, x in enumerate(loc) if _is_union_tag(x)), None)
-        if tag is not None and len(loc) < best[loc[:tag]]:
-            continue
-        path = ".".join(str(x) for x in loc if not _is_union_tag(x))
-        msg = "unknown field (not part of this API)" if e["type"] == "extra_forbidden" else _clean(e["msg"])
-        named = _NAMED.match(msg)
-        if named and not path:  # a cross-field check names its field first: "field: why"
-            path, msg = named.group(1), named.group(2)
-        if (path, msg) not in seen:
-            seen.add((path, msg))
-            out.append((path, msg))
-    return out
-
-
-def _clean(msg: str) -> str:
-    return msg.removeprefix("Value error, ")
-
-
 def validation_error(err: ValidationError) -> ProtocolError:
     """A 400 naming the offending field(s); `param` is the first one, as OpenAI reports a single param."""
-    errors = _field_errors(err)
-    parts = [f"{path}: {msg}" if path else msg for path, msg in errors]
+    errors = field_errors(err, unknown=UNKNOWN_FIELD)
     first = next((path for path, _ in errors if path), None)
-    return ProtocolError("; ".join(parts) or "invalid request", param=first)
+    return ProtocolError(describe_validation_error(err, unknown=UNKNOWN_FIELD), param=first)
 
 
 class _BadNumber(ValueError):

@@ -18,6 +18,7 @@ from typing import Any
 from ray.exceptions import RayActorError
 
 from deployments.resume import Progress
+from deployments.stream_items import DeltaItem, ErrorItem, ErrorKind, StartItem
 
 log = logging.getLogger("ray.serve")
 
@@ -28,22 +29,8 @@ REPLICA_LOST = "the replica serving this request failed and no other replica too
 MAX_REPLICA_DEATHS = 2  # a request whose replicas keep dying (a prompt that crashes them) is not sent on
 
 
-def error_item(
-    status: int, message: str, param: str | None = None, code: str | None = None, retry_after_s: int | None = None
-) -> dict[str, Any]:
-    """The one error item of a replica's stream (the ingress turns it into the HTTP error or error event)."""
-    return {
-        "type": "error",
-        "status": status,
-        "message": message,
-        "param": param,
-        "code": code,
-        "retry_after_s": retry_after_s,
-    }
-
-
-def lost_item() -> dict[str, Any]:
-    return error_item(503, REPLICA_LOST, code="replica_unavailable", retry_after_s=1)
+def lost_item() -> ErrorItem:
+    return ErrorItem(ErrorKind.REPLICA_LOST, REPLICA_LOST, retry_after_s=1)
 
 
 class ReplicaStream:
@@ -54,18 +41,18 @@ class ReplicaStream:
         self._done = False
         self._deaths = 0  # replicas that died while serving this request
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self) -> StartItem | ErrorItem:
         """The first item (start or error); while no item was relayed a dead replica is simply retried."""
         first = await self._open(self.request, deadline=None)
         if first is None:
             first = lost_item()
-        if first["type"] == "error":
+        if isinstance(first, ErrorItem):
             self._done = True
         else:
-            self.progress.prompt_token_ids = first.get("prompt_token_ids")
+            self.progress.prompt_token_ids = list(first.prompt_token_ids)
         return first
 
-    async def items(self) -> AsyncIterator[dict[str, Any]]:
+    async def items(self) -> AsyncIterator[DeltaItem | ErrorItem]:
         """Delta items up to the one with a finish reason, or an error item last."""
         while not self._done:
             try:
@@ -77,11 +64,11 @@ class ReplicaStream:
                 log.warning("replica died mid-stream (%s); resuming request %s", type(e).__name__, self._rid())
                 self._deaths += 1
                 item = await self._resume()
-                if item["type"] != "error":
+                if not isinstance(item, ErrorItem):
                     continue
-            if item["type"] == "error" or item.get("finish_reason") is not None:
+            if isinstance(item, ErrorItem) or item.finish_reason is not None:
                 self._done = True
-            if item["type"] == "delta":
+            if isinstance(item, DeltaItem):
                 self.progress.add(item)
             yield item
 
@@ -96,7 +83,7 @@ class ReplicaStream:
     def _rid(self) -> str:
         return str(self.request.get("request_id", "?"))
 
-    async def _resume(self) -> dict[str, Any]:
+    async def _resume(self) -> StartItem | ErrorItem:
         """Send the resumed request; its start item (the caller goes on reading deltas), or an error item."""
         self._stream.cancel()
         if not self.progress.resumable() or self._deaths > MAX_REPLICA_DEATHS:
@@ -111,7 +98,7 @@ class ReplicaStream:
             first = None
         return lost_item() if first is None else first
 
-    async def _open(self, request: dict[str, Any], deadline: float | None) -> dict[str, Any] | None:
+    async def _open(self, request: dict[str, Any], deadline: float | None) -> StartItem | ErrorItem | None:
         """Send `request` and return the replica's first item; a replica that dies first is tried again until
         `deadline` (set at the first death when None). None when no replica answered in time."""
         while True:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.stream_items import DeltaItem
 from engine.detokenizer import IncrementalDetokenizer
 
 
@@ -25,9 +26,9 @@ class Progress:
     text: list[str] = field(default_factory=list)
     resumes: int = 0
 
-    def add(self, item: dict[str, Any]) -> None:
-        self.output_token_ids.extend(item.get("token_ids") or ())
-        self.text.append(item.get("text") or "")
+    def add(self, item: DeltaItem) -> None:
+        self.output_token_ids.extend(item.token_ids)
+        self.text.append(item.text)
 
     def resumable(self) -> bool:
         return self.prompt_token_ids is not None

@@ -4,7 +4,9 @@ Why a thread: a step is milliseconds to seconds of blocking torch work, and the 
 and Ray calls must stay responsive meanwhile (torch releases the GIL inside its kernels). Every engine call
 happens on that one thread, so the engine itself needs no locks. A server should also *build* its engine on
 that thread (pass a factory): OpenMP keeps a thread team per OS thread that ran torch work, and once a second
-thread has one the teams contend for the cores (`scripts/profile_decode.py` measures the cost).
+thread has one the teams contend for the cores (`scripts/profile_decode.py` measures the cost). Requests are
+tokenized and checked on a third thread (`prepare`, which reads nothing a step changes), so that a long prompt
+stalls neither the event loop nor a step.
 
 Failures (the engine's rule is in `engine/llm_engine.py`): a request that fails on its own ends its stream
 with RequestFailed and no other stream notices. A step that raises runs the repair hook; when it repairs the
@@ -21,14 +23,17 @@ decodes) aborts it on the engine thread, so its KV blocks are freed before the n
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from engine.llm_engine import LLMEngine, RequestOutput
+from engine.tokenization import EngineRequest
 from sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopped = False
         self.num_step_errors = 0
+        self._inputs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-inputs")  # see `prepare`
         self.engine: LLMEngine
         built: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(engine, built), name="engine-loop", daemon=True)
@@ -89,17 +95,43 @@ class AsyncEngine:
 
     # ---- caller side (any event loop) ------------------------------------------------------------------
 
-    async def generate(
+    @property
+    def max_model_len(self) -> int:
+        """Prompt + output tokens a request may hold."""
+        return self.engine.max_model_len
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (for reading, e.g. to decode a resumed request's tokens)."""
+        return self.engine.tokenizer
+
+    async def prepare(
         self,
         prompt: str | list[int] | None = None,
         params: SamplingParams | dict | None = None,
         *,
         messages: list[dict] | None = None,
+        fit_context: bool = False,
+    ) -> EngineRequest:
+        """`LLMEngine.prepare` (tokenize and check once) on the input thread: neither on the caller's event loop
+        (a long prompt would stall every other stream) nor on the engine thread (it would stall every step).
+        One thread, so tokenizing takes at most one core from the engine. Raises RequestError."""
+        call = functools.partial(self.engine.prepare, prompt, params, messages=messages, fit_context=fit_context)
+        return await asyncio.get_running_loop().run_in_executor(self._inputs, call)
+
+    async def generate(
+        self,
+        prompt: str | list[int] | EngineRequest | None = None,
+        params: SamplingParams | dict | None = None,
+        *,
+        messages: list[dict] | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; a bad request raises RequestError before the first output, a request
-        that failed alone raises RequestFailed, one ended by an unrepairable fault EngineStepError. Leaving the
-        iteration at any point (a client that went away) aborts the request, freeing its KV blocks."""
+        """Stream a request's outputs; `prompt` is an EngineRequest from `prepare`, or is prepared first. A bad
+        request raises RequestError before the first output, a request that failed alone raises RequestFailed,
+        one ended by an unrepairable fault EngineStepError. Leaving the iteration at any point (a client that
+        went away) aborts the request, freeing its KV blocks."""
+        request = prompt if isinstance(prompt, EngineRequest) else await self.prepare(prompt, params, messages=messages)
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
 
@@ -107,7 +139,7 @@ class AsyncEngine:
             if stream.cancelled:
                 return
             try:
-                rid = self.engine.add_request(prompt, params, messages=messages, request_id=request_id)
+                rid = self.engine.add_request(request, request_id=request_id)
             except Exception as e:  # noqa: BLE001 - the caller gets the exact error
                 _deliver(loop, stream.queue.put_nowait, e)
                 return
@@ -127,12 +159,16 @@ class AsyncEngine:
         finally:
             if not done:  # the caller left (cancelled, closed the stream, or raised)
                 stream.cancelled = True
-                self._submit(lambda: self._cancel(stream))
+                self._submit(lambda: self._abort(stream.request_id, leaving=stream))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed on the engine thread before the next step, and a stream
         still reading it ends with RequestFailed."""
         self._submit(lambda: self._abort(request_id))
+
+    def block_manager_stats(self) -> dict[str, Any]:
+        """The block manager's own counters (`LLMEngine.block_manager_stats`; may raise while it is repaired)."""
+        return self.engine.block_manager_stats()
 
     def stats(self) -> dict[str, Any]:
         """A racy but cheap snapshot for routing and metrics: the engine's counters (`LLMEngine.stats`) and this
@@ -145,6 +181,7 @@ class AsyncEngine:
         return self._thread.is_alive()
 
     def shutdown(self) -> None:
+        self._inputs.shutdown(wait=False, cancel_futures=True)
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=30)
@@ -155,18 +192,16 @@ class AsyncEngine:
         self._inbox.put(command)
         self._wake.set()
 
-    def _abort(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
+    def _abort(self, request_id: str | None, leaving: _Stream | None = None) -> None:
+        """Abort a request; a stream still reading it ends with RequestFailed. A caller that is `leaving` aborts
+        only its own request, and only if it is still running (it may have ended, or not been added)."""
+        stream = self._streams.get(request_id)
+        if leaving is not None and (request_id is None or stream is not leaving):
+            return
+        self._streams.pop(request_id, None)
         self.engine.abort(request_id)
-        if stream is not None:
+        if stream is not None and leaving is None:
             _deliver(stream.loop, stream.queue.put_nowait, RequestFailed(ABORTED))
-
-    def _cancel(self, stream: _Stream) -> None:
-        """The caller left: abort its request if it is still this stream's (it may have ended meanwhile)."""
-        rid = stream.request_id
-        if rid is not None and self._streams.get(rid) is stream:
-            del self._streams[rid]
-            self.engine.abort(rid)
 
     def _drain(self) -> None:
         while True:

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -35,7 +36,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.metrics import RequestMetrics, SpecCounters
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import SeqStatus, Sequence
-from engine.tokenization import RequestError, encode_prompt
+from engine.tokenization import EngineRequest, ModelLimits, RequestError, prepare_request
 from kv_cache.block_batch import BatchedBlockManager, BlockPool
 from model.config import EngineConfig
 from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
@@ -99,13 +100,14 @@ class LLMEngine:
         try:
             cfg = self.config = EngineConfig(**{**(config.model_dump() if config else {}), **overrides})
         except ValidationError as e:
-            raise ValueError(describe_validation_error(e)) from None
+            raise ValueError(describe_validation_error(e, unknown="unknown key")) from None
         self.device = torch.device(cfg.device)
         self.folder = resolve_model(cfg.model)
         self.arch = load_arch(self.folder)
         self.tokenizer = load_tokenizer(self.folder)
         self.max_model_len = context_length(cfg, self.arch)
         self.runner = runner or ModelRunner.from_config(cfg)
+        self.limits = ModelLimits(self.arch.vocab_size, self.max_model_len, cfg.block_size, self.num_kv_blocks)
         self.block_manager = (make_block_manager or BatchedBlockManager)(
             self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
@@ -140,30 +142,29 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------------
 
-    def encode(self, prompt: str | list[int] | None = None, messages: list[dict] | None = None) -> list[int]:
-        return encode_prompt(self.tokenizer, self.arch.vocab_size, prompt, messages)
-
-    def add_request(
+    def prepare(
         self,
         prompt: str | list[int] | None = None,
         params: SamplingParams | dict | None = None,
         *,
         messages: list[dict] | None = None,
+        fit_context: bool = False,
+    ) -> EngineRequest:
+        """Tokenize and check a request against this model (tokenization.py); safe on any thread."""
+        return prepare_request(self.tokenizer, self.limits, prompt, params, messages, fit_context)
+
+    def add_request(
+        self,
+        prompt: str | list[int] | EngineRequest | None = None,
+        params: SamplingParams | dict | None = None,
+        *,
+        messages: list[dict] | None = None,
         request_id: str | None = None,
     ) -> str:
-        try:
-            params = SamplingParams(**params) if isinstance(params, dict) else params or SamplingParams()
-        except ValidationError as e:
-            raise RequestError(describe_validation_error(e)) from None
-        ids = self.encode(prompt, messages)
-        if not ids:
-            raise RequestError("prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise RequestError(
-                f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} (prompt + output)"
-            )
-        if -(-(len(ids) + 1) // self.config.block_size) > self.runner.num_blocks - 1:
-            raise RequestError(f"prompt of {len(ids)} tokens does not fit the KV cache; raise kv_cache_gib")
+        """Queue a request; `prompt` may be an EngineRequest from `prepare` (then nothing is encoded or checked
+        again). RequestError (one line) for a request the engine cannot serve."""
+        request = prompt if isinstance(prompt, EngineRequest) else self.prepare(prompt, params, messages=messages)
+        ids, params = list(request.prompt_token_ids), request.params
         request_id = request_id or f"req-{next(self._seq_ids)}"
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id}")
@@ -223,6 +224,10 @@ class LLMEngine:
     def num_free_kv_blocks(self) -> int:
         """Free KV blocks as the block manager counts them (one call to it)."""
         return self.block_manager.stats()["num_free_blocks"]
+
+    def block_manager_stats(self) -> dict[str, Any]:
+        """The block manager's own counters (one call to it; an actor's may raise while it is being repaired)."""
+        return self.block_manager.stats()
 
     def stats(self) -> dict[str, int]:
         """Counters for routing and metrics, read from this process's state alone (no block-manager call):
@@ -357,20 +362,14 @@ class LLMEngine:
             seq.spec_k = req.controller.next_k()
         return self._output(req, new, delta)
 
-    def _finish(self, req: _Request, new: list[int], delta: str, now: float) -> RequestOutput:
-        req.metrics.finished = now
-        self.scheduler.finish(req.seq)
-        if self.proposer:
-            self.proposer.release(req.seq.seq_id)
-        del self.requests[req.seq.request_id]
-        return self._output(req, new, delta)
-
-    def _fail(self, req: _Request, message: str) -> RequestOutput:
-        """End a request whose own processing failed; tolerant of a half-done step (it may have finished)."""
+    def _finish(self, req: _Request, new: list[int], delta: str, now: float, error: str | None = None) -> RequestOutput:
+        """End a request: its KV and proposer state go, its last output is returned. With `error` (one line) it
+        ends with finish_reason "error"; tolerant of a half-done step (the request may have finished already)."""
         seq = req.seq
-        self.num_failed_requests += 1
-        req.metrics.finished = time.perf_counter()
-        seq.finish_reason = "error"
+        req.metrics.finished = now
+        if error is not None:
+            self.num_failed_requests += 1
+            seq.finish_reason = "error"
         self.requests.pop(seq.request_id, None)
         self.scheduler.finish(seq)
         if self.proposer:
@@ -378,9 +377,13 @@ class LLMEngine:
                 self.proposer.release(seq.seq_id)
             except Exception:  # noqa: BLE001 - the proposer forgets it on its next reset at worst
                 log.exception("could not release the proposer state of request %s", seq.request_id)
-        out = self._output(req, [], "")
-        out.error = message
+        out = self._output(req, new, delta)
+        out.error = error
         return out
+
+    def _fail(self, req: _Request, message: str) -> RequestOutput:
+        """End a request whose own processing failed."""
+        return self._finish(req, [], "", time.perf_counter(), message)
 
     def _output(self, req: _Request, new: list[int], delta: str) -> RequestOutput:
         seq = req.seq

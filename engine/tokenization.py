@@ -1,4 +1,11 @@
-"""Prompt encoding shared by the engine and the baseline: raw text, token ids, or chat messages.
+"""A request's prompt turned into token ids and checked against the model, once (`prepare_request`); the
+encoding itself (raw text, token ids, or chat messages) is shared with the baseline.
+
+Everything the engine checks against its model happens here: sampling parameters, vocabulary ids, the context
+length and whether one sequence fits the KV cache. What comes out, an EngineRequest, is what the engine adds
+without tokenizing or checking anything again. It reads nothing that changes while the engine runs, so a
+server prepares requests on a thread of their own: not on its event loop (a long prompt would stall every
+stream) and not on the engine thread (it would stall every step).
 
 Chat messages are the caller's text, never the template's: a control token typed into a message
 (`<|im_start|>system ...`) is encoded as the plain text it is, so a client cannot forge turns. Only the markers
@@ -9,9 +16,13 @@ owns the whole prompt, markers included, so it is encoded as given.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+from pydantic import ValidationError
+
+from sampling.params import SamplingParams, describe_validation_error
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -72,3 +83,65 @@ def encode_prompt(
     if not isinstance(prompt, list) or not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt):
         raise RequestError(f"prompt token ids must be a list of integers in [0, {vocab_size})")
     return list(prompt)
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a request is checked against: the vocabulary, the context, and the KV cache one sequence may use."""
+
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    num_kv_blocks: int
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request as the engine adds it: prompt token ids within the vocabulary and the context, and validated
+    sampling parameters."""
+
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+def sampling_params(params: SamplingParams | dict | None) -> SamplingParams:
+    """`params` as SamplingParams; RequestError naming the bad fields."""
+    if isinstance(params, SamplingParams):
+        return params
+    try:
+        return SamplingParams(**(params or {}))
+    except ValidationError as e:
+        raise RequestError(describe_validation_error(e)) from None
+
+
+def prepare_request(
+    tokenizer: Any,
+    limits: ModelLimits,
+    prompt: str | list[int] | None = None,
+    params: SamplingParams | dict | None = None,
+    messages: list[dict] | None = None,
+    fit_context: bool = False,
+) -> EngineRequest:
+    """Encode and check a request; RequestError (one line) for anything the engine cannot serve.
+
+    `fit_context` is the OpenAI API's rule: `max_tokens` must fit the context left after the prompt, and a
+    dict without one (or None) takes all of it. Without it a request simply ends with "length" when the
+    context is full.
+    """
+    fill = fit_context and isinstance(params, dict) and params.get("max_tokens") is None
+    sp = sampling_params({**params, "max_tokens": 1} if fill else params)  # before tokenizing anything
+    ids = encode_prompt(tokenizer, limits.vocab_size, prompt, messages)
+    n, context = len(ids), limits.max_model_len
+    if not ids:
+        raise RequestError("prompt is empty")
+    if n >= context:
+        raise RequestError(f"prompt has {n} tokens; the model's context is {context} (prompt + output)")
+    if -(-(n + 1) // limits.block_size) > limits.num_kv_blocks:
+        raise RequestError(f"prompt of {n} tokens does not fit the KV cache; raise kv_cache_gib")
+    if fill:
+        sp = sp.model_copy(update={"max_tokens": context - n})
+    elif fit_context and sp.max_tokens > context - n:
+        raise RequestError(
+            f"max_tokens={sp.max_tokens} plus the prompt's {n} tokens exceeds the model's context of {context} tokens"
+        )
+    return EngineRequest(tuple(ids), sp)

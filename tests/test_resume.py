@@ -7,6 +7,7 @@ import pytest
 
 from deployments.prompt_limits import max_bytes_per_token, min_tokens
 from deployments.resume import Progress, ResumedText
+from deployments.stream_items import DeltaItem
 from engine.detokenizer import IncrementalDetokenizer
 from sampling.params import SamplingParams
 
@@ -15,8 +16,8 @@ def test_progress_builds_the_resumed_request():
     p = Progress()
     assert not p.resumable()
     p.prompt_token_ids = [1, 2, 3]
-    p.add({"type": "delta", "text": "Hel", "token_ids": [7, 8]})
-    p.add({"type": "delta", "text": "lo", "token_ids": [9]})
+    p.add(DeltaItem("Hel", (7, 8)))
+    p.add(DeltaItem("lo", (9,)))
     original = {"messages": [{"role": "user", "content": "x"}], "params": {"max_tokens": 9}, "request_id": "r"}
     resumed = p.resume_request(original)
     assert "messages" not in resumed and resumed["params"] == {"max_tokens": 9}
@@ -79,17 +80,18 @@ def test_prompt_bound_is_none_when_a_normalizer_could_shrink_text(tokenizer):
 
 
 def test_engine_errors_reach_the_client_without_internals():
+    from deployments.ingress import item_error
     from deployments.llm_server import engine_error_item
     from engine.async_engine import EngineStepError, RequestFailed
 
     internals = 'engine step failed: RuntimeError: File "/home/ray/x.py", line 3, pid=77, ip=10.1.2.3'
-    step = engine_error_item(EngineStepError(internals))
-    alone = engine_error_item(RequestFailed(internals))
-    assert (step["status"], step["code"], alone["status"], alone["code"]) == (
+    step = item_error(engine_error_item(EngineStepError(internals)), "r-1")
+    alone = item_error(engine_error_item(RequestFailed(internals)), "r-1")
+    assert (step.status_code, step.code, alone.status_code, alone.code) == (
         503,
         "engine_error",
         500,
         "request_failed",
     )
-    for item in (step, alone):
-        assert "/home" not in item["message"] and "pid" not in item["message"] and "\n" not in item["message"]
+    for error in (step, alone):
+        assert "/home" not in error.message and "pid" not in error.message and "\n" not in error.message
