@@ -24,45 +24,56 @@ from dataclasses import dataclass, field
 from speculator.proposer import Draft, DraftRequest, Proposer
 
 
-class _Node:
-    __slots__ = ("count", "total", "children")
-
-    def __init__(self) -> None:
-        self.count = 0  # occurrences of this node's string
-        self.total = 0  # occurrences followed by a token (= sum of the children's counts)
-        self.children: dict[int, _Node] | None = None
-
-
 class SuffixTrie:
     """Every substring of at most `max_depth` tokens of the inserted texts, with occurrence counts.
 
-    A text is inserted token by token through its list of active nodes (the ends of its current suffixes,
-    root first); `remove` takes a text out again, pruning nodes whose count falls to zero."""
+    Nodes are ids into flat lists (`count`, `total`, `kids`: token -> child id), the root is 0: dicts and lists
+    of ints are not tracked by the garbage collector, which would otherwise walk every node of a large trie
+    again and again. A text is inserted token by token through its list of active nodes (the ends of its current
+    suffixes, root first); its first token is taken out with `remove_first`, pruning nodes whose count falls to
+    zero (their ids are reused)."""
+
+    root = 0
 
     def __init__(self, max_depth: int):
         if max_depth < 2:
             raise ValueError(f"max_depth must be >= 2, got {max_depth}")
         self.max_depth = max_depth
-        self.root = _Node()
-        self.num_nodes = 0
+        self.count = [0]  # occurrences of the node's string
+        self.total = [0]  # occurrences followed by a token (= the sum of the children's counts)
+        self.kids: list[dict[int, int] | None] = [None]
+        self._free: list[int] = []
+        self.num_nodes = 0  # the root not counted
 
-    def start(self) -> list[_Node]:
+    def start(self) -> list[int]:
         """The active nodes of an empty text."""
-        return [self.root]
+        return [0]
 
-    def append(self, active: list[_Node], token: int) -> list[_Node]:
+    def _new(self) -> int:
+        self.num_nodes += 1
+        if self._free:
+            node = self._free.pop()
+            self.count[node] = self.total[node] = 0
+            self.kids[node] = None
+            return node
+        self.count.append(0)
+        self.total.append(0)
+        self.kids.append(None)
+        return len(self.count) - 1
+
+    def append(self, active: list[int], token: int) -> list[int]:
         """Add one token to the text whose active nodes are `active`; returns its new active nodes."""
-        new = [self.root]
+        count, total, kids = self.count, self.total, self.kids
+        new = [0]
         for node in active[: self.max_depth]:  # depths 0..max_depth-1 can grow by one
-            children = node.children
+            children = kids[node]
             if children is None:
-                children = node.children = {}
+                children = kids[node] = {}
             child = children.get(token)
             if child is None:
-                child = children[token] = _Node()
-                self.num_nodes += 1
-            child.count += 1
-            node.total += 1
+                child = children[token] = self._new()
+            count[child] += 1
+            total[node] += 1
             new.append(child)
         return new
 
@@ -74,39 +85,84 @@ class SuffixTrie:
     def remove_first(self, path: list[int]) -> None:
         """Take out a text's first token: the path of its longest string starting there (`max_depth` tokens of
         the text at most); nodes no other string goes through are pruned."""
-        node = self.root
+        count, total, kids = self.count, self.total, self.kids
+        node = 0
         for t in path:
-            child = node.children[t]  # type: ignore[index]
-            node.total -= 1
-            child.count -= 1
-            if child.count == 0:
+            child = kids[node][t]  # type: ignore[index]
+            total[node] -= 1
+            count[child] -= 1
+            if count[child] == 0:
                 # Only this path went through it: the rest of the path is a chain of count 1.
-                del node.children[t]  # type: ignore[union-attr]
+                del kids[node][t]  # type: ignore[union-attr]
                 while child is not None:
+                    self._free.append(child)
                     self.num_nodes -= 1
-                    child = next(iter(child.children.values()), None) if child.children else None
+                    grand = kids[child]
+                    kids[child] = None
+                    child = next(iter(grand.values()), None) if grand else None
                 return
             node = child
 
-    def walk(self, path: list[int]) -> _Node:
+    def walk(self, path: list[int]) -> int:
         """The node of a string known to be in the trie."""
-        node = self.root
+        node = 0
         for t in path:
-            node = node.children[t]  # type: ignore[index]
+            node = self.kids[node][t]  # type: ignore[index]
         return node
 
-    def find(self, context: list[int]) -> tuple[int, _Node | None]:
+    def find(self, context: list[int]) -> tuple[int, int | None]:
         """The longest suffix of `context` (length p < max_depth) that occurs followed by a token: (p, node)."""
-        n = len(context)
+        kids, n = self.kids, len(context)
         for s in range(max(0, n - self.max_depth + 1), n):
-            node: _Node | None = self.root
+            node: int | None = 0
             for t in context[s:]:
-                node = node.children.get(t) if node.children else None  # type: ignore[union-attr]
+                children = kids[node]  # type: ignore[index]
+                node = children.get(t) if children else None
                 if node is None:
                     break
-            if node is not None and node.total > 0:
+            if node is not None and self.total[node] > 0:
                 return n - s, node
         return 0, None
+
+    def best_path(self, node: int, budget: int, min_prob: float) -> _Path:
+        """Follow the most frequent child while the path probability stays >= min_prob."""
+        count, total, kids = self.count, self.total, self.kids
+        tokens: list[int] = []
+        prob, score = 1.0, 0.0
+        while len(tokens) < budget and total[node] > 0:
+            token, child = max(kids[node].items(), key=lambda kv: count[kv[1]])  # type: ignore[union-attr]
+            prob *= count[child] / total[node]
+            if prob < min_prob:
+                break
+            tokens.append(token)
+            score += prob
+            node = child
+        return _Path(tokens, score)
+
+    def candidate_paths(self, node: int, budget: int, min_prob: float, n: int) -> list[_Path]:
+        """Best-first expansion by path probability (each node >= min_prob, depth <= budget, at most n * budget
+        nodes); the root-to-leaf paths of the expanded tree, by score."""
+        count, total, kids = self.count, self.total, self.kids
+        heap: list[tuple[float, int, int, list[int], float]] = [(-1.0, 0, node, [], 0.0)]
+        order = 1
+        leaves: list[_Path] = []
+        expanded = 0
+        while heap and expanded <= n * budget:
+            neg_prob, _, cur, path, score = heapq.heappop(heap)
+            expanded += 1
+            grew = False
+            if len(path) < budget and total[cur] > 0:
+                for token, child in kids[cur].items():  # type: ignore[union-attr]
+                    prob = -neg_prob * count[child] / total[cur]
+                    if prob >= min_prob:
+                        heapq.heappush(heap, (-prob, order, child, [*path, token], score + prob))
+                        order += 1
+                        grew = True
+            if not grew and path:
+                leaves.append(_Path(path, score))
+        leaves.extend(_Path(path, score) for _, _, _, path, score in heap)
+        leaves.sort(key=lambda p: -p.score)
+        return leaves
 
 
 @dataclass
@@ -115,53 +171,13 @@ class _Path:
     score: float  # sum of the path probabilities: the expected accepted tokens
 
 
-def _best_path(node: _Node, budget: int, min_prob: float) -> _Path:
-    """Follow the most frequent child while the path probability stays >= min_prob."""
-    tokens: list[int] = []
-    prob, score = 1.0, 0.0
-    while len(tokens) < budget and node.total > 0:
-        token, child = max(node.children.items(), key=lambda kv: kv[1].count)  # type: ignore[union-attr]
-        prob *= child.count / node.total
-        if prob < min_prob:
-            break
-        tokens.append(token)
-        score += prob
-        node = child
-    return _Path(tokens, score)
-
-
-def _candidate_paths(node: _Node, budget: int, min_prob: float, n: int) -> list[_Path]:
-    """Best-first expansion by path probability (each node >= min_prob, depth <= budget, at most n * budget
-    nodes); the root-to-leaf paths of the expanded tree, by score."""
-    heap: list[tuple[float, int, _Node, list[int], float]] = [(-1.0, 0, node, [], 0.0)]
-    order = 1
-    leaves: list[_Path] = []
-    expanded = 0
-    while heap and expanded <= n * budget:
-        neg_prob, _, cur, path, score = heapq.heappop(heap)
-        expanded += 1
-        grew = False
-        if len(path) < budget and cur.total > 0:
-            for token, child in cur.children.items():  # type: ignore[union-attr]
-                prob = -neg_prob * child.count / cur.total
-                if prob >= min_prob:
-                    heapq.heappush(heap, (-prob, order, child, [*path, token], score + prob))
-                    order += 1
-                    grew = True
-        if not grew and path:
-            leaves.append(_Path(path, score))
-    leaves.extend(_Path(path, score) for _, _, _, path, score in heap)
-    leaves.sort(key=lambda p: -p.score)
-    return leaves
-
-
 @dataclass
 class _Contribution:
     """One request's outputs in the global trie; evicted from the front, token by token."""
 
     seq_id: int
     start: int  # index in its sequence of tokens[0]
-    active: list[_Node]
+    active: list[int]
     tokens: list[int] = field(default_factory=list)
     dropped: int = 0  # tokens[:dropped] are evicted
 
@@ -176,7 +192,7 @@ class _Contribution:
 
 @dataclass
 class _SeqState:
-    active: list[_Node]  # the local trie's active nodes
+    active: list[int]  # the local trie's active nodes
     indexed: int = 0  # tokens of the sequence in the local trie
     global_next: int = 0  # index of the sequence's next token for the global trie
 
@@ -271,41 +287,42 @@ class SuffixProposer(Proposer):
     def _budget(self, p: int, k: int) -> int:
         return max(0, min(k, self.max_depth - p, int(self.spec_factor * p + self.spec_offset)))
 
-    def _sources(self, r: DraftRequest, st: _SeqState) -> list[tuple[int, _Node]]:
-        """(match length, node) to propose from: in each trie the longest match, and the longest one that
+    def _sources(self, r: DraftRequest, st: _SeqState) -> list[tuple[SuffixTrie, int, int]]:
+        """(trie, match length, node) to propose from: in each trie the longest match, and the longest one that
         leaves room for k tokens under the depth bound (any suffix of a match is a match)."""
         found = []
-        for p in range(len(st.active) - 1, 0, -1):  # local: the longest suffix seen before with a continuation
-            if st.active[p].total > 0:
-                found.append((p, st.active[p]))
+        local = self._local[r.seq_id]
+        for p in range(len(st.active) - 1, 0, -1):  # the longest suffix seen before with a continuation
+            if local.total[st.active[p]] > 0:
+                found.append((local, p, st.active[p]))
                 room = max(1, min(p, self.max_depth - r.k))
                 if room < p:
-                    found.append((room, st.active[room]))
+                    found.append((local, room, st.active[room]))
                 break
         if self.global_budget:
             context = r.token_ids[-(self.max_depth - 1) :]
             p, node = self.global_trie.find(context)
             if node is not None:
-                found.append((p, node))
+                found.append((self.global_trie, p, node))
                 room = max(1, min(p, self.max_depth - r.k))
                 if room < p:
-                    found.append((room, self.global_trie.walk(context[len(context) - room :])))
+                    found.append((self.global_trie, room, self.global_trie.walk(context[len(context) - room :])))
         return found
 
     def _candidates(self, r: DraftRequest, n: int) -> list[list[int]]:
         st = self._update(r)
-        best: tuple[_Path, _Node, int] | None = None
-        for p, node in self._sources(r, st):
+        best: tuple[_Path, SuffixTrie, int, int] | None = None
+        for trie, p, node in self._sources(r, st):
             budget = self._budget(p, r.k)
-            path = _best_path(node, budget, self.min_token_prob)
+            path = trie.best_path(node, budget, self.min_token_prob)
             if path.tokens and (best is None or path.score > best[0].score):
-                best = (path, node, budget)
+                best = (path, trie, node, budget)
         if best is None:
             return [[]]
-        first, node, budget = best
+        first, trie, node, budget = best
         chains = [first.tokens]
         if n > 1:
-            for path in _candidate_paths(node, budget, self.min_token_prob, n):
+            for path in trie.candidate_paths(node, budget, self.min_token_prob, n):
                 if len(chains) == n:
                     break
                 if not any(c[: len(path.tokens)] == path.tokens for c in chains):

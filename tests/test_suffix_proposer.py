@@ -61,8 +61,8 @@ def dump(trie: SuffixTrie) -> dict[tuple[int, ...], tuple[int, int]]:
     out, stack = {}, [((), trie.root)]
     while stack:
         path, node = stack.pop()
-        for t, child in (node.children or {}).items():
-            out[(*path, t)] = (child.count, child.total)
+        for t, child in (trie.kids[node] or {}).items():
+            out[(*path, t)] = (trie.count[child], trie.total[child])
             stack.append(((*path, t), child))
     return out
 
@@ -149,7 +149,7 @@ def test_global_trie_evicts_a_live_sequence_and_keeps_growing_it():
     proposer.release(1)
     for _ in range(8):
         proposer._evict_one()
-    assert proposer.global_trie.num_nodes == 0 and not proposer.global_trie.root.children
+    assert proposer.global_trie.num_nodes == 0 and not proposer.global_trie.kids[0]
     assert not proposer._fifo and not proposer._contributions
 
 
