@@ -16,7 +16,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model folder or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--speculator", choices=["none", "ngram", "draft"], default="none")
+    p.add_argument("--speculator", choices=["none", "ngram", "suffix", "draft"], default="none")
     p.add_argument("--k", type=int, default=4, help="max speculative tokens per step")
     p.add_argument("--draft-model", default=None, help="draft model folder or .gguf (same tokenizer)")
     p.add_argument("--draft-layers", type=int, default=None, help="truncate the draft to its first N layers")

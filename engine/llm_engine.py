@@ -47,6 +47,7 @@ from speculator.backoff import KController
 from speculator.draft_model import DraftModelProposer
 from speculator.ngram import NgramProposer
 from speculator.proposer import Draft, DraftRequest, Proposer
+from speculator.suffix import SuffixProposer
 from speculator.verify import verify_greedy, verify_sampled
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -136,6 +137,8 @@ class LLMEngine:
         cfg = self.config
         if cfg.speculator == "ngram":
             return NgramProposer(cfg.ngram_min, cfg.ngram_max)
+        if cfg.speculator == "suffix":
+            return SuffixProposer()
         if cfg.speculator == "draft":
             return DraftModelProposer(ModelRunner.from_config(cfg, draft=True))
         return None

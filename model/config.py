@@ -25,7 +25,7 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=16)
     max_model_len: int | None = Field(default=None, ge=16, description="None = the model's context length")
-    speculator: Literal["none", "ngram", "draft"] = "none"
+    speculator: Literal["none", "ngram", "suffix", "draft"] = "none"
     num_speculative_tokens: int = Field(default=4, ge=1, le=32)
     adaptive_k: bool = Field(default=True, description="per-sequence backoff of k when acceptance is poor")
     ngram_min: int = Field(default=1, ge=1)
