@@ -236,6 +236,8 @@ class LLMEngine:
             "num_failed_requests": self.num_failed_requests,
             "spec_drafted": self.spec.drafted,
             "spec_accepted": self.spec.accepted,
+            "prefix_queried_tokens": self.scheduler.num_prefix_queried_tokens,
+            "prefix_hit_tokens": self.scheduler.num_prefix_hit_tokens,
         }
 
     # ---- the step -------------------------------------------------------------------------------------
@@ -359,6 +361,7 @@ class LLMEngine:
 
     def _finish(self, req: _Request, new: list[int], delta: str, now: float) -> RequestOutput:
         req.metrics.finished = now
+        req.metrics.scheduled = req.seq.first_scheduled
         self.scheduler.finish(req.seq)
         if self.proposer:
             self.proposer.release(req.seq.seq_id)
