@@ -138,3 +138,40 @@ def test_rays_router_reads_our_engine_requests():
     assert text({"messages": messages}) == "be briefhi"  # Ray's own normalization
     assert text({"prompt_token_ids": [5, 6, 7], "resume": {}}) == "5 6 7"  # a resumed request
     assert text({"params": {}}) == " "  # never empty: Ray's router divides by its length
+
+
+def exported_series() -> dict[str, str]:
+    """Series name -> the family the app records it as, as Ray's export names them."""
+    from ray.util.metrics import Counter, Histogram, Metric
+
+    from deployments.serve_metrics import IngressMetrics
+
+    found = {}
+    for owner in (IngressMetrics(), EngineMetrics("ngram")):
+        for value in vars(owner).values():
+            for metric in value.values() if isinstance(value, dict) else [value]:
+                if not isinstance(metric, Metric):
+                    continue
+                family = "ray_" + metric.info["name"]
+                if isinstance(metric, Counter):
+                    suffixes = ("_total",)
+                elif isinstance(metric, Histogram):
+                    suffixes = ("_bucket", "_sum", "_count")
+                else:
+                    suffixes = ("",)
+                found.update({family + s: family for s in suffixes})
+    return found
+
+
+def test_dashboard_queries_only_exported_series_and_shows_every_family():
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "cluster" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {name for e in exprs for name in re.findall(r"ray_specserve_\w+", e)}
+    series = exported_series()
+    assert used <= set(series), sorted(used - set(series))
+    assert {series[n] for n in used} == set(series.values())  # every family is on some panel
+    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "replica"}
