@@ -47,7 +47,9 @@ def server_options(config: AppConfig) -> dict[str, Any]:
     affinity = config.ingress.prefix_affinity
     if affinity.enabled:
         options["request_router_config"] = request_router_config(
-            stats_period_s=affinity.stats_period_s, imbalance_threshold=affinity.imbalance_threshold
+            stats_period_s=affinity.stats_period_s,
+            imbalance_threshold=affinity.imbalance_threshold,
+            router=affinity.router,
         )
     return options
 

@@ -108,6 +108,8 @@ class PrefixAffinitySettings(_Strict):
     """The request router between ingress replicas and engine replicas (request_router.py)."""
 
     enabled: bool = True
+    # "specserve": request_router.py; "ray": Ray Serve LLM's PrefixCacheAffinityRouter (ray_prefix_router.py).
+    router: Literal["specserve", "ray"] = "specserve"
     imbalance_threshold: int = Field(default=4, ge=0)
     stats_period_s: float = Field(default=2.0, gt=0)
 

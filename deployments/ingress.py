@@ -21,12 +21,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter as ServeCounter
 
 from deployments.admission import InFlightLimit, overloaded
 from deployments.app_config import AppConfig, load_app_config
@@ -54,6 +52,7 @@ from deployments.openai_responses import (
 from deployments.openapi_doc import install_openapi
 from deployments.replica_stream import ReplicaStream
 from deployments.routing_policy import prefix_keys
+from deployments.serve_metrics import CONTENT_TYPE, IngressMetrics, MetricsRelay
 from deployments.stream_items import ErrorItem, ErrorKind
 
 log = logging.getLogger("ray.serve")
@@ -156,31 +155,6 @@ class _GuardedStream(StreamingResponse):
             self._on_close()
 
 
-class _Metrics:
-    """Prometheus counters for GET /metrics, mirrored into Ray's metrics through ray.serve.metrics."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "specserve_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
-        )
-        self.cache = Counter(
-            "specserve_completion_cache", "completion cache lookups", ["result"], registry=self.registry
-        )
-        self.tokens = Counter("specserve_generated_tokens", "completion tokens returned", registry=self.registry)
-        self.in_flight = Gauge("specserve_requests_in_flight", "requests being answered", registry=self.registry)
-        self.ray_requests = ServeCounter("specserve_requests", "HTTP requests", tag_keys=("route", "status"))
-        self.ray_cache = ServeCounter("specserve_completion_cache", "completion cache lookups", tag_keys=("result",))
-
-    def request(self, route: str, status: int) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.ray_requests.inc(tags={"route": route, "status": str(status)})
-
-    def cache_lookup(self, result: str) -> None:
-        self.cache.labels(result).inc()
-        self.ray_cache.inc(tags={"result": result})
-
-
 @serve.ingress(api)
 class Ingress:
     """Serve ingress deployment class (options are set in app.py)."""
@@ -191,7 +165,8 @@ class Ingress:
         self.version = model_version(self.config)
         self.server = server.options(stream=True)
         self.stats_handle = server
-        self.metrics = _Metrics()
+        self.metrics = IngressMetrics()
+        self.metrics_relay = MetricsRelay()
         self.created = int(time.time())
         install_openapi(api, [self.model_id])  # /openapi.json describes the request bodies
         ingress = self.config.ingress
@@ -242,7 +217,8 @@ class Ingress:
 
     @api.get("/metrics")
     async def prometheus(self) -> Response:
-        return PlainTextResponse(generate_latest(self.metrics.registry).decode(), media_type="text/plain")
+        """Ray's metrics export of every node (serve_metrics.py): this app's metrics, Serve's and Ray's."""
+        return Response(await self.metrics_relay.scrape(), media_type=CONTENT_TYPE)
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:
@@ -274,7 +250,7 @@ class Ingress:
     async def _serve(self, request: Request, schema: type, chat: bool) -> Response:
         route = "chat" if chat else "completions"
         request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight(1)
         try:
             response = await self._answer(request, schema, chat, request_id)
         except ProtocolError as e:
@@ -285,7 +261,7 @@ class Ingress:
             log.exception("request %s failed", request_id)
             response = _error(server_error(request_id, "internal error while answering the request"))
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight(-1)
         self.metrics.request(route, response.status_code)
         return response
 
@@ -340,12 +316,12 @@ class Ingress:
         return JSONResponse(body, headers=served_by)
 
     def _offer(self, key, done: CachedCompletion) -> None:
-        self.metrics.tokens.inc(done.completion_tokens)
+        self.metrics.completion_tokens(done.completion_tokens)
         if key is not None and done.finish_reason is not None:
             self.cache.offer(key, done)
 
     def _replay(self, cached: CachedCompletion, req, rid: str, chat: bool) -> Response:
-        self.metrics.tokens.inc(cached.completion_tokens)
+        self.metrics.completion_tokens(cached.completion_tokens)
         if req.stream:
             events = sse_stream(
                 replay_pieces(cached),

@@ -40,6 +40,7 @@ from deployments.block_manager_actor import RemoteBlockManager
 from deployments.prompt_limits import max_bytes_per_token, min_tokens
 from deployments.resume import ResumedText
 from deployments.routing_policy import RecentPrefixes, ReplicaStats
+from deployments.serve_metrics import EngineMetrics, Every
 from deployments.sharded_runner import ShardedRunner, ShardFailure
 from deployments.stream_items import DeltaItem, ErrorItem, ErrorKind, StartItem, StreamItem
 from engine.async_engine import AsyncEngine, EngineStepError, RequestFailed
@@ -48,6 +49,7 @@ from engine.tokenization import EngineRequest, RequestError, sampling_params
 from sampling.params import SamplingParams
 
 log = logging.getLogger("ray.serve")
+METRICS_PERIOD_S = 2.0  # how often the engine's counters are published as metrics
 
 
 # What a failed engine tells the client: one line, no exception text (that goes to the log).
@@ -98,6 +100,8 @@ class LLMServer:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except RayServeException:  # constructed outside Serve
             self.replica_id = "local"
+        self.metrics = EngineMetrics(self.config.engine.speculator)
+        self._publisher = Every(METRICS_PERIOD_S, lambda: self.metrics.publish(self.engine.stats()))
 
     def _make_engine(self) -> LLMEngine:
         self.runner = self._make_runner()
@@ -226,6 +230,8 @@ class LLMServer:
         self.prefixes.add(request.get("prefix_keys") or ())
         self.admitted += 1
         outputs = self.engine.generate(prep.request, request_id=request_id)
+        self.metrics.request_started(len(prep.prompt_token_ids))
+        out = None
         try:
             try:
                 out = await outputs.__anext__()
@@ -247,6 +253,7 @@ class LLMServer:
             yield engine_error_item(e)
         finally:
             self.admitted -= 1
+            self.metrics.request_ended(len(out.output_token_ids) if out else 0, out.metrics if out else None)
             await outputs.aclose()
 
     async def ready(self) -> bool:
@@ -282,6 +289,8 @@ class LLMServer:
             raise RuntimeError("engine loop thread died")
 
     def __del__(self) -> None:
+        if getattr(self, "_publisher", None) is not None:
+            self._publisher.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

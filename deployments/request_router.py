@@ -25,6 +25,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from deployments.routing_policy import ReplicaStats, RoutingPolicy, prefix_keys
 
 ROUTER_CLASS_PATH = "deployments.request_router:PrefixAffinityRouter"
+RAY_ROUTER_CLASS_PATH = "deployments.ray_prefix_router:RayPrefixCacheRouter"  # imported by Serve only if chosen
 _PROMPT_FIELDS = ("prompt_token_ids", "prompt", "messages")
 
 
@@ -104,11 +105,17 @@ def request_router_config(
     stats_timeout_s: float = 10.0,
     imbalance_threshold: int = 4,
     remember: int = 4096,
+    router: str = "specserve",
 ) -> RequestRouterConfig:
-    """The RequestRouterConfig that puts PrefixAffinityRouter in front of a deployment."""
+    """The RequestRouterConfig that puts PrefixAffinityRouter (or, with router="ray", Ray Serve LLM's
+    PrefixCacheAffinityRouter with the same imbalance threshold) in front of a deployment."""
+    if router == "ray":
+        cls, kwargs = RAY_ROUTER_CLASS_PATH, {"imbalanced_threshold": imbalance_threshold}
+    else:
+        cls, kwargs = ROUTER_CLASS_PATH, {"imbalance_threshold": imbalance_threshold, "remember": remember}
     return RequestRouterConfig(
-        request_router_class=ROUTER_CLASS_PATH,
-        request_router_kwargs={"imbalance_threshold": imbalance_threshold, "remember": remember},
+        request_router_class=cls,
+        request_router_kwargs=kwargs,
         request_routing_stats_period_s=stats_period_s,
         request_routing_stats_timeout_s=stats_timeout_s,
     )

@@ -244,6 +244,8 @@ class LLMEngine:
             "num_failed_requests": self.num_failed_requests,
             "spec_drafted": self.spec.drafted,
             "spec_accepted": self.spec.accepted,
+            "prefix_queried_tokens": self.scheduler.num_prefix_queried_tokens,
+            "prefix_hit_tokens": self.scheduler.num_prefix_hit_tokens,
         }
 
     # ---- the step -------------------------------------------------------------------------------------
@@ -370,6 +372,7 @@ class LLMEngine:
         ends with finish_reason "error"; tolerant of a half-done step (the request may have finished already)."""
         seq = req.seq
         req.metrics.finished = now
+        req.metrics.scheduled = seq.first_scheduled
         if error is not None:
             self.num_failed_requests += 1
             seq.finish_reason = "error"

@@ -53,6 +53,7 @@ class SpecCounters:
 @dataclass
 class RequestMetrics:
     arrival: float = field(default_factory=time.perf_counter)
+    scheduled: float | None = None  # first admitted by the scheduler
     first_token: float | None = None
     finished: float | None = None
     last_token: float | None = None
@@ -72,6 +73,10 @@ class RequestMetrics:
     @property
     def ttft(self) -> float | None:
         return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.scheduled is None else self.scheduled - self.arrival
 
     @property
     def latency(self) -> float | None:

@@ -10,6 +10,7 @@ prefix-cache hit). The scheduler mirrors the block tables it is told about. Plai
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -56,6 +57,9 @@ class Scheduler:
         self.tables: dict[int, list[int]] = {}  # mirror of the manager's block tables
         self.num_free_blocks = num_blocks - 1  # as of the manager's last answer
         self.num_preemptions = 0
+        # Prompt tokens of admissions (recomputes included), and those whose KV the prefix cache already held.
+        self.num_prefix_queried_tokens = 0
+        self.num_prefix_hit_tokens = 0
         self._known: dict[int, int] = {}  # tokens the manager holds per sequence
         self._free: list[int] = []
         self._commits: dict[int, Commit] = {}
@@ -183,6 +187,9 @@ class Scheduler:
                 seq = admitted[g.seq_id]
                 self.waiting.remove(seq)
                 seq.status, seq.num_computed = SeqStatus.RUNNING, g.num_cached
+                seq.first_scheduled = seq.first_scheduled or time.perf_counter()
+                self.num_prefix_queried_tokens += len(seq.token_ids)
+                self.num_prefix_hit_tokens += g.num_cached
                 self.running.append(seq)
                 self._known[seq.seq_id] = len(seq.token_ids)
                 scheduled.append(ScheduledSeq(seq, g.num_slots - g.num_cached, 0, g.copies))

@@ -24,6 +24,7 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     arrival: float
+    first_scheduled: float | None = None  # when the scheduler first admitted it (its queue time ends there)
     status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0
     spec_k: int = 0  # draft tokens wanted at the next decode step (set by the speculation controller)

@@ -63,6 +63,7 @@ def test_streamed_deltas_add_up_and_eos_or_length_finish(engine):
     assert text == last.text and text
     assert len(last.output_token_ids) <= 24
     assert last.metrics.ttft is not None and last.metrics.latency >= last.metrics.ttft
+    assert 0 <= last.metrics.queue_time <= last.metrics.ttft
 
 
 def test_stop_string_truncates_and_max_tokens_caps(engine):
@@ -112,8 +113,12 @@ def test_shared_prefix_is_computed_once(engine):
     msgs = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in ("Hi?", "Why?")]
     engine.generate([msgs[0]], SamplingParams(max_tokens=2))
     hits_before = engine.block_manager.stats()["prefix_cache_hits"]
-    engine.generate([msgs[1]], SamplingParams(max_tokens=2))
+    before = engine.stats()
+    second = engine.generate([msgs[1]], SamplingParams(max_tokens=2))[0]
     assert engine.block_manager.stats()["prefix_cache_hits"] - hits_before >= 4 * engine.config.block_size
+    after = engine.stats()  # the same hit, in prompt tokens, as the metrics publish it
+    assert after["prefix_queried_tokens"] - before["prefix_queried_tokens"] == len(second.prompt_token_ids)
+    assert after["prefix_hit_tokens"] - before["prefix_hit_tokens"] >= 4 * engine.config.block_size
 
 
 def test_kv_waste_under_one_block_per_sequence(engine):

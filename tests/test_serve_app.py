@@ -175,3 +175,66 @@ def test_client_disconnect_frees_kv_blocks_at_once(base_url):
             break
         time.sleep(0.2)
     assert now["num_seqs"] == 0 and now["num_free_blocks"] == idle["num_free_blocks"]
+
+
+# Every family the app records, as Ray's metrics export names them (`ray_` prefix; counters without `_total`).
+METRIC_FAMILIES = {
+    "ray_specserve_requests": "counter",
+    "ray_specserve_completion_cache_lookups": "counter",
+    "ray_specserve_completion_tokens": "counter",
+    "ray_specserve_requests_in_flight": "gauge",
+    "ray_specserve_running_sequences": "gauge",
+    "ray_specserve_waiting_sequences": "gauge",
+    "ray_specserve_kv_blocks_used": "gauge",
+    "ray_specserve_kv_blocks_free": "gauge",
+    "ray_specserve_prefix_cache_hit_rate": "gauge",
+    "ray_specserve_prefix_cache_queried_tokens": "counter",
+    "ray_specserve_prefix_cache_hit_tokens": "counter",
+    "ray_specserve_preemptions": "counter",
+    "ray_specserve_prompt_tokens": "counter",
+    "ray_specserve_generation_tokens": "counter",
+    "ray_specserve_time_to_first_token_seconds": "histogram",
+    "ray_specserve_inter_token_latency_seconds": "histogram",
+    "ray_specserve_queue_time_seconds": "histogram",
+    "ray_specserve_e2e_latency_seconds": "histogram",
+    "ray_specserve_spec_draft_tokens": "counter",
+    "ray_specserve_spec_accepted_tokens": "counter",
+}
+
+
+def scrape(base_url: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{base_url}/metrics", timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+
+def test_metrics_hold_every_family_after_traffic(base_url, client):
+    """Ray exports what replicas record every few seconds: poll until every family is there."""
+    prompt = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    "
+    for _ in range(2):  # the second prefill finds the first one's blocks in the prefix cache
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0.5, seed=1)
+    deadline = time.time() + 90
+    while True:
+        families = scrape(base_url)
+        missing = {n for n in METRIC_FAMILIES if n not in families or not families[n].samples}
+        engine_done = not missing and sum(
+            s.value for s in families["ray_specserve_e2e_latency_seconds"].samples if s.name.endswith("_count")
+        )
+        if engine_done or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, sorted(missing)
+    assert {n: families[n].type for n in METRIC_FAMILIES} == METRIC_FAMILIES
+    # engine metrics are labelled by the replica that recorded them
+    replica_series = families["ray_specserve_kv_blocks_free"].samples
+    assert replica_series and all(s.labels.get("replica") for s in replica_series)
+    assert all(s.labels["deployment"] == "LLMServer" for s in replica_series)
+    totals = {n: sum(s.value for s in families[n].samples if not s.name.endswith("_created")) for n in METRIC_FAMILIES}
+    assert totals["ray_specserve_prompt_tokens"] > 0 and totals["ray_specserve_generation_tokens"] > 0
+    assert 0 < totals["ray_specserve_prefix_cache_hit_tokens"] <= totals["ray_specserve_prefix_cache_queried_tokens"]
+    spec = families["ray_specserve_spec_draft_tokens"].samples
+    assert {s.labels["speculator"] for s in spec} == {"ngram"}
+    routes = {s.labels.get("route") for s in families["ray_specserve_requests"].samples}
+    assert {"completions", "chat"} <= routes
