@@ -215,14 +215,16 @@ def test_metrics_hold_every_family_after_traffic(base_url, client):
     prompt = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    "
     for _ in range(2):  # the second prefill finds the first one's blocks in the prefix cache
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0.5, seed=1)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     deadline = time.time() + 90
-    while True:
+    while True:  # the ingress and the replica export on their own clocks: wait for both
         families = scrape(base_url)
         missing = {n for n in METRIC_FAMILIES if n not in families or not families[n].samples}
         engine_done = not missing and sum(
             s.value for s in families["ray_specserve_e2e_latency_seconds"].samples if s.name.endswith("_count")
         )
-        if engine_done or time.time() > deadline:
+        routes = set() if missing else {s.labels.get("route") for s in families["ray_specserve_requests"].samples}
+        if (engine_done and {"completions", "chat"} <= routes) or time.time() > deadline:
             break
         time.sleep(1)
     assert not missing, sorted(missing)
