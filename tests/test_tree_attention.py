@@ -13,6 +13,8 @@ from model.attention.tree import ancestor_matrix, check_parents, row_masks, tree
 from model.kv_pages import KVPages, SlotMove, path_slots
 from model.loader import load_arch
 from model.runner import ModelRunner, StepInput
+from speculator.token_tree import TokenTree
+from speculator.tree_verify import verify_tree_greedy
 
 
 def backend_of(name: str, block_size: int, cpu_kernels) -> TorchPagedAttention:
@@ -74,7 +76,7 @@ def test_tree_attention_matches_dense_reference(name, d, cpu_kernels):
         (12, random_parents(6, rng), 6, True),
         (13, [-1, 0, 0, 0, 1, 2, 3], 7, True),
         (9, None, 1, False),  # a decode
-        (5, None, 4, False),  # a chain
+        (10, None, 7, False),  # a chain attended beside the 7-node tree (same length, same context bucket)
         (0, None, 6, False),  # a prompt
         (30, random_parents(64, rng), 64, False),
         (200, random_parents(20, rng), 20, False),
@@ -174,3 +176,20 @@ def test_compacted_tree_path_equals_a_chain_forward(runner, tokenizer):
     after_tree = runner.execute([StepInput([nxt], n_ctx + len(path), tree_table, 1)])
     after_chain = runner.execute([StepInput([nxt], n_ctx + len(path), chain_table, 1)])
     torch.testing.assert_close(after_tree, after_chain, atol=2e-3, rtol=1e-3)
+
+
+def test_greedy_tree_verification_emits_plain_greedy_tokens(runner, tokenizer):
+    """One tree forward over wrong and right candidates, verified greedily, emits what plain decoding does; the
+    right candidate is neither the first branch nor a whole path of its own."""
+    ids = tokenizer("def add(a, b):\n    return")["input_ids"]
+    table, plain_table = list(range(9, 13)), list(range(13, 17))
+    runner.execute([StepInput(ids[:-1], 0, table, 1)])
+    plain = [int(runner.execute([StepInput(ids, 0, plain_table, 1)])[0].argmax())]
+    for _ in range(4):
+        step = StepInput([plain[-1]], len(ids) + len(plain) - 1, plain_table, 1)
+        plain.append(int(runner.execute([step])[0].argmax()))
+    wrong = (plain[0] + 1) % 1000
+    tree = TokenTree.from_paths(ids[-1], [[wrong, plain[1]], plain[:2] + [wrong], plain[:4], [plain[0], wrong]])
+    logits = runner.execute([StepInput(list(tree.tokens), len(ids) - 1, table, len(tree), list(tree.parents))])
+    verdict = verify_tree_greedy(tree, logits.argmax(-1).tolist())
+    assert verdict.tokens == plain[:5] and tree.path_tokens(verdict.path[1:]) == plain[:4]

@@ -106,9 +106,9 @@ class TorchPagedAttention:
         by_key: dict[tuple, list[int]] = {}
         for i, (n, length) in enumerate(zip(query_lens, seq_lens)):
             if parents[i] is not None:
-                key = self._paged_key(n, length)
+                key: tuple = self._paged_key(n, length)
             elif n == length:
-                key: tuple = ("prompt", n)
+                key = ("prompt", n)
             elif split and n >= self.split_chunk_min:
                 key = ("chunk", i)
             else:

@@ -52,8 +52,8 @@ def is_chain(parents: Sequence[int]) -> bool:
 
 
 def row_masks(parents: Sequence[int]) -> np.ndarray:
-    """Per node, the keys it sees among the last 64 up to itself as int64 bits: bit b stands for key
-    `position - b` in slot order (b = 0 itself); bits past the root are the cached context, always set."""
+    """Per node, as int64 bits, which of the 64 keys up to its own slot it sees: bit b stands for the key b
+    slots before its own (b = 0: itself); the bits past the root stand for cached context, always set."""
     a = ancestor_matrix(parents)
     full = (1 << 64) - 1
     masks = []
