@@ -16,10 +16,11 @@ import torch
 
 from model.attention.backends import make_backend
 from model.attention.paged import padded_tables
+from model.attention.tree import tree_depths
 from model.config import EngineConfig
 from model.cpu_kernels import load_kernels
 from model.decoder import CausalLM
-from model.kv_pages import KVPages
+from model.kv_pages import KVPages, SlotMove, path_slots
 from model.loader import ModelArch, ModelLoadError, load_arch, resolve_model
 from model.parallel import ParallelContext, rank_kv_cache_bytes
 
@@ -27,13 +28,17 @@ from model.parallel import ParallelContext, rank_kv_cache_bytes
 @dataclass
 class StepInput:
     """One sequence's share of a step: feed `token_ids` at positions start.., want the last `num_logits` rows'
-    logits and the last `num_hidden` rows' final hidden states (after the last norm, before the LM head)."""
+    logits and the last `num_hidden` rows' final hidden states (after the last norm, before the LM head).
+
+    With `tree_parents` the tokens are a token tree (`model.attention.tree`): token i still goes to slot
+    start + i, but is rotated at position start + depth(i) and attends to its ancestors only."""
 
     token_ids: list[int]
     start: int
     block_table: list[int]
     num_logits: int
     num_hidden: int = 0
+    tree_parents: list[int] | None = None
 
 
 @dataclass
@@ -150,7 +155,14 @@ class ModelRunner:
         seq_index = np.repeat(np.arange(len(items)), q_lens)
         flat = padded_tables(tables, max(-(-n // bs) for n in seq_lens))
         slots = flat[seq_index, positions // bs] * bs + positions % bs
-        meta = self.backend.prepare(q_lens, seq_lens, tables, slots)
+        trees = [it.tree_parents for it in items]
+        if any(t is not None for t in trees):  # tree nodes are rotated at their depth, not their slot
+            for it, n, end in zip(items, q_lens, np.cumsum(q_lens)):
+                if it.tree_parents is not None:
+                    positions[end - n : end] = it.start + tree_depths(it.tree_parents)
+        else:
+            trees = None
+        meta = self.backend.prepare(q_lens, seq_lens, tables, slots, trees)
         ends = np.cumsum(q_lens)
         rows = np.concatenate([np.arange(e - it.num_logits, e) for it, e in zip(items, ends)])
         hidden = self.model(
@@ -168,3 +180,7 @@ class ModelRunner:
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.kv.copy_blocks(pairs)
+
+    def move_slots(self, moves: list[SlotMove]) -> None:
+        """Compacts verified tree paths: each sequence's accepted nodes' K/V into consecutive slots."""
+        self.kv.move_slots(*path_slots(moves, self.block_size))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from model.attention.paged import AttnGroup, TorchPagedAttention, padded_tables
+from model.attention.tree import row_masks
 
 
 class CpuPagedAttention(TorchPagedAttention):
@@ -30,11 +31,19 @@ class CpuPagedAttention(TorchPagedAttention):
     def _paged_key(self, query_len: int, seq_len: int) -> tuple:
         return ("inplace",)  # the kernel takes any mix of query and context lengths in one call
 
-    def _group(self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], rows) -> AttnGroup:
+    def _group(
+        self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], rows, parents: list
+    ) -> AttnGroup:
         width = max(-(-n // self.block_size) for n in seq_lens)
         row_seq = np.repeat(np.arange(len(tables)), query_lens)
         # row j of a sequence with L keys and n new tokens sits at position L - n + j: it sees L - n + j + 1 keys
         row_keys = np.concatenate([np.arange(n_keys - n + 1, n_keys + 1) for n, n_keys in zip(query_lens, seq_lens)])
+        row_mask = None  # a tree row also drops the keys of other branches among its last 64
+        if any(p is not None for p in parents):
+            row_mask = np.concatenate(
+                [np.full(n, -1, dtype=np.int64) if p is None else row_masks(p) for n, p in zip(query_lens, parents)]
+            )
+            row_mask = torch.from_numpy(row_mask)
         return AttnGroup(
             kind="inplace",
             rows=rows,
@@ -44,9 +53,12 @@ class CpuPagedAttention(TorchPagedAttention):
             block_tables=torch.from_numpy(padded_tables(tables, width)),
             row_seq=torch.from_numpy(row_seq),
             row_keys=torch.from_numpy(row_keys),
+            row_mask=row_mask,
         )
 
     def _attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttnGroup, scale: float
     ) -> torch.Tensor:
-        return self.kernel.paged_attention(q, k_cache, v_cache, g.block_tables, g.row_seq, g.row_keys, scale)
+        return self.kernel.paged_attention(
+            q, k_cache, v_cache, g.block_tables, g.row_seq, g.row_keys, scale, g.row_mask
+        )

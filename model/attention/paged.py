@@ -8,16 +8,22 @@ open to the whole cached context (bottom-right aligned, as speculative verificat
 it fast: a prompt prefilled from position 0 attends to its own new K/V with `is_causal` (no gather, no mask,
 and the kernel skips the masked half), and sequences are grouped by query length and by context length
 (power-of-two buckets of blocks), so a short sequence is not padded to the longest one in the batch.
+
+A sequence may verify a token tree instead of a chain (`model.attention.tree`): its rows then see the cached
+context and their own ancestors only; such a sequence always takes the masked path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from model.attention.tree import ancestor_matrix, check_parents, is_chain
 
 
 @dataclass
@@ -41,6 +47,7 @@ class AttnGroup:
     context_len: int = 0  # "chunk": cached tokens before the chunk
     row_seq: torch.Tensor | None = None  # "inplace": [rows] int64, the group's sequence of each query row
     row_keys: torch.Tensor | None = None  # "inplace": [rows] int64, keys visible to each query row
+    row_mask: torch.Tensor | None = None  # "inplace" with a tree: [rows] int64, `tree.row_masks` (-1: causal)
 
 
 @dataclass
@@ -53,7 +60,12 @@ class AttnMetadata:
 
 class AttentionBackend(Protocol):
     def prepare(
-        self, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], slots: np.ndarray
+        self,
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        slots: np.ndarray,
+        trees: Sequence[Sequence[int] | None] | None = None,
     ) -> AttnMetadata: ...
 
     def forward(
@@ -79,14 +91,24 @@ class TorchPagedAttention:
     split_chunk_min = 64
 
     def prepare(
-        self, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], slots: np.ndarray
+        self,
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        slots: np.ndarray,
+        trees: Sequence[Sequence[int] | None] | None = None,
     ) -> AttnMetadata:
+        """`trees[i]`, when given and not None, holds the parent index of each of sequence i's new rows
+        (`model.attention.tree`); the others are causal."""
         starts = np.concatenate(([0], np.cumsum(query_lens)[:-1]))
         split = self.device.type == "cpu"
+        parents = self._trees(query_lens, trees)
         by_key: dict[tuple, list[int]] = {}
         for i, (n, length) in enumerate(zip(query_lens, seq_lens)):
-            if n == length:
-                key: tuple = ("prompt", n)
+            if parents[i] is not None:
+                key: tuple = self._paged_key(n, length)
+            elif n == length:
+                key = ("prompt", n)
             elif split and n >= self.split_chunk_min:
                 key = ("chunk", i)
             else:
@@ -107,22 +129,44 @@ class TorchPagedAttention:
                 table = torch.tensor(tables[0][: -(-context // self.block_size)], dtype=torch.int64)
                 groups.append(AttnGroup("chunk", rows, 1, q_len, len(table), table.to(self.device), None, context))
             else:
-                groups.append(self._group([query_lens[i] for i in members], lens, tables, rows))
+                groups.append(
+                    self._group([query_lens[i] for i in members], lens, tables, rows, [parents[i] for i in members])
+                )
         slot_mapping = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(self.device)
         return AttnMetadata(slot_mapping, groups)
+
+    @staticmethod
+    def _trees(query_lens: list[int], trees) -> list[np.ndarray | None]:
+        """Validated parents per sequence; None for a causal one (a chain-shaped tree included)."""
+        if trees is None:
+            return [None] * len(query_lens)
+        if len(trees) != len(query_lens):
+            raise ValueError(f"{len(trees)} trees for {len(query_lens)} sequences")
+        out: list[np.ndarray | None] = []
+        for n, t in zip(query_lens, trees):
+            if t is not None and len(t) != n:
+                raise ValueError(f"a tree of {len(t)} nodes for {n} new tokens")
+            out.append(None if t is None or is_chain(t) else check_parents(t))
+        return out
 
     def _paged_key(self, query_len: int, seq_len: int) -> tuple:
         """Sequences attended together: same query length and the same power of two of context blocks, so a
         short context is not padded to a long one."""
         return ("paged", query_len, (-(-seq_len // self.block_size) - 1).bit_length())
 
-    def _group(self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], rows) -> AttnGroup:
+    def _group(
+        self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], rows, parents: list
+    ) -> AttnGroup:
         q_len = query_lens[0]
         table = padded_tables(tables, max(-(-n // self.block_size) for n in seq_lens))
         max_blocks, bs = table.shape[1], self.block_size
-        # Query j of a sequence with L keys sits at position L - q_len + j and sees keys up to it.
+        # Query j of a sequence with L keys sits at slot L - q_len + j and sees keys up to it.
         q_pos = np.asarray(seq_lens)[:, None] - q_len + np.arange(q_len)[None, :]
         mask = np.arange(max_blocks * bs)[None, None, :] <= q_pos[:, :, None]
+        for s, p in enumerate(parents):
+            if p is not None:  # a tree: of the new keys, only the row's ancestors
+                context = seq_lens[s] - q_len
+                mask[s, :, context : context + q_len] = ancestor_matrix(p)
         return AttnGroup(
             kind="paged",
             rows=rows,

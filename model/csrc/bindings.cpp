@@ -3,14 +3,16 @@
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& tables, const at::Tensor& row_seq, const at::Tensor& row_keys,
-                           double scale);
+                           double scale, const c10::optional<at::Tensor>& row_mask);
 at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 at::Tensor rms_norm(at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight, double eps);
 void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "paged attention over block tables, K/V read in place");
+  m.def("paged_attention", &paged_attention, "paged attention over block tables, K/V read in place",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("row_seq"),
+        py::arg("row_keys"), py::arg("scale"), py::arg("row_mask") = py::none());
   m.def("small_matmul", &small_matmul, "x W^T (+ bias) for at most 16 rows of x, float32");
   m.def("rms_norm", &rms_norm, "x += delta (if given, in place), then RMSNorm(x) * weight; float32");
   m.def("rope_", &rope_, "rotary embedding in place, rotate-half convention; float32");

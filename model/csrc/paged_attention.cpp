@@ -6,6 +6,8 @@
 // tables   [B, MB] int64   block table of each sequence, padded
 // row_seq  [T] int64       sequence of each query row; a sequence's rows are adjacent
 // row_keys [T] int64       keys visible to the row: its position + 1 (causal, bottom-right aligned)
+// row_mask [T] int64 or None  token trees: bit b clear hides key row_keys - 1 - b from the row (a node sees
+//                             its ancestors, not its siblings' branches); keys older than 64 stay visible
 // returns  [T, Hq, D] in q's dtype; softmax in float32.
 #include <torch/extension.h>
 
@@ -110,11 +112,20 @@ struct Layout {
   int64_t k_block, k_slot, k_head, v_block, v_slot, v_head;
 };
 
+constexpr float kHidden = -1.0e30f;  // score of a key a tree row must not see: exp() takes it to 0
+
+// Hides the keys among the row's last 64 whose bit in `mask` is clear (s: the row's scores from key j0 on).
+inline void hide_keys(float* s, uint64_t mask, int64_t end, int64_t j0, int64_t visible) {
+  for (int64_t j = std::max<int64_t>(0, end - 64 - j0); j < visible; ++j)
+    if (!((mask >> (end - 1 - j0 - j)) & 1)) s[j] = kHidden;
+}
+
 // Leaves, per query vector (row, head), {max, sum, unnormalised output[d]} of its softmax over the slice in
 // `part`; sum 0 marks an empty slice.
 template <typename scalar_t, int C>
 void attend_slice(const Item& it, const Layout& L, const float* query, const scalar_t* kp, const scalar_t* vp,
-                  const int64_t* table, const int64_t* keys, float* part, std::vector<float>& scores) {
+                  const int64_t* table, const int64_t* keys, const int64_t* masks, float* part,
+                  std::vector<float>& scores) {
   const int64_t hq = L.hq, d = L.d, nq = it.rows * hq, stride = d + 2;
   int64_t n_keys = 0;
   for (int64_t r = 0; r < it.rows; ++r) n_keys = std::max(n_keys, keys[r]);
@@ -135,11 +146,13 @@ void attend_slice(const Item& it, const Layout& L, const float* query, const sca
     const int64_t visible = std::clamp<int64_t>(keys[qi / hq] - j0, 0, count);
     std::fill(p + 2, p + stride, 0.f);
     p[1] = 0.f;
-    if (visible == 0) {
+    if (masks != nullptr && masks[qi / hq] != -1)
+      hide_keys(s, static_cast<uint64_t>(masks[qi / hq]), keys[qi / hq], j0, visible);
+    const float top = visible == 0 ? kHidden : *std::max_element(s, s + visible);
+    if (top <= kHidden) {  // nothing this row may see in the slice
       std::fill(s, s + count, 0.f);
       continue;
     }
-    const float top = *std::max_element(s, s + visible);
     float total = 0.f;
 #pragma omp simd reduction(+ : total)
     for (int64_t j = 0; j < visible; ++j) {
@@ -162,8 +175,8 @@ void attend_slice(const Item& it, const Layout& L, const float* query, const sca
 
 template <typename scalar_t, int C>
 void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                 const at::Tensor& tables, const at::Tensor& row_seq, const at::Tensor& row_keys, double scale,
-                 at::Tensor& out) {
+                 const at::Tensor& tables, const at::Tensor& row_seq, const at::Tensor& row_keys,
+                 const int64_t* masks, double scale, at::Tensor& out) {
   const int64_t rows = q.size(0), hq = q.size(1), d = q.size(2), stride = d + 2;
   const Layout L{hq,
                  d,
@@ -222,7 +235,8 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
     for (int64_t i = begin; i < end; ++i) {
       const Item& it = items[i];
       attend_slice<scalar_t, C>(it, L, query.data() + it.row0 * hq * d, kp, vp, tp + seqp[it.row0] * max_blocks,
-                                keysp + it.row0, partial.data() + offset[i], scores);
+                                keysp + it.row0, masks == nullptr ? nullptr : masks + it.row0,
+                                partial.data() + offset[i], scores);
     }
   });
 
@@ -257,7 +271,7 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& tables, const at::Tensor& row_seq, const at::Tensor& row_keys,
-                           double scale) {
+                           double scale, const c10::optional<at::Tensor>& row_mask) {
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu(), "paged_attention_cpu runs on CPU tensors");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad q / cache shapes");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
@@ -269,12 +283,19 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   TORCH_CHECK(row_seq.numel() == q.size(0) && row_keys.numel() == q.size(0), "one row_seq / row_keys per query row");
   auto row_seq_c = row_seq.contiguous();
   auto row_keys_c = row_keys.contiguous();
+  at::Tensor row_mask_c;
+  const int64_t* masks = nullptr;
+  if (row_mask.has_value() && row_mask->defined()) {
+    TORCH_CHECK(row_mask->scalar_type() == at::kLong && row_mask->numel() == q.size(0), "one int64 mask per row");
+    row_mask_c = row_mask->contiguous();
+    masks = row_mask_c.data_ptr<int64_t>();
+  }
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_cpu", [&] {
     switch (q.size(2)) {  // the common head sizes keep a head's query in registers
-      case 64: attend_rows<scalar_t, 8>(q, k_cache, v_cache, tables, row_seq_c, row_keys_c, scale, out); break;
-      case 128: attend_rows<scalar_t, 16>(q, k_cache, v_cache, tables, row_seq_c, row_keys_c, scale, out); break;
-      default: attend_rows<scalar_t, 0>(q, k_cache, v_cache, tables, row_seq_c, row_keys_c, scale, out);
+      case 64: attend_rows<scalar_t, 8>(q, k_cache, v_cache, tables, row_seq_c, row_keys_c, masks, scale, out); break;
+      case 128: attend_rows<scalar_t, 16>(q, k_cache, v_cache, tables, row_seq_c, row_keys_c, masks, scale, out); break;
+      default: attend_rows<scalar_t, 0>(q, k_cache, v_cache, tables, row_seq_c, row_keys_c, masks, scale, out);
     }
   });
   return out;
