@@ -156,7 +156,7 @@ def test_compacted_tree_path_equals_a_chain_forward(runner, tokenizer):
     tokens = [root, 198, 262, 284, 293, 220, 327, 11, 309, 30, 25]
     path = [0, 1, 4, 6, 8, 9]  # depth 5, nodes spread over the tree's slots
     assert all(parents[path[i + 1]] == path[i] for i in range(len(path) - 1))
-    tree_logits = runner.execute([StepInput(tokens, n_ctx, tree_table, len(tokens), parents)])
+    tree_logits = runner.execute([StepInput(tokens, n_ctx, tree_table, len(tokens), tree_parents=parents)])
     runner.move_slots([SlotMove(tree_table, n_ctx, path)])
     chain = [tokens[i] for i in path]
     chain_logits = runner.execute([StepInput(chain, n_ctx, chain_table, len(chain))])
@@ -190,6 +190,8 @@ def test_greedy_tree_verification_emits_plain_greedy_tokens(runner, tokenizer):
         plain.append(int(runner.execute([step])[0].argmax()))
     wrong = (plain[0] + 1) % 1000
     tree = TokenTree.from_paths(ids[-1], [[wrong, plain[1]], plain[:2] + [wrong], plain[:4], [plain[0], wrong]])
-    logits = runner.execute([StepInput(list(tree.tokens), len(ids) - 1, table, len(tree), list(tree.parents))])
+    logits = runner.execute(
+        [StepInput(list(tree.tokens), len(ids) - 1, table, len(tree), tree_parents=list(tree.parents))]
+    )
     verdict = verify_tree_greedy(tree, logits.argmax(-1).tolist())
     assert verdict.tokens == plain[:5] and tree.path_tokens(verdict.path[1:]) == plain[:4]
