@@ -1,10 +1,11 @@
-"""The paged block manager of one target replica, in its own actor: one round trip per scheduler step.
+"""The paged block manager of one target replica, in its own actor: one round trip per scheduler step at most.
 
 The actor owns the bookkeeping of the replica's KV pages (the pages themselves live with the model, in the
 replica or its shards) and wraps `kv_cache.block_batch.BatchedBlockManager`, whose one `step` call carries a
-whole batch. It asks for no CPU and is pinned to the replica's node, so a call costs a local round trip.
-`RemoteBlockManager` is the scheduler's side: the same interface, and if the actor dies it raises
-`BlockManagerLost`; `restart()` brings up an empty one, after which the engine recomputes what was in flight.
+whole batch; the scheduler's `kv_cache.block_tables.BlockTables` decides when a step needs it. It asks for no
+CPU and is pinned to the replica's node, so a call costs a local round trip. `RemoteBlockManager` is the
+scheduler's side: the same interface, every call waited for; if the actor dies a call raises `BlockManagerLost`,
+the step fails, and the engine's reset (before it recomputes what was in flight) starts an empty actor.
 """
 
 from __future__ import annotations
@@ -38,13 +39,11 @@ class BlockManagerActor:
 
 
 class RemoteBlockManager:
-    """A `BlockPool` backed by a BlockManagerActor on this node; call it from one thread (the engine's)."""
+    """A `BlockService` backed by a BlockManagerActor on this node; call it from one thread (the engine's)."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, timeout_s: float = 60.0):
         self._args = (num_blocks, block_size, enable_prefix_caching)
         self.timeout_s = timeout_s
-        self.num_restarts = 0
-        self._posted: ray.ObjectRef | None = None
         self.actor = self._start()
 
     def _start(self) -> Any:
@@ -60,43 +59,18 @@ class RemoteBlockManager:
             raise BlockManagerLost(f"block manager actor: {type(e).__name__}: {str(e).strip()[:200]}") from e
 
     def step(self, request: BlockStep) -> BlockStepResult:
-        self._settle()
         return self._call(self.actor.step.remote(request))
 
-    def post(self, request: BlockStep) -> None:
-        """The actor runs calls in the order they were sent, so the next call sees this step applied."""
-        self._settle()
-        self._posted = self.actor.step.remote(request)
-
-    def _settle(self) -> None:
-        """Raise the error of the last posted step, if it failed (it has long finished by now)."""
-        posted, self._posted = self._posted, None
-        if posted is not None:
-            self._call(posted)
-
     def reset(self) -> None:
-        """Empty the manager; a dead actor is replaced by a new (empty) one."""
-        self._posted = None
+        """Empty the manager; an actor that died or stopped answering is replaced by a new (empty) one."""
         try:
             self._call(self.actor.reset.remote())
         except BlockManagerLost:
-            self.restart()
-
-    def restart(self) -> None:
-        self._posted = None
-        self.shutdown()
-        self.actor = self._start()
-        self.num_restarts += 1
+            self.shutdown()
+            self.actor = self._start()
 
     def stats(self) -> dict[str, Any]:
         return self._call(self.actor.stats.remote())
-
-    def alive(self) -> bool:
-        try:
-            self.stats()
-            return True
-        except BlockManagerLost:
-            return False
 
     def shutdown(self) -> None:
         try:

@@ -1,7 +1,7 @@
 """The target replica: a Serve deployment that runs the engine's scheduler loop for one KV pool.
 
 Each replica owns an LLMEngine driven by an AsyncEngine thread, and the actors around it:
-- the block manager actor (`block_manager_actor.py`) that owns the pool's KV pages, one call per step;
+- the block manager actor (`block_manager_actor.py`) that owns the pool's KV pages, one call per step at most;
 - with tensor_parallel_size > 1, ShardWorker actors that run the forward, in this replica's own
   placement-group bundles (bundle 0 is the replica, bundles 1..tp the shards);
 - with `draft_worker.enabled`, the DraftWorker actor in the last bundle, proposing for the whole batch.
@@ -151,8 +151,8 @@ class LLMServer:
         return RemoteDraftProposer(actor, device=self.config.engine.device)
 
     def _repair(self, error: Exception) -> bool:
-        """After a failed step: rebuild the shard group or block manager if dead. True = go on (the engine then
-        recomputes the requests in flight); an exception here ends them with an error instead."""
+        """After a failed step: rebuild the shard group if dead. True = go on (the engine then recomputes the
+        requests in flight, after a reset that restarts a dead block manager); an exception here ends them."""
         log.warning("engine step failed, repairing: %s", error)
         if self.runner is not None:
             try:
@@ -160,9 +160,6 @@ class LLMServer:
             except ShardFailure:
                 log.warning("rebuilding the tensor-parallel shards")
                 self.runner.restart()
-        if self.blocks is not None and not self.blocks.alive():
-            log.warning("restarting the block manager actor")
-            self.blocks.restart()
         return True
 
     # ---- requests -------------------------------------------------------------------------------------

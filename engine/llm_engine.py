@@ -37,7 +37,7 @@ from engine.metrics import RequestMetrics, SpecCounters
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import SeqStatus, Sequence
 from engine.tokenization import EngineRequest, ModelLimits, RequestError, prepare_request
-from kv_cache.block_batch import BatchedBlockManager, BlockPool
+from kv_cache.block_batch import BatchedBlockManager, BlockService
 from model.config import EngineConfig
 from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from model.runner import ModelRunner, StepInput, context_length
@@ -91,7 +91,7 @@ class LLMEngine:
         *,
         runner: ModelRunner | None = None,
         proposer: Proposer | None = None,
-        make_block_manager: Callable[[int, int, bool], BlockPool] | None = None,
+        make_block_manager: Callable[[int, int, bool], BlockService] | None = None,
         **overrides,
     ):
         """`runner` replaces the in-process target runner (e.g. one that drives tensor-parallel shard actors);
@@ -190,15 +190,15 @@ class LLMEngine:
         return request_id
 
     def abort(self, request_id: str) -> None:
-        """Cancel a request wherever it is (waiting, prefilling, decoding, held); its KV blocks are free when
-        this returns. Unknown or finished requests are ignored."""
+        """Cancel a request wherever it is (waiting, prefilling, decoding, held); its KV blocks go back with the
+        next step, or before this returns when no other request holds any. Unknown or finished requests are
+        ignored."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return
         seq = req.seq
         self.scheduler.finish(seq)
         self._forget_isolated(seq)
-        self.scheduler.flush()
         if self.proposer:
             self.proposer.release(seq.seq_id)
 
@@ -209,7 +209,6 @@ class LLMEngine:
             if self.proposer:
                 self.proposer.release(req.seq.seq_id)
         self.scheduler.reset()
-        self.block_manager.reset()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._suspects)
@@ -263,7 +262,6 @@ class LLMEngine:
             outputs = self._drop_unschedulable()
             if self._suspects:
                 self._after_isolated_step(outputs)
-            self._flush_when_idle()
             return outputs
         drafts = self._propose(out.scheduled)
         items = []
@@ -279,18 +277,7 @@ class LLMEngine:
         outputs = self._postprocess(out.scheduled, items, drafts, logits)
         if self._suspects:
             self._after_isolated_step(outputs)
-        self._flush_when_idle()
         return outputs
-
-    def _flush_when_idle(self) -> None:
-        """Nothing runs next: send the pending frees now. Outputs are made by then, so a failure here must not
-        lose them: the frees stay pending and go with the next block step."""
-        if self.scheduler.has_work():
-            return
-        try:
-            self.scheduler.flush()
-        except Exception:  # noqa: BLE001
-            log.exception("could not return freed KV blocks; they go with the next block step")
 
     def _propose(self, scheduled: list[ScheduledSeq]) -> dict[int, Draft]:
         decoding = [s for s in scheduled if s.num_lookahead]
@@ -465,7 +452,7 @@ class LLMEngine:
             return  # still prefilling in chunks
         self._suspects.popleft()
         if seq.status is not SeqStatus.FINISHED:  # hold it back: its KV goes, it is recomputed afterwards
-            self.scheduler.finish(seq)  # the blocks go back with the next block step
+            self.scheduler.finish(seq)
             if self.proposer:
                 self.proposer.release(seq.seq_id)
             seq.status, seq.num_computed = SeqStatus.WAITING, 0

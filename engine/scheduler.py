@@ -2,20 +2,21 @@
 
 Every step, in arrival order: running sequences first (a decode step of 1 + k speculative slots, or the next
 chunk of an unfinished prefill), then waiting ones while the token budget and the sequence cap allow. The
-wish list goes to the block manager in ONE batch call (`kv_cache/block_batch.py`); when the pool runs dry it
-drops speculation first, then preempts the newest running sequences, which are recomputed later (usually a
-prefix-cache hit). The scheduler mirrors the block tables it is told about. Plain Python: no torch, no Ray.
+wish list goes to the block manager through `kv_cache/block_tables.py` (one call at most, none for a decode
+step inside held blocks), which keeps the block tables; when the pool runs dry the manager drops speculation
+first, then preempts the newest running sequences, which are recomputed later (usually a prefix-cache hit).
+Plain Python: no torch, no Ray.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from engine.sequence import SeqStatus, Sequence
-from kv_cache.block_batch import Admit, BlockPool, BlockStep, BlockStepResult, Commit, Extend, Grant
+from kv_cache.block_batch import Admit, BlockService, Extend
+from kv_cache.block_tables import BlockTables
 
 
 @dataclass
@@ -40,30 +41,24 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(
         self,
-        blocks: BlockPool,
+        blocks: BlockService,
         num_blocks: int,
         block_size: int,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
     ):
-        self.blocks = blocks
-        self.block_size = block_size
+        self.blocks = BlockTables(blocks, num_blocks, block_size)
+        self.tables = self.blocks.tables  # seq_id -> block table, read by the forward
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.tables: dict[int, list[int]] = {}  # mirror of the manager's block tables
-        self.num_free_blocks = num_blocks - 1  # as of the manager's last answer
         self.num_preemptions = 0
         # Prompt tokens of admissions (recomputes included), and those whose KV the prefix cache already held.
         self.num_prefix_queried_tokens = 0
         self.num_prefix_hit_tokens = 0
-        self._known: dict[int, int] = {}  # tokens the manager holds per sequence
-        self._free: list[int] = []
-        self._commits: dict[int, Commit] = {}
-        self._step_ids = itertools.count()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -71,62 +66,29 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    # ---- messages for the next block step ---------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """As of the block manager's last answer."""
+        return self.blocks.num_free_blocks
 
     def commit(self, seq: Sequence) -> None:
         """The sequence's KV is valid up to num_computed (rejected speculative slots are simply not counted)."""
-        known = self._known[seq.seq_id]
-        c = self._commits.get(seq.seq_id)
-        if c is None:
-            c = self._commits[seq.seq_id] = Commit(seq.seq_id, [], 0)
-        c.new_tokens.extend(seq.token_ids[known:])
-        c.num_computed = seq.num_computed
-        self._known[seq.seq_id] = len(seq.token_ids)
+        self.blocks.commit(seq.seq_id, seq.token_ids, seq.num_computed)
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a finished or cancelled sequence; its blocks go back with the next block step (or flush)."""
+        """Remove a finished or cancelled sequence and return its blocks (see `BlockTables.free`)."""
         seq.status = SeqStatus.FINISHED
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if self._forget(seq.seq_id):
-            self._free.append(seq.seq_id)
-
-    def _forget(self, seq_id: int) -> bool:
-        """Drop the mirror of a sequence's blocks; True if it had any."""
-        self._known.pop(seq_id, None)
-        self._commits.pop(seq_id, None)
-        return self.tables.pop(seq_id, None) is not None
-
-    def flush(self) -> None:
-        """Send pending frees and commits now (the engine goes idle, or a cancellation must free at once)."""
-        if self._free or self._commits:
-            self._send(BlockStep(next(self._step_ids)))
-
-    def _send(self, step: BlockStep) -> BlockStepResult:
-        step.free, step.commit = self._free, list(self._commits.values())
-        if (
-            step.free
-            or step.admit
-            or any(e.num_slots > len(self.tables[e.seq_id]) * self.block_size for e in step.extend)
-        ):
-            result = self.blocks.step(step)  # may raise: then nothing here has changed and it can be retried
-        else:  # the answer is known: every wish fits the blocks held, and no block changes hands
-            self.blocks.post(step)
-            grants = [Grant(e.seq_id, e.num_slots, 0, len(self.tables[e.seq_id]), [], []) for e in step.extend]
-            result = BlockStepResult(step.step_id, grants, [], self.num_free_blocks)
-        self._free, self._commits = [], {}
-        self.num_free_blocks = result.num_free_blocks
-        return result
+        self.blocks.free(seq.seq_id)
 
     def reset(self) -> None:
-        """The manager lost every block (it was rebuilt): all running sequences restart from scratch."""
+        """Every KV page is lost: all running sequences restart from scratch, the block manager starts empty."""
         for seq in list(self.running):
             self._preempt(seq)
-        self.tables.clear()
-        self._known.clear()
-        self._free, self._commits = [], {}
+        self.blocks.reset()
 
     # ---- the step ----------------------------------------------------------------------------------------
 
@@ -143,7 +105,6 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self._forget(seq.seq_id)  # the manager has freed its blocks already
         seq.status, seq.num_computed = SeqStatus.WAITING, 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -153,7 +114,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        step = BlockStep(next(self._step_ids))
+        extend, admit = [], []
         planned: dict[int, tuple[Sequence, int]] = {}
         for seq in self.running:
             if budget <= 0:
@@ -161,7 +122,7 @@ class Scheduler:
             num_tokens = min(seq.num_uncomputed, budget)
             k = self._lookahead(seq, budget - num_tokens) if seq.is_decoding else 0
             end = seq.num_computed + num_tokens
-            step.extend.append(Extend(seq.seq_id, seq.num_computed, end + k, end))
+            extend.append(Extend(seq.seq_id, seq.num_computed, end + k, end))
             planned[seq.seq_id] = (seq, num_tokens)
             budget -= num_tokens + k
         admitting = []
@@ -169,10 +130,10 @@ class Scheduler:
             if budget <= 0 or len(self.running) + len(admitting) >= self.max_num_seqs:
                 break
             num_tokens = min(len(seq.token_ids), budget)
-            step.admit.append(Admit(seq.seq_id, list(seq.token_ids), num_tokens))
+            admit.append(Admit(seq.seq_id, list(seq.token_ids), num_tokens))
             admitting.append(seq)
             budget -= num_tokens
-        result = self._send(step)
+        result = self.blocks.step(extend, admit)
 
         preempted = [planned[seq_id][0] for seq_id in result.preempted]
         for seq in preempted:
@@ -180,9 +141,6 @@ class Scheduler:
         admitted = {seq.seq_id: seq for seq in admitting}
         scheduled = []
         for g in result.granted:
-            table = self.tables.setdefault(g.seq_id, [])
-            del table[g.table_from :]
-            table.extend(g.blocks)
             if g.seq_id in admitted:
                 seq = admitted[g.seq_id]
                 self.waiting.remove(seq)
@@ -191,7 +149,6 @@ class Scheduler:
                 self.num_prefix_queried_tokens += len(seq.token_ids)
                 self.num_prefix_hit_tokens += g.num_cached
                 self.running.append(seq)
-                self._known[seq.seq_id] = len(seq.token_ids)
                 scheduled.append(ScheduledSeq(seq, g.num_slots - g.num_cached, 0, g.copies))
             else:
                 seq, num_tokens = planned[g.seq_id]
@@ -201,4 +158,4 @@ class Scheduler:
 
     def num_allocated_slots(self) -> int:
         """Token slots held by live tables (shared blocks counted per sequence); for KV-waste stats."""
-        return sum(len(t) for t in self.tables.values()) * self.block_size
+        return self.blocks.num_allocated_slots()

@@ -1,13 +1,10 @@
-"""The block manager's batch API: one call per scheduler step, whatever the batch size.
+"""The block manager's batch protocol, the manager's side: one message per scheduler step, whatever the batch.
 
-The scheduler decides what it would like to run and sends it as one `BlockStep`; the manager applies it in a
-fixed order (free -> commit -> extend -> admit), each sequence all or nothing, and answers with one
-`BlockStepResult`: the slots granted, the table changes (only the tail that moved), the copy-on-write pairs
-and the sequences it had to preempt. The scheduler mirrors the tables and never calls the manager in
-between, so the manager can live in another process (an actor) at the cost of one round trip per step.
-Retrying a step id returns the answer already given, so a lost reply is harmless. A step whose answer the
-scheduler already knows (only commits, and extensions inside blocks the sequences hold) is `post`ed: sent
-without waiting for the reply, so most decode steps do not pay the round trip. Plain Python, no torch.
+The scheduler's side (`block_tables.py`) sends a `BlockStep` only when blocks change hands; the manager
+applies it in a fixed order (commit -> free -> extend -> admit), each sequence all or nothing, and answers
+with one `BlockStepResult`: the slots granted, the table changes (only the tail that moved), the copy-on-write
+pairs and the sequences it had to preempt. Commits go first so that a finished sequence's full blocks are
+hashed before they are freed (a later prompt that repeats them is a prefix hit). Plain Python, no torch.
 """
 
 from __future__ import annotations
@@ -48,9 +45,8 @@ class Commit:
 
 @dataclass
 class BlockStep:
-    step_id: int
-    free: list[int] = field(default_factory=list)
     commit: list[Commit] = field(default_factory=list)
+    free: list[int] = field(default_factory=list)
     extend: list[Extend] = field(default_factory=list)  # in priority order: the last ones are preempted first
     admit: list[Admit] = field(default_factory=list)  # in arrival order: stops at the first that does not fit
 
@@ -67,19 +63,15 @@ class Grant:
 
 @dataclass
 class BlockStepResult:
-    step_id: int
     granted: list[Grant]  # extends first (in order), then admits
     preempted: list[int]
     num_free_blocks: int
 
 
-class BlockPool(Protocol):
-    """What the scheduler needs: the in-process manager below, or a client of its actor."""
+class BlockService(Protocol):
+    """Where the block manager lives: in this process (`BatchedBlockManager`) or in an actor (its client)."""
 
     def step(self, request: BlockStep) -> BlockStepResult: ...
-    def post(self, request: BlockStep) -> None:
-        """Apply a step without waiting for its answer; a failure surfaces at the next call."""
-
     def reset(self) -> None: ...
     def stats(self) -> dict[str, Any]: ...
 
@@ -88,20 +80,17 @@ class BatchedBlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.tokens: dict[int, list[int]] = {}  # what each live sequence's blocks hold, for prefix hashing
-        self._last: BlockStepResult | None = None
 
     def step(self, request: BlockStep) -> BlockStepResult:
-        if self._last is not None and self._last.step_id == request.step_id:
-            return self._last
         bm = self.bm
-        for seq_id in request.free:
-            if bm.has(seq_id):
-                bm.free(seq_id)
-            self.tokens.pop(seq_id, None)
         for c in request.commit:
             tokens = self.tokens[c.seq_id]
             tokens.extend(c.new_tokens)
             bm.commit(c.seq_id, tokens, c.num_computed)
+        for seq_id in request.free:
+            if bm.has(seq_id):
+                bm.free(seq_id)
+            self.tokens.pop(seq_id, None)
         granted: list[Grant] = []
         preempted: list[int] = []
         extends = list(request.extend)
@@ -130,11 +119,7 @@ class BatchedBlockManager:
                 break
             self.tokens[a.seq_id] = list(a.token_ids)
             granted.append(grant)
-        self._last = BlockStepResult(request.step_id, granted, preempted, bm.num_free_blocks)
-        return self._last
-
-    def post(self, request: BlockStep) -> None:
-        self.step(request)
+        return BlockStepResult(granted, preempted, bm.num_free_blocks)
 
     def _grow(self, seq_id: int, num_computed: int, min_slots: int, max_slots: int, num_cached: int = 0):
         """The most slots in [min_slots, max_slots] the pool can back, or None if not even min_slots."""
@@ -155,7 +140,6 @@ class BatchedBlockManager:
         bm = self.bm
         self.bm = BlockManager(bm.num_blocks, bm.block_size, bm.enable_prefix_caching)
         self.tokens.clear()
-        self._last = None
 
     def stats(self) -> dict[str, Any]:
         bm = self.bm
