@@ -2,7 +2,8 @@
 
 The engine generates every prompt's continuation (batched, greedy), one teacher-forced pass over prompt + output
 collects the target's final hidden states, `speculator.distill.distill` trains the drafter, and the output folder
-gets the drafter in IBM's format (config.json, model.safetensors, draft_vocab.json) and report.json.
+gets the drafter (an MLP speculator in IBM's format, or an EAGLE head: config.json, model.safetensors,
+draft_vocab.json) and report.json. An EAGLE head also reads the prompt's hidden states, as context.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from model.runner import StepInput
 from sampling.params import SamplingParams
 from speculator.distill import DistillOptions, distill, proposal_seconds
 from speculator.distill_data import teacher_forced_records
+from speculator.eagle import TargetParts, save_eagle
+from speculator.eagle_proposer import proposal_seconds as eagle_proposal_seconds
 from speculator.mlp_checkpoint import save_speculator
 
 
@@ -73,8 +76,8 @@ def run(
     engine_config: EngineConfig,
 ) -> dict:
     """The whole command; returns the report it wrote."""
-    if kind != "mlp":
-        raise ValueError(f"--kind {kind} is not available yet (only mlp)")
+    if kind not in ("mlp", "eagle"):
+        raise ValueError(f"--kind {kind}: expected mlp or eagle")
     t_start = time.perf_counter()
     specs = load_prompts(prompts, limit)
     if len(specs) < 2:
@@ -86,15 +89,23 @@ def run(
     generate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine.reset_kv()  # the teacher-forced pass owns the KV pages from here
+    eagle = kind == "eagle"
     with tqdm(total=len(sequences), desc="hidden states", unit="seq") as bar:
-        records = teacher_forced_records(engine.runner, sequences, progress=bar.update)
+        wanted = [(tokens, 1) for tokens, _ in sequences] if eagle else sequences
+        records = teacher_forced_records(engine.runner, wanted, progress=bar.update)
+    for record, (_, first) in zip(records, sequences):
+        record.output_start = first
     hidden_s = time.perf_counter() - t0
     step_s = target_step_seconds(engine)
-    result = distill(records, kind, target_vocab_size=engine.arch.vocab_size, options=options)
+    target = TargetParts.from_model(engine.runner.model) if eagle else None
+    result = distill(
+        records, kind, target_vocab_size=engine.arch.vocab_size, options=options, arch=engine.arch, target=target
+    )
     drafter = result.model
-    proposal_s = proposal_seconds(drafter)
+    proposal_tokens = options.n_predict
+    proposal_s = eagle_proposal_seconds(drafter, proposal_tokens) if eagle else proposal_seconds(drafter)
     out = Path(out_dir)
-    save_speculator(drafter, out)
+    (save_eagle if eagle else save_speculator)(drafter, out)
     metrics = asdict(result.metrics)
     report = {
         "kind": kind,
@@ -113,10 +124,10 @@ def run(
         "total_s": round(time.perf_counter() - t_start, 2),
         "cost": {
             "proposal_s": proposal_s,
-            "proposal_tokens": drafter.n_predict,
+            "proposal_tokens": proposal_tokens,
             "target_step_s": step_s,
             "proposal_per_target_step": proposal_s / step_s,
-            "per_token_per_target_step": proposal_s / drafter.n_predict / step_s,
+            "per_token_per_target_step": proposal_s / proposal_tokens / step_s,
         },
         "history": metrics["history"],
         "torch_threads": torch.get_num_threads(),

@@ -7,12 +7,14 @@ is what the report and the progress bar show. With greedy target outputs, "stage
 data is exactly the acceptance a greedy chain of i+1 drafts gets there, so it is reported too.
 
 The function is plain (no engine, no files) so the command line and a retraining loop on logged traffic share it.
+An EAGLE head (`kind="eagle"`) trains on the same records in `speculator.eagle_distill`.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,7 +23,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from model.loader import ModelArch
 from speculator.draft_vocab import DraftVocab
+from speculator.eagle import EagleHead, TargetParts, new_head
+from speculator.eagle_distill import batch_windows, counted_rows, eagle_evaluate, eagle_loss, eagle_unigram
+from speculator.eagle_distill import windows as eagle_windows
 from speculator.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
 
 IGNORE = -100
@@ -35,6 +41,8 @@ class DistillRecord:
     token_ids: list[int]
     hidden: torch.Tensor
     hidden_start: int
+    # first output position (eagle: rows before it are attention context, not trained on); None = hidden_start + 1
+    output_start: int | None = None
 
 
 class DistillOptions(BaseModel):
@@ -51,6 +59,8 @@ class DistillOptions(BaseModel):
     weight_decay: float = Field(default=0.1, ge=0)
     holdout_every: int = Field(default=10, ge=2, description="every Nth record is held out")
     seed: int = 0
+    window: int = Field(default=512, ge=8, description="eagle: pairs per training sequence")
+    token_weight: float = Field(default=0.1, ge=0, description="eagle: LM-head cross-entropy weight")
 
 
 @dataclass
@@ -68,7 +78,7 @@ class DistillMetrics:
 
 @dataclass
 class DistillResult:
-    model: MLPSpeculator
+    model: MLPSpeculator | EagleHead
     metrics: DistillMetrics
 
 
@@ -159,18 +169,35 @@ def _unigram_accuracy(train: _Samples, held: _Samples, n: int) -> list[float]:
     return out
 
 
+def lr_schedule(total: int):
+    """The learning-rate factor by step: linear warm-up over 5%, then cosine down to 10%."""
+    warmup = max(1, total // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return lr_at
+
+
 def distill(
     records: list[DistillRecord],
-    kind: Literal["mlp"] = "mlp",
+    kind: Literal["mlp", "eagle"] = "mlp",
     *,
     target_vocab_size: int,
     options: DistillOptions | None = None,
     progress: bool = True,
+    arch: ModelArch | None = None,
+    target: TargetParts | None = None,
 ) -> DistillResult:
     """Train a drafter of `kind` on the target's records; returns it (eval mode, float32, CPU) with held-out
-    metrics. Raises ValueError for an unknown kind or too few records to hold some out."""
-    if kind != "mlp":
-        raise ValueError(f"distilling a {kind!r} drafter is not available yet (only 'mlp')")
+    metrics. An EAGLE head needs the target's `arch` and `target` parts (embedding, LM head, RoPE). Raises
+    ValueError for an unknown kind, missing target parts, or too few records to hold some out."""
+    if kind not in ("mlp", "eagle"):
+        raise ValueError(f"unknown drafter kind {kind!r} (mlp or eagle)")
+    if kind == "eagle" and (arch is None or target is None):
+        raise ValueError("an eagle head needs the target's architecture and parts (arch, target)")
     opts = options or DistillOptions()
     n = opts.n_predict
     held_idx = {i for i in range(len(records)) if i % opts.holdout_every == opts.holdout_every - 1}
@@ -178,8 +205,11 @@ def distill(
         held_idx = {len(records) - 1}
     if not held_idx:
         raise ValueError("distillation needs at least 2 sequences (one is held out)")
-    train = _samples([r for i, r in enumerate(records) if i not in held_idx], n)
-    held = _samples([r for i, r in enumerate(records) if i in held_idx], n)
+    train_records = [r for i, r in enumerate(records) if i not in held_idx]
+    held_records = [r for i, r in enumerate(records) if i in held_idx]
+    if kind == "eagle":
+        return _distill_eagle(train_records, held_records, arch, target, opts, progress)
+    train, held = _samples(train_records, n), _samples(held_records, n)
     if not len(train) or not len(held):
         raise ValueError("too few generated tokens to train on and to hold out")
     torch.manual_seed(opts.seed)
@@ -197,38 +227,17 @@ def distill(
     )
     model = MLPSpeculator(config, vocab).train()
     steps_per_epoch = math.ceil(len(train) / opts.batch_size)
-    total = steps_per_epoch * opts.epochs
-    optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
-    warmup = max(1, total // 20)
-
-    def lr_at(step: int) -> float:  # linear warm-up over 5%, then cosine down to 10%
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
-    history: list[dict] = []
-    start, ema = time.perf_counter(), None
-    bar = tqdm(total=total, desc=f"distill {kind}", unit="step", disable=not progress)
-    for epoch in range(opts.epochs):
+    plan = []
+    for _ in range(opts.epochs):
         order = torch.randperm(len(train))
-        for s in range(steps_per_epoch):
-            idx = order[s * opts.batch_size : (s + 1) * opts.batch_size]
-            inputs, labels = _inputs_and_labels(train.windows[idx], model)
-            loss = _loss(model(train.hidden[idx], inputs), labels)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
-            sched.step()
-            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-            bar.update(1)
-            if s % 20 == 0:
-                bar.set_postfix(loss=f"{ema:.3f}", **_acc_postfix(history))
-        history.append(_evaluate(model, held, opts.batch_size) | {"epoch": epoch + 1, "train_loss": ema})
-        bar.set_postfix(loss=f"{ema:.3f}", **_acc_postfix(history))
-    bar.close()
-    train_time = time.perf_counter() - start
+        plan.append([order[s * opts.batch_size : (s + 1) * opts.batch_size] for s in range(steps_per_epoch)])
+
+    def step_loss(idx: torch.Tensor) -> torch.Tensor:
+        inputs, labels = _inputs_and_labels(train.windows[idx], model)
+        return _loss(model(train.hidden[idx], inputs), labels)
+
+    history, ema, train_time = _train(model, plan, step_loss, lambda: _evaluate(model, held, opts.batch_size), opts,
+                                      kind, progress)  # fmt: skip
     last = history[-1]
     metrics = DistillMetrics(
         accuracy_by_position=last["accuracy_by_position"],
@@ -238,10 +247,90 @@ def distill(
         train_samples=len(train),
         heldout_samples=len(held),
         train_time_s=train_time,
-        final_loss=float(ema or 0.0),
+        final_loss=ema,
         history=history,
     )
     return DistillResult(model.eval(), metrics)
+
+
+def _train(
+    model: torch.nn.Module,
+    plan: list[list],
+    step_loss: Callable[[object], torch.Tensor],
+    evaluate: Callable[[], dict],
+    opts: DistillOptions,
+    kind: str,
+    progress: bool,
+) -> tuple[list[dict], float, float]:
+    """The optimisation loop of every kind: AdamW, clipped gradients, `lr_schedule`, a held-out evaluation after
+    each epoch of `plan` (per epoch, the batches `step_loss` takes). Returns (history, final loss EMA, seconds)."""
+    total = sum(len(batches) for batches in plan)
+    optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_schedule(total))
+    history: list[dict] = []
+    start, ema = time.perf_counter(), None
+    bar = tqdm(total=total, desc=f"distill {kind}", unit="step", disable=not progress)
+    for epoch, batches in enumerate(plan):
+        for s, batch in enumerate(batches):
+            loss = step_loss(batch)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            bar.update(1)
+            if s % 20 == 0:
+                bar.set_postfix(loss=f"{ema:.3f}", **_acc_postfix(history))
+        history.append(evaluate() | {"epoch": epoch + 1, "train_loss": ema})
+        bar.set_postfix(loss=f"{ema:.3f}", **_acc_postfix(history))
+    bar.close()
+    return history, float(ema or 0.0), time.perf_counter() - start
+
+
+def _distill_eagle(
+    train_records: list[DistillRecord],
+    held_records: list[DistillRecord],
+    arch: ModelArch,
+    target: TargetParts,
+    opts: DistillOptions,
+    progress: bool,
+) -> DistillResult:
+    """EAGLE-1's recipe on windows of the records (`speculator.eagle_distill`); held-out accuracy is the head's own
+    chained drafting of n_predict tokens."""
+    steps = opts.n_predict
+    train, held = eagle_windows(train_records, steps, opts.window), eagle_windows(held_records, steps, opts.window)
+    train_rows, held_rows = counted_rows(train), counted_rows(held)
+    if not train_rows or not held_rows:
+        raise ValueError("too few generated tokens to train on and to hold out")
+    vocab = None
+    if opts.draft_vocab:
+        labels = torch.cat([w.labels[:, 0] for w in train])
+        vocab = DraftVocab.most_frequent(labels[labels >= 0], opts.draft_vocab, arch.vocab_size)
+    head = new_head(arch, vocab, target, seed=opts.seed).train()
+    gen = torch.Generator().manual_seed(opts.seed)
+    plan = [batch_windows(train, opts.batch_size, torch.randperm(len(train), generator=gen).tolist())
+            for _ in range(opts.epochs)]  # fmt: skip
+
+    def evaluate() -> dict:
+        out = eagle_evaluate(head, held, steps, opts.batch_size)
+        return out | {"expected_tokens_per_step": expected_tokens_per_step(out["accuracy_by_position"])}
+
+    history, ema, train_time = _train(head, plan, lambda group: eagle_loss(head, group, opts.token_weight), evaluate,
+                                      opts, "eagle", progress)  # fmt: skip
+    last = history[-1]
+    metrics = DistillMetrics(
+        accuracy_by_position=last["accuracy_by_position"],
+        chain_acceptance_by_position=last["chain_acceptance_by_position"],
+        expected_tokens_per_step=last["expected_tokens_per_step"],
+        unigram_accuracy_by_position=eagle_unigram(train, held, steps),
+        train_samples=train_rows,
+        heldout_samples=held_rows,
+        train_time_s=train_time,
+        final_loss=ema,
+        history=history,
+    )
+    return DistillResult(head.eval(), metrics)
 
 
 def _acc_postfix(history: list[dict]) -> dict[str, str]:

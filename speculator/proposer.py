@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -16,6 +17,8 @@ class DraftRequest:
     token_ids: list[int]  # prompt + accepted output; the last token has no KV in the target yet
     k: int  # at most this many draft tokens
     params: SamplingParams
+    # [n, d]: the target's final hidden states whose logits predicted token_ids[-n:] (see Proposer.hidden_rows)
+    hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -26,6 +29,10 @@ class Draft:
 
 
 class Proposer(ABC):
+    # Which of the target's final hidden states a request carries: none, the last row, or every row since the
+    # previous proposal for that sequence (prompt included).
+    hidden_rows: Literal["none", "last", "all"] = "none"
+
     @abstractmethod
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         """One draft (possibly empty) per request, in order."""

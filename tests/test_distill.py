@@ -47,7 +47,7 @@ def test_distill_learns_a_synthetic_target():
     assert set(result.model.draft_vocab.ids) == set(range(20))
     assert m.chain_acceptance_by_position[1] <= m.accuracy_by_position[0]
     assert m.heldout_samples == 6 * 38 and m.train_samples == 54 * 38
-    with pytest.raises(ValueError, match="not available"):
+    with pytest.raises(ValueError, match="needs the target"):
         distill(records, "eagle", target_vocab_size=vocab)
 
 
@@ -81,5 +81,3 @@ def test_distill_command_beats_a_unigram_predictor(tmp_path, capsys):
     drafter = load_speculator(out)
     assert drafter.draft_vocab is not None and len(drafter.draft_vocab.ids) == report["draft_vocab_size"] <= 8192
     assert json.loads((out / "config.json").read_text())["model_type"] == "mlp_speculator"
-    assert main(argv[:5] + ["--kind", "eagle", "--out", str(tmp_path / "e")]) == 2
-    assert "not available" in capsys.readouterr().err
