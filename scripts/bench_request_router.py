@@ -25,6 +25,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.local_cluster import served_app  # noqa: E402
+from cluster.sse_client import stream_completion  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 WORDS = (
@@ -82,22 +83,7 @@ async def one_request(client: httpx.AsyncClient, url: str, messages: list[dict],
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    start = time.perf_counter()
-    ttft, tokens = None, 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        replica = r.headers.get("x-specserve-replica", "")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                ttft = time.perf_counter() - start
-    return {"replica": replica, "ttft_s": ttft, "latency_s": time.perf_counter() - start, "tokens": tokens}
+    return await stream_completion(client, url, "/v1/chat/completions", body)
 
 
 async def run_load(url: str, requests: list[list[dict]], concurrency: int, max_tokens: int) -> tuple[list, float]:

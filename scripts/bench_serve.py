@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import json
 import platform
 import tempfile
 import time
@@ -31,6 +30,7 @@ import yaml
 from cli.bench import print_report, run_specserve, standard_prompt_sets
 from cli.prompts import PromptSpec
 from cluster.local_cluster import REPO, LocalCluster
+from cluster.sse_client import stream_completion
 from engine.llm_engine import LLMEngine
 from engine.tokenization import encode_prompt
 from model.config import EngineConfig
@@ -59,25 +59,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, spec: PromptSpec, max_
         path, body = "/v1/chat/completions", {**common, "messages": spec.messages}
     else:
         path, body = "/v1/completions", {**common, "prompt": spec.prompt}
-    text, tokens, ttft = [], 0, None
-    t0 = time.perf_counter()
-    async with client.stream("POST", url + path, json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:500]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                piece = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                if piece and ttft is None:
-                    ttft = time.perf_counter() - t0
-                text.append(piece)
-    return {"text": "".join(text), "tokens": tokens, "ttft_s": ttft}
+    return await stream_completion(client, url, path, body)
 
 
 async def run_http(url: str, specs: list[PromptSpec], max_tokens: int, concurrency: int) -> dict:
