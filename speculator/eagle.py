@@ -24,13 +24,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.decoder import CausalLM, rotate
 from model.loader import ModelArch
 from speculator.draft_vocab import DraftVocab
+from speculator.drafter_config import read_drafter_config
 
 WEIGHTS_FILE = "model.safetensors"
 IGNORE = -100
@@ -273,18 +274,7 @@ def save_eagle(head: EagleHead, folder: str | Path) -> None:
 
 
 def read_eagle_config(folder: str | Path) -> EagleConfig:
-    path = Path(folder) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise EagleLoadError(f"{path}: {e}") from None
-    if not isinstance(data, dict) or data.get("model_type") != "specserve_eagle":
-        raise EagleLoadError(f"{path}: model_type is not 'specserve_eagle'")
-    data.pop("torch_dtype", None)
-    try:
-        return EagleConfig(**data)
-    except ValidationError as e:
-        raise EagleLoadError(f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+    return read_drafter_config(folder, "specserve_eagle", EagleConfig, EagleLoadError, frozenset({"torch_dtype"}))
 
 
 def load_eagle(

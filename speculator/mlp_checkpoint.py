@@ -12,14 +12,14 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from speculator.draft_vocab import DraftVocab
+from speculator.drafter_config import read_drafter_config
 from speculator.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
 
 WEIGHTS_FILE = "model.safetensors"
-_HF_KEYS = ("architectures", "torch_dtype", "dtype", "transformers_version")  # bookkeeping, not architecture
+_HF_KEYS = frozenset({"architectures", "torch_dtype", "dtype", "transformers_version"})  # bookkeeping, not architecture
 
 
 class SpeculatorLoadError(ValueError):
@@ -27,17 +27,7 @@ class SpeculatorLoadError(ValueError):
 
 
 def read_config(folder: str | Path) -> MLPSpeculatorConfig:
-    path = Path(folder) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SpeculatorLoadError(f"{path}: {e}") from None
-    if not isinstance(data, dict) or data.get("model_type") != "mlp_speculator":
-        raise SpeculatorLoadError(f"{path}: model_type is not 'mlp_speculator'")
-    try:
-        return MLPSpeculatorConfig(**{k: v for k, v in data.items() if k not in _HF_KEYS})
-    except ValidationError as e:
-        raise SpeculatorLoadError(f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+    return read_drafter_config(folder, "mlp_speculator", MLPSpeculatorConfig, SpeculatorLoadError, _HF_KEYS)
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
