@@ -16,7 +16,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model folder or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--speculator", choices=["none", "ngram", "suffix", "draft"], default="none")
+    p.add_argument("--speculator", choices=["none", "ngram", "suffix", "draft", "mlp", "eagle"], default="none")
+    p.add_argument("--speculator-model", default=None, help="mlp/eagle: the drafter folder `specserve distill` wrote")
+    p.add_argument("--candidates", type=int, default=1, help="candidate paths verified per step (1 = one chain)")
     p.add_argument("--k", type=int, default=4, help="max speculative tokens per step")
     p.add_argument("--draft-model", default=None, help="draft model folder or .gguf (same tokenizer)")
     p.add_argument("--draft-layers", type=int, default=None, help="truncate the draft to its first N layers")
@@ -32,11 +34,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace):
     from model.config import EngineConfig
 
+    if args.candidates != 1:
+        raise ValueError(f"--candidates {args.candidates}: only 1 (one chain per step) is available yet")
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         speculator=args.speculator,
+        speculator_model=args.speculator_model,
         num_speculative_tokens=args.k,
         draft_model=args.draft_model,
         draft_num_layers=args.draft_layers,

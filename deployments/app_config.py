@@ -158,7 +158,8 @@ class IngressSettings(_Strict):
 
 
 class DraftWorkerSettings(_Strict):
-    """Run the draft model in its own actor (with `target.draft_resources`) instead of inside the engine."""
+    """Run the drafter (draft model or learned) in its own actor (with `target.draft_resources`) instead of inside
+    the engine."""
 
     enabled: bool = False
 
@@ -175,8 +176,8 @@ class AppConfig(_Strict):
     def _consistent(self) -> AppConfig:
         if self.served_model_name is None:
             self.served_model_name = served_name_for(self.engine.model)
-        if self.draft_worker.enabled and self.engine.speculator != "draft":
-            raise ValueError("draft_worker.enabled: needs engine.speculator 'draft'")
+        if self.draft_worker.enabled and self.engine.speculator not in ("draft", "mlp", "eagle"):
+            raise ValueError("draft_worker.enabled: needs engine.speculator 'draft', 'mlp' or 'eagle'")
         if self.engine.device.startswith("cuda") and self.target.shard_resources.num_gpus <= 0:
             raise ValueError("target.shard_resources.num_gpus: must be > 0 when engine.device is cuda")
         return self

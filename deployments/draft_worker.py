@@ -1,20 +1,22 @@
-"""The draft model in its own Ray actor, so it gets its own GPU bundle instead of sharing the target's.
+"""The drafter in its own Ray actor, so it gets its own GPU bundle instead of sharing the target's.
 
-`DraftWorker` is a thin actor around `DraftModelProposer`, built exactly as the engine builds its in-process
-draft (`ModelRunner.from_config(config, draft=True)`). `RemoteDraftProposer` is the `Proposer` the target replica
-hands to `LLMEngine(config, proposer=...)`: one actor call per engine step for the whole batch. One actor
-serves one engine (sequence ids are per engine), so each replica starts its own worker.
+`DraftWorker` is a thin actor around the proposer the engine config names, a draft model or a learned drafter
+(`mlp`), built exactly as the engine builds its in-process one (`speculator.factory.make_proposer`).
+`RemoteDraftProposer` is the `Proposer` the target replica hands to `LLMEngine(config, proposer=...)`: one actor
+call per engine step for the whole batch. One actor serves one engine (sequence ids are per engine), so each
+replica starts its own worker.
 
 Wire format, kept lean: each request carries only the tokens the actor has not seen yet (`base` = how many
-it already mirrors; 0 = the full list, with the sampling params). The actor keeps a token mirror per
-sequence and reports the ones whose mirror it lacks (a restarted actor) as `missing`; those get no draft
-this step and are sent in full the next. Releases ride along with the next propose call.
+it already mirrors; 0 = the full list, with the sampling params), and for a learned drafter the target's hidden
+rows the engine hands over (`DraftRequest.hidden`, on CPU). The actor keeps a token mirror per sequence and
+reports the ones whose mirror it lacks (a restarted actor) as `missing`; those get no draft this step and are
+sent in full the next. Releases ride along with the next propose call.
 
 Speculation never decides the output, only how fast it comes, so the proposer is fault tolerant: when the
 actor is dead, slow or failing it answers empty drafts (the engine decodes one token per step, still exact),
 marks itself degraded and pings the actor every `retry_interval_s` without blocking the step; when a ping
 answers it takes the worker back. A restarted actor has no draft KV: `DraftModelProposer` rebuilds it from
-the token ids on the next call.
+the token ids on the next call; a learned drafter needs no state beyond the hidden row it is sent.
 """
 
 from __future__ import annotations
@@ -32,16 +34,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.app_config import ActorResources
 from model.config import EngineConfig
-from model.runner import ModelRunner
 from sampling.params import SamplingParams
-from speculator.draft_model import DraftModelProposer
-from speculator.proposer import Draft, DraftRequest, Proposer
+from speculator.factory import make_proposer, proposer_traits
+from speculator.proposer import Draft, DraftRequest, HiddenRows, Proposer
 
 log = logging.getLogger(__name__)
 
-# One sequence on the wire: (seq_id, base, new token ids, k, params or None). `base` is how many tokens the
-# actor already mirrors for the sequence (0 = `new` is the full list and `params` is set).
-WireRequest = tuple[int, int, list[int], int, SamplingParams | None]
+# One sequence on the wire: (seq_id, base, new token ids, k, params or None, hidden rows or None). `base` is how
+# many tokens the actor already mirrors for the sequence (0 = `new` is the full list and `params` is set).
+WireRequest = tuple[int, int, list[int], int, SamplingParams | None, torch.Tensor | None]
+LEARNED = ("mlp", "eagle")  # speculators a draft worker runs besides the draft model
 
 
 @dataclass
@@ -62,7 +64,7 @@ class DraftService:
         else:
             # Stay within this actor's CPU share instead of spinning a thread per core of the host.
             torch.set_num_threads(max(1, num_threads))
-        self.proposer = DraftModelProposer(ModelRunner.from_config(config, draft=True, device=device))
+        self.proposer = make_proposer(config, device=device)
         self.seqs: dict[int, _Mirror] = {}
         # Changes on every (re)start: lets callers and tests tell a restarted actor from the old one.
         self.incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -76,7 +78,7 @@ class DraftService:
         missing: list[int] = []
         batch: list[DraftRequest] = []
         where: list[int] = []
-        for i, (seq_id, base, new, k, params) in enumerate(requests):
+        for i, (seq_id, base, new, k, params, hidden) in enumerate(requests):
             mirror = self.seqs.get(seq_id)
             if base == 0 and params is not None:
                 mirror = self.seqs[seq_id] = _Mirror(list(new), params)
@@ -86,7 +88,7 @@ class DraftService:
                 continue
             else:
                 mirror.tokens.extend(new)
-            batch.append(DraftRequest(seq_id, mirror.tokens, k, mirror.params))
+            batch.append(DraftRequest(seq_id, mirror.tokens, k, mirror.params, hidden))
             where.append(i)
         for i, draft in zip(where, self.proposer.propose(batch) if batch else []):
             if draft.probs is not None:
@@ -107,7 +109,8 @@ class DraftService:
 
 @ray.remote(max_restarts=-1)
 class DraftWorker(DraftService):
-    """The draft model's actor; restartable (a restart reloads the model and starts with an empty KV pool)."""
+    """The drafter's actor; restartable (a restart reloads the drafter; a draft model starts with an empty KV
+    pool)."""
 
 
 def start_draft_worker(
@@ -121,13 +124,13 @@ def start_draft_worker(
     max_restarts: int = -1,
     ready_timeout_s: float | None = None,
 ) -> Any:
-    """Start a DraftWorker for `engine_config` (whose speculator must be 'draft') and return its handle.
+    """Start a DraftWorker for `engine_config` (speculator 'draft' or a learned one) and return its handle.
 
     On CUDA the worker needs a GPU of its own: `num_gpus` 0 becomes 1. With a `placement_group` the actor goes
     into bundle `bundle_index` (e.g. one the replica reserved for it). With `ready_timeout_s` this waits for the
     model to load (raising on failure), otherwise it returns at once."""
-    if engine_config.speculator != "draft":
-        raise ValueError(f"a draft worker needs speculator 'draft', not {engine_config.speculator!r}")
+    if engine_config.speculator not in ("draft", *LEARNED):
+        raise ValueError(f"a draft worker needs speculator 'draft', 'mlp' or 'eagle', not {engine_config.speculator!r}")
     resources = resources or ActorResources()
     num_gpus = resources.num_gpus
     if engine_config.device.startswith("cuda") and num_gpus <= 0:
@@ -165,11 +168,15 @@ class RemoteDraftProposer(Proposer):
         timeout_s: float = 10.0,
         retry_interval_s: float = 2.0,
         ready_timeout_s: float = 0.0,
+        hidden_rows: HiddenRows = "none",
+        max_k: int | None = None,
     ):
         """`timeout_s` bounds one propose call (beyond it the step goes on without drafts); a degraded
         proposer pings the actor at most every `retry_interval_s`; `ready_timeout_s` > 0 waits that long for
-        the first ping here instead of starting degraded."""
+        the first ping here instead of starting degraded. `hidden_rows` and `max_k` are the actor's proposer's
+        (`speculator.factory.proposer_traits`; see `for_config`)."""
         self.actor = actor
+        self.hidden_rows, self.max_k = hidden_rows, max_k
         self.device = torch.device(device)
         self.timeout_s, self.retry_interval_s = timeout_s, retry_interval_s
         self.healthy = False
@@ -185,6 +192,12 @@ class RemoteDraftProposer(Proposer):
             ready, _ = ray.wait([self._ping], timeout=ready_timeout_s)
             if ready:
                 self.poll()
+
+    @classmethod
+    def for_config(cls, actor: Any, engine_config: EngineConfig, **kwargs: Any) -> RemoteDraftProposer:
+        """The stand-in for the proposer `engine_config` names, running in `actor`."""
+        hidden_rows, max_k = proposer_traits(engine_config)
+        return cls(actor, device=engine_config.device, hidden_rows=hidden_rows, max_k=max_k, **kwargs)
 
     # ---- Proposer -------------------------------------------------------------------------------------
 
@@ -202,7 +215,7 @@ class RemoteDraftProposer(Proposer):
             self._released = released + self._released
             self.fallback_steps += 1
             return [Draft([]) for _ in requests]
-        for r, (seq_id, base, new, _, _) in zip(requests, wire):
+        for r, (seq_id, base, new, *_) in zip(requests, wire):
             self._sent[seq_id] = (base + len(new), r.token_ids[-1])
         for seq_id in missing:
             self._sent.pop(seq_id, None)
@@ -278,8 +291,9 @@ class RemoteDraftProposer(Proposer):
     def _encode(self, r: DraftRequest) -> WireRequest:
         sent = self._sent.get(r.seq_id)
         self._held.add(r.seq_id)
+        hidden = r.hidden.cpu() if r.hidden is not None else None
         if sent is not None:
             n, last = sent
             if 0 < n <= len(r.token_ids) and r.token_ids[n - 1] == last:
-                return (r.seq_id, n, r.token_ids[n:], r.k, None)
-        return (r.seq_id, 0, list(r.token_ids), r.k, r.params)
+                return (r.seq_id, n, r.token_ids[n:], r.k, None, hidden)
+        return (r.seq_id, 0, list(r.token_ids), r.k, r.params, hidden)

@@ -4,7 +4,8 @@ Each replica owns an LLMEngine driven by an AsyncEngine thread, and the actors a
 - the block manager actor (`block_manager_actor.py`) that owns the pool's KV pages, one call per step at most;
 - with tensor_parallel_size > 1, ShardWorker actors that run the forward, in this replica's own
   placement-group bundles (bundle 0 is the replica, bundles 1..tp the shards);
-- with `draft_worker.enabled`, the DraftWorker actor in the last bundle, proposing for the whole batch.
+- with `draft_worker.enabled`, the DraftWorker actor (a draft model or a learned drafter) in the last bundle,
+  proposing for the whole batch.
 Serve reserves, places and releases a replica and its actors together. When a step fails (a shard or the
 block manager died), `_repair` rebuilds what is dead and the requests in flight are recomputed; a dead draft
 worker only turns speculation off until it is back. The replica streams typed items (stream_items.py) to the
@@ -147,8 +148,8 @@ class LLMServer:
             placement_group=pg,
             bundle_index=len(pg.bundle_specs) - 1 if pg is not None else -1,
         )
-        # The replica serves at once; speculation starts when the draft model has loaded.
-        return RemoteDraftProposer(actor, device=self.config.engine.device)
+        # The replica serves at once; speculation starts when the drafter has loaded.
+        return RemoteDraftProposer.for_config(actor, self.config.engine)
 
     def _repair(self, error: Exception) -> bool:
         """After a failed step: rebuild the shard group if dead. True = go on (the engine then recomputes the

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from engine import hidden_rows
 from engine.detokenizer import IncrementalDetokenizer
 from engine.metrics import RequestMetrics, SpecCounters
 from engine.scheduler import ScheduledSeq, Scheduler
@@ -44,10 +45,8 @@ from model.runner import ModelRunner, StepInput, context_length
 from sampling.params import SamplingParams, describe_validation_error
 from sampling.sampler import make_generator, processed_probs
 from speculator.backoff import KController
-from speculator.draft_model import DraftModelProposer
-from speculator.ngram import NgramProposer
+from speculator.factory import make_proposer
 from speculator.proposer import Draft, DraftRequest, Proposer
-from speculator.suffix import SuffixProposer
 from speculator.verify import verify_greedy, verify_sampled
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -82,6 +81,7 @@ class _Request:
     generator: torch.Generator | None
     controller: KController | None
     metrics: RequestMetrics
+    hidden: hidden_rows.PendingHidden | None = None  # for a proposer that reads the target's hidden rows
 
 
 class LLMEngine:
@@ -120,7 +120,10 @@ class LLMEngine:
             cfg.max_num_batched_tokens,
             self.max_model_len,
         )
-        self.proposer = proposer or self._make_proposer()
+        self.proposer = proposer or make_proposer(cfg, target=getattr(self.runner, "model", None))
+        max_k = self.proposer.max_k if self.proposer else None
+        if max_k and max_k < cfg.num_speculative_tokens:  # no lookahead slot for a token that cannot come
+            self.config = cfg = cfg.model_copy(update={"num_speculative_tokens": max_k})
         self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
         self.requests: dict[str, _Request] = {}
         self.spec = SpecCounters()
@@ -132,16 +135,6 @@ class LLMEngine:
         self._held: list[Sequence] = []
         # The sequences the running step involves (blamed if it fails); None: all in the scheduler.
         self._in_step: list[Sequence] | None = []
-
-    def _make_proposer(self) -> Proposer | None:
-        cfg = self.config
-        if cfg.speculator == "ngram":
-            return NgramProposer(cfg.ngram_min, cfg.ngram_max)
-        if cfg.speculator == "suffix":
-            return SuffixProposer()
-        if cfg.speculator == "draft":
-            return DraftModelProposer(ModelRunner.from_config(cfg, draft=True))
-        return None
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -206,6 +199,7 @@ class LLMEngine:
         """Every KV page is lost (rebuilt shards or block manager): unfinished requests are recomputed from
         their tokens so far, and no output already streamed changes."""
         for req in self.requests.values():
+            req.hidden = None
             if self.proposer:
                 self.proposer.release(req.seq.seq_id)
         self.scheduler.reset()
@@ -258,12 +252,14 @@ class LLMEngine:
         if self.proposer:
             for seq in out.preempted:
                 self.proposer.release(seq.seq_id)
+                self.requests[seq.request_id].hidden = None
         if not out.scheduled:
             outputs = self._drop_unschedulable()
             if self._suspects:
                 self._after_isolated_step(outputs)
             return outputs
         drafts = self._propose(out.scheduled)
+        mode = self._hidden_rows
         items = []
         for s in out.scheduled:
             self.runner.copy_blocks(s.copies)
@@ -271,32 +267,65 @@ class LLMEngine:
             draft = drafts.get(seq.seq_id, NO_DRAFT)
             feed = seq.token_ids[seq.num_computed : seq.num_computed + s.num_tokens] + draft.tokens
             n_logits = 1 + len(draft.tokens) if s.completes_prefill else 0
-            items.append(StepInput(feed, seq.num_computed, self.scheduler.tables[seq.seq_id], n_logits))
-        logits = self.runner.execute(items)
+            n_hidden = hidden_rows.rows_wanted(mode, len(feed), n_logits)
+            items.append(StepInput(feed, seq.num_computed, self.scheduler.tables[seq.seq_id], n_logits, n_hidden))
+        if mode == "none":
+            logits, hidden = self.runner.execute(items), None
+        else:
+            result = self.runner.execute_with_hidden(items)
+            logits, hidden = result.logits, result.hidden
         self._in_step = []
-        outputs = self._postprocess(out.scheduled, items, drafts, logits)
+        outputs = self._postprocess(out.scheduled, items, drafts, logits, hidden)
         if self._suspects:
             self._after_isolated_step(outputs)
         return outputs
+
+    @property
+    def _hidden_rows(self) -> str:
+        """The target's hidden rows the proposer reads ("none", "last", "all"; see speculator/proposer.py)."""
+        return self.proposer.hidden_rows if self.proposer else "none"
 
     def _propose(self, scheduled: list[ScheduledSeq]) -> dict[int, Draft]:
         decoding = [s for s in scheduled if s.num_lookahead]
         if not (decoding and self.proposer):
             return {}
-        reqs = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_lookahead, s.seq.params) for s in decoding]
+        reqs = [
+            DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_lookahead, s.seq.params, self._take_hidden(s.seq))
+            for s in decoding
+        ]
         return {s.seq.seq_id: d for s, d in zip(decoding, self.proposer.propose(reqs))}
 
+    def _take_hidden(self, seq: Sequence) -> torch.Tensor | None:
+        """Hand over the sequence's hidden rows since its last proposal."""
+        req = self.requests[seq.request_id]
+        pending, req.hidden = req.hidden, None
+        return hidden_rows.take(pending, len(seq.token_ids))
+
+    def _keep_hidden(self, req: _Request, item: StepInput, rows: torch.Tensor, num_valid: int) -> None:
+        req.hidden = hidden_rows.keep(req.hidden, self._hidden_rows, item, rows, num_valid)
+
     def _postprocess(
-        self, scheduled: list[ScheduledSeq], items: list[StepInput], drafts: dict[int, Draft], logits: torch.Tensor
+        self,
+        scheduled: list[ScheduledSeq],
+        items: list[StepInput],
+        drafts: dict[int, Draft],
+        logits: torch.Tensor,
+        hidden: torch.Tensor | None = None,
     ) -> list[RequestOutput]:
         """Each sequence on its own: an exception ends that request (see the module docstring)."""
         greedy_rows = logits.argmax(-1).tolist() if any(s.seq.params.greedy for s in scheduled) else []
         now = time.perf_counter()
-        outputs, row = [], 0
+        outputs, row, hrow = [], 0, 0
         for s, item in zip(scheduled, items):
             seq = s.seq
             seq.num_computed += s.num_tokens
+            h = None
+            if hidden is not None:
+                h = hidden[hrow : hrow + item.num_hidden]
+                hrow += item.num_hidden
             if not item.num_logits:  # a prefill chunk: nothing to sample yet
+                if h is not None:
+                    self._keep_hidden(self.requests[seq.request_id], item, h, s.num_tokens)
                 self.scheduler.commit(seq)
                 continue
             rows = slice(row, row + item.num_logits)
@@ -304,16 +333,25 @@ class LLMEngine:
             req = self.requests[seq.request_id]
             try:
                 draft = drafts.get(seq.seq_id, NO_DRAFT)
-                outputs.append(self._accept(req, s, draft, logits[rows], greedy_rows[rows], now))
+                outputs.append(self._accept(req, s, item, draft, logits[rows], greedy_rows[rows], h, now))
             except Exception:  # noqa: BLE001 - this request's failure must not reach the others
                 log.exception("request %s failed while its step output was processed", seq.request_id)
                 outputs.append(self._fail(req, SEQUENCE_FAILED))
         return outputs
 
     def _accept(
-        self, req: _Request, s: ScheduledSeq, draft: Draft, logits: torch.Tensor, argmax: list[int], now: float
+        self,
+        req: _Request,
+        s: ScheduledSeq,
+        item: StepInput,
+        draft: Draft,
+        logits: torch.Tensor,
+        argmax: list[int],
+        hidden: torch.Tensor | None,
+        now: float,
     ) -> RequestOutput:
-        """Verify the sequence's draft against its logits rows, then append what was emitted."""
+        """Verify the sequence's draft against its logits rows, keep the hidden rows of what was accepted, then
+        append what was emitted."""
         seq = req.seq
         if seq.params.greedy:
             emitted = verify_greedy(argmax, draft.tokens)
@@ -322,6 +360,8 @@ class LLMEngine:
             emitted = verify_sampled(p, draft.tokens, draft.probs, req.generator)
         accepted = len(emitted) - 1
         seq.num_computed += accepted
+        if hidden is not None:
+            self._keep_hidden(req, item, hidden, s.num_tokens + accepted)
         if s.num_lookahead or draft.tokens:
             req.metrics.spec.record(len(draft.tokens), accepted, len(emitted))
             self.spec.record(len(draft.tokens), accepted, len(emitted))

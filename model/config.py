@@ -25,7 +25,12 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=16)
     max_model_len: int | None = Field(default=None, ge=16, description="None = the model's context length")
-    speculator: Literal["none", "ngram", "suffix", "draft"] = "none"
+    speculator: Literal["none", "ngram", "suffix", "draft", "mlp", "eagle"] = Field(
+        default="none", description="mlp/eagle: a learned drafter read from speculator_model"
+    )
+    speculator_model: str | None = Field(
+        default=None, description="the learned drafter's folder (`specserve distill` writes one); mlp/eagle only"
+    )
     num_speculative_tokens: int = Field(default=4, ge=1, le=32)
     adaptive_k: bool = Field(default=True, description="per-sequence backoff of k when acceptance is poor")
     ngram_min: int = Field(default=1, ge=1)
@@ -40,6 +45,11 @@ class EngineConfig(BaseModel):
     def _check(self) -> EngineConfig:
         if self.ngram_min > self.ngram_max:
             raise ValueError("ngram_min must be <= ngram_max")
+        learned = self.speculator in ("mlp", "eagle")
+        if learned and not self.speculator_model:
+            raise ValueError(f"speculator_model: required for speculator '{self.speculator}' (a drafter folder)")
+        if self.speculator_model and not learned:
+            raise ValueError(f"speculator_model: only read by speculator 'mlp' or 'eagle', not '{self.speculator}'")
         if self.speculator == "draft" and self.draft_model is None and self.draft_num_layers is None:
             # The target itself is no draft: default to a layer-truncated copy of it.
             self.draft_num_layers = 4

@@ -1,4 +1,15 @@
-"""The proposer interface: guess up to k next tokens for every decoding sequence in one call."""
+"""The proposer interface: guess up to k next tokens for every decoding sequence in one call.
+
+A learned drafter reads the target's final hidden states (after the last norm, before the LM head). It says which
+rows it needs with `hidden_rows`, and the engine asks the runner for them only then, from the same forward:
+- "last": the row whose logits chose the newest token (`hidden` is [1, d]); IBM's MLP speculator.
+- "all": every row since the previous proposal for the sequence, prompt included, in order, with no gap: prefill
+  chunks and the accepted rows of each verification (an EAGLE-style head that keeps its own KV). After
+  `release(seq_id)` (a preemption, a recompute) the rows start over from the first position the target computes
+  again; positions served from the prefix cache are never computed, so a sequence may start later than row 0.
+Row i of `hidden` [n, d] is the one whose logits predicted token_ids[len(token_ids) - n + i]; n < len(token_ids) - 1
+means the rows of the earlier tokens were delivered before (or never computed).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +21,8 @@ import torch
 
 from sampling.params import SamplingParams
 
+HiddenRows = Literal["none", "last", "all"]
+
 
 @dataclass
 class DraftRequest:
@@ -17,7 +30,8 @@ class DraftRequest:
     token_ids: list[int]  # prompt + accepted output; the last token has no KV in the target yet
     k: int  # at most this many draft tokens
     params: SamplingParams
-    # [n, d]: the target's final hidden states whose logits predicted token_ids[-n:] (see Proposer.hidden_rows)
+    # [n, d] the target's final hidden states whose logits predicted token_ids[-n:] (see the module docstring);
+    # None for a proposer with hidden_rows "none", or when the engine has no row for it (then: no draft).
     hidden: torch.Tensor | None = None
 
 
@@ -29,9 +43,11 @@ class Draft:
 
 
 class Proposer(ABC):
-    # Which of the target's final hidden states a request carries: none, the last row, or every row since the
-    # previous proposal for that sequence (prompt included).
-    hidden_rows: Literal["none", "last", "all"] = "none"
+    # The target's hidden rows this proposer reads (see the module docstring); "none" costs nothing.
+    hidden_rows: HiddenRows = "none"
+    # The most draft tokens it can give per step (a learned drafter's number of heads); None = any k. The engine
+    # caps its k to it, so no lookahead slot is reserved for a token that cannot come.
+    max_k: int | None = None
 
     @abstractmethod
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:

@@ -97,3 +97,32 @@ def greedy_reference(make_engine, prompt: str, sizes: tuple[int, ...]) -> dict[i
 
     engine = make_engine(kv_cache_gib=0.25, max_model_len=1024)
     return {n: engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].text for n in sizes}
+
+
+def mlp_training_chats(n: int = 6) -> list[list[dict]]:
+    """The chats the test MLP drafter is trained on (a short question first, then HumanEval functions)."""
+    return [[{"role": "user", "content": "Name one fruit."}]] + [
+        [{"role": "user", "content": f"Complete this function:\n{p}"}] for p in humaneval_prompts(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def mlp_drafter(make_engine, tmp_path_factory) -> Path:
+    """An MLP speculator distilled in seconds from the default model's greedy outputs on `mlp_training_chats()`
+    (it learns them by heart: its drafts are accepted there, rarely elsewhere), in IBM's format."""
+    from sampling.params import SamplingParams
+    from speculator.distill import DistillOptions, distill
+    from speculator.distill_data import teacher_forced_records
+    from speculator.mlp_checkpoint import save_speculator
+
+    engine = make_engine(kv_cache_gib=0.25, max_model_len=1024)
+    outs = engine.generate(mlp_training_chats(), SamplingParams(max_tokens=48))
+    seqs = [(o.prompt_token_ids + o.output_token_ids, len(o.prompt_token_ids)) for o in outs]
+    engine.reset_kv()
+    records = teacher_forced_records(engine.runner, seqs)
+    engine.reset_kv()  # the teacher-forced pass overwrote pages the prefix cache still names
+    options = DistillOptions(n_predict=3, draft_vocab=1024, epochs=20, batch_size=32, lr=3e-3)
+    result = distill(records, target_vocab_size=engine.arch.vocab_size, options=options, progress=False)
+    folder = tmp_path_factory.mktemp("mlp-drafter")
+    save_speculator(result.model, folder)
+    return folder

@@ -1,0 +1,69 @@
+"""The proposer an engine config names, built the same way wherever it runs (in the engine's process or in the
+draft worker actor), and what a replica must know of it without building it (for a proposer in an actor)."""
+
+from __future__ import annotations
+
+import torch
+
+from model.config import EngineConfig
+from model.decoder import CausalLM
+from model.loader import load_arch, resolve_model
+from model.runner import ModelRunner
+from speculator.draft_model import DraftModelProposer
+from speculator.eagle import EagleLoadError, TargetParts, load_eagle, read_eagle_config
+from speculator.eagle_proposer import EagleProposer
+from speculator.mlp_checkpoint import read_config
+from speculator.mlp_proposer import MLPProposer
+from speculator.ngram import NgramProposer
+from speculator.proposer import HiddenRows, Proposer
+from speculator.suffix import SuffixProposer
+
+
+def make_proposer(
+    config: EngineConfig, *, device: torch.device | str | None = None, target: CausalLM | None = None
+) -> Proposer | None:
+    """The proposer of `config.speculator` (None for "none"); `device` overrides `config.device` (an actor sees
+    its GPU as cuda:0). An EAGLE head borrows the target's embedding and LM head: from `target` (the engine's
+    own model) or, in a process without one (the draft worker), from a one-layer load of the target's weights.
+    A drafter folder that does not fit the target is a one-line ValueError."""
+    device = device if device is not None else config.device
+    if config.speculator == "ngram":
+        return NgramProposer(config.ngram_min, config.ngram_max)
+    if config.speculator == "suffix":
+        return SuffixProposer()
+    if config.speculator == "draft":
+        return DraftModelProposer(ModelRunner.from_config(config, draft=True, device=device))
+    if config.speculator == "mlp":
+        arch = load_arch(resolve_model(config.model))
+        return MLPProposer.load(
+            config.speculator_model,
+            target_hidden_size=arch.hidden_size,
+            target_vocab_size=arch.vocab_size,
+            device=device,
+            dtype=getattr(torch, config.dtype),
+        )
+    if config.speculator == "eagle":
+        if target is None:
+            one_layer = config.model_copy(update={"draft_model": None, "draft_num_layers": 1})
+            target = ModelRunner.from_config(one_layer, draft=True, device=device).model
+        parts = TargetParts.from_model(target)
+        try:
+            head = load_eagle(config.speculator_model, parts, device=device, dtype=parts.embed.dtype)
+        except EagleLoadError as e:
+            raise ValueError(str(e)) from None
+        return EagleProposer(head)
+    return None
+
+
+def proposer_traits(config: EngineConfig) -> tuple[HiddenRows, int | None]:
+    """`hidden_rows` and `max_k` of the proposer `make_proposer(config)` builds, read without loading it (the
+    replica's stand-in for a proposer in the draft worker actor must declare them)."""
+    if config.speculator == "mlp":
+        return MLPProposer.hidden_rows, read_config(config.speculator_model).n_predict
+    if config.speculator == "eagle":
+        try:
+            read_eagle_config(config.speculator_model)  # fails early on a folder that is not a head
+        except EagleLoadError as e:
+            raise ValueError(str(e)) from None
+        return EagleProposer.hidden_rows, None  # drafts any k, from its own features
+    return "none", None
