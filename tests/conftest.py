@@ -126,3 +126,30 @@ def mlp_drafter(make_engine, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("mlp-drafter")
     save_speculator(result.model, folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def eagle_drafter(make_engine, tmp_path_factory) -> Path:
+    """An EAGLE head distilled in seconds from the default model's greedy outputs on `mlp_training_chats()` (it
+    learns them by heart, like `mlp_drafter`)."""
+    from sampling.params import SamplingParams
+    from speculator.distill import DistillOptions, distill
+    from speculator.distill_data import teacher_forced_records
+    from speculator.eagle import TargetParts, save_eagle
+
+    engine = make_engine(kv_cache_gib=0.25, max_model_len=1024)
+    outs = engine.generate(mlp_training_chats(), SamplingParams(max_tokens=48))
+    engine.reset_kv()
+    records = teacher_forced_records(engine.runner, [(o.prompt_token_ids + o.output_token_ids, 1) for o in outs])
+    engine.reset_kv()  # the teacher-forced pass overwrote pages the prefix cache still names
+    for record, o in zip(records, outs):
+        record.output_start = len(o.prompt_token_ids)
+    options = DistillOptions(n_predict=3, draft_vocab=1024, epochs=20, batch_size=8, lr=3e-3)
+    target = TargetParts.from_model(engine.runner.model)
+    result = distill(
+        records, "eagle", target_vocab_size=engine.arch.vocab_size, options=options, progress=False,
+        arch=engine.arch, target=target,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("eagle-drafter")
+    save_eagle(result.model, folder)
+    return folder

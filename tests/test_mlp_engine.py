@@ -232,3 +232,32 @@ def test_config_and_command_line_take_a_learned_drafter(mlp_drafter, capsys):
     argv = ["generate", "Name one fruit.", "--speculator", "mlp", "--speculator-model", str(mlp_drafter)]
     assert main(argv + ["--max-tokens", "8", "--kv-cache-gib", "0.05", "--stats"]) == 0
     assert '"drafted"' in capsys.readouterr().err
+
+
+# ---- the EAGLE head in the engine: the same checks, with a head distilled the same way (`eagle_drafter`) -----
+
+
+def eagle_config(folder) -> dict:
+    return {**BASE, "speculator": "eagle", "speculator_model": str(folder), "num_speculative_tokens": 3}
+
+
+def test_greedy_with_the_eagle_head_equals_plain_decoding_and_hf(
+    make_engine, eagle_drafter, hf_model, prompts, reference
+):
+    from speculator.eagle_proposer import EagleProposer
+
+    plain = [o.output_token_ids for o in make_engine(**BASE).generate(prompts, GREEDY)]
+    engine = make_engine(**eagle_config(eagle_drafter))
+    assert isinstance(engine.proposer, EagleProposer) and engine.proposer.hidden_rows == "all"
+    outputs = engine.generate(prompts, GREEDY)
+    assert [o.output_token_ids for o in outputs] == plain
+    check_against_reference(hf_model, prompts, reference, outputs)
+    assert engine.spec.drafted > 0
+    assert engine.block_manager.stats()["num_free_blocks"] == engine.runner.num_blocks - 1, "KV blocks leaked"
+
+
+def test_eagle_drafts_are_accepted_on_the_prompts_it_learned(make_engine, eagle_drafter, tokenizer):
+    engine = make_engine(**eagle_config(eagle_drafter), enable_prefix_caching=False)
+    engine.generate(chat_ids(tokenizer, mlp_training_chats()), SamplingParams(max_tokens=48))
+    assert engine.spec.accepted / engine.spec.drafted > 0.3, (engine.spec.accepted, engine.spec.drafted)
+    assert engine.spec.emitted / engine.spec.steps > 1.5
