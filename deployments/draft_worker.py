@@ -33,21 +33,23 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from deployments.app_config import ActorResources
 from model.config import EngineConfig
 from model.runner import ModelRunner
+from sampling.controls import LogitsControls
 from sampling.params import SamplingParams
 from speculator.draft_model import DraftModelProposer
 from speculator.proposer import Draft, DraftRequest, Proposer
 
 log = logging.getLogger(__name__)
 
-# One sequence on the wire: (seq_id, base, new token ids, k, params or None). `base` is how many tokens the
-# actor already mirrors for the sequence (0 = `new` is the full list and `params` is set).
-WireRequest = tuple[int, int, list[int], int, SamplingParams | None]
+# One sequence on the wire: (seq_id, base, new token ids, k, params or None, logits controls or None). `base`
+# is how many tokens the actor already mirrors for the sequence (0 = `new` is the full list and `params` is set).
+WireRequest = tuple[int, int, list[int], int, SamplingParams | None, LogitsControls | None]
 
 
 @dataclass
 class _Mirror:
     tokens: list[int]
     params: SamplingParams
+    controls: LogitsControls | None = None
 
 
 class DraftService:
@@ -76,17 +78,17 @@ class DraftService:
         missing: list[int] = []
         batch: list[DraftRequest] = []
         where: list[int] = []
-        for i, (seq_id, base, new, k, params) in enumerate(requests):
+        for i, (seq_id, base, new, k, params, controls) in enumerate(requests):
             mirror = self.seqs.get(seq_id)
             if base == 0 and params is not None:
-                mirror = self.seqs[seq_id] = _Mirror(list(new), params)
+                mirror = self.seqs[seq_id] = _Mirror(list(new), params, controls)
             elif mirror is None or len(mirror.tokens) != base:
                 self.seqs.pop(seq_id, None)
                 missing.append(seq_id)
                 continue
             else:
                 mirror.tokens.extend(new)
-            batch.append(DraftRequest(seq_id, mirror.tokens, k, mirror.params))
+            batch.append(DraftRequest(seq_id, mirror.tokens, k, mirror.params, mirror.controls))
             where.append(i)
         for i, draft in zip(where, self.proposer.propose(batch) if batch else []):
             if draft.probs is not None:
@@ -281,5 +283,5 @@ class RemoteDraftProposer(Proposer):
         if sent is not None:
             n, last = sent
             if 0 < n <= len(r.token_ids) and r.token_ids[n - 1] == last:
-                return (r.seq_id, n, r.token_ids[n:], r.k, None)
-        return (r.seq_id, 0, list(r.token_ids), r.k, r.params)
+                return (r.seq_id, n, r.token_ids[n:], r.k, None, None)
+        return (r.seq_id, 0, list(r.token_ids), r.k, r.params, r.controls)

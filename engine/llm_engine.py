@@ -41,6 +41,7 @@ from kv_cache.block_batch import BatchedBlockManager, BlockPool
 from model.config import EngineConfig
 from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from model.runner import ModelRunner, StepInput, context_length
+from sampling.controls import LogitsControls
 from sampling.params import SamplingParams, describe_validation_error
 from sampling.sampler import make_generator, processed_probs
 from speculator.backoff import KController
@@ -82,6 +83,7 @@ class _Request:
     generator: torch.Generator | None
     controller: KController | None
     metrics: RequestMetrics
+    controls: LogitsControls | None = None  # min_tokens, logit_bias, penalties (None: the request has none)
 
 
 class LLMEngine:
@@ -182,6 +184,9 @@ class LLMEngine:
             None if params.greedy else make_generator(params.seed, self.device),
             controller,
             metrics,
+            LogitsControls.for_request(
+                params, len(ids) if request.output_start is None else request.output_start, self.eos_token_ids
+            ),
         )
         if self._suspects:
             self._held.append(seq)
@@ -294,7 +299,16 @@ class LLMEngine:
         decoding = [s for s in scheduled if s.num_lookahead]
         if not (decoding and self.proposer):
             return {}
-        reqs = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_lookahead, s.seq.params) for s in decoding]
+        reqs = [
+            DraftRequest(
+                s.seq.seq_id,
+                s.seq.token_ids,
+                s.num_lookahead,
+                s.seq.params,
+                controls=self.requests[s.seq.request_id].controls,
+            )
+            for s in decoding
+        ]
         return {s.seq.seq_id: d for s, d in zip(decoding, self.proposer.propose(reqs))}
 
     def _postprocess(
@@ -324,8 +338,12 @@ class LLMEngine:
     def _accept(
         self, req: _Request, s: ScheduledSeq, draft: Draft, logits: torch.Tensor, argmax: list[int], now: float
     ) -> RequestOutput:
-        """Verify the sequence's draft against its logits rows, then append what was emitted."""
+        """Verify the sequence's draft against its logits rows, then append what was emitted. The logits controls
+        process row i with draft tokens 0..i-1 in its context (sampling/controls.py)."""
         seq = req.seq
+        if req.controls is not None:
+            logits = req.controls.apply(logits, seq.token_ids, draft.tokens)
+            argmax = logits.argmax(-1).tolist() if seq.params.greedy else argmax
         if seq.params.greedy:
             emitted = verify_greedy(argmax, draft.tokens)
         else:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sampling.controls import LogitsControls
 from sampling.params import SamplingParams
 
 
@@ -16,6 +17,7 @@ class DraftRequest:
     token_ids: list[int]  # prompt + accepted output; the last token has no KV in the target yet
     k: int  # at most this many draft tokens
     params: SamplingParams
+    controls: LogitsControls | None = None  # a sampling drafter processes its logits by the same rules
 
 
 @dataclass
