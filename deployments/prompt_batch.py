@@ -43,12 +43,9 @@ def element_error(error: ProtocolError, index: int) -> ProtocolError:
 
 
 async def start_all(streams: list[Any]) -> list[StartItem | ErrorItem]:
-    """Every stream's first item, started concurrently (all of them have answered when this returns)."""
-    firsts = await asyncio.gather(*(s.start() for s in streams), return_exceptions=True)
-    for first in firsts:
-        if isinstance(first, BaseException):
-            raise first
-    return list(firsts)
+    """Every stream's first item, the streams started one after another (their first reads, awaited together
+    from one request, were seen to hang in Serve now and then); the streams then run concurrently."""
+    return [await s.start() for s in streams]
 
 
 async def _collect(stream: Any, index: int, to_error: Callable[[ErrorItem], ProtocolError]) -> Choice:
