@@ -204,7 +204,7 @@ class RemoteDraftProposer(Proposer):
             self._released = released + self._released
             self.fallback_steps += 1
             return [Draft([]) for _ in requests]
-        for r, (seq_id, base, new, _, _) in zip(requests, wire):
+        for r, (seq_id, base, new, *_) in zip(requests, wire):
             self._sent[seq_id] = (base + len(new), r.token_ids[-1])
         for seq_id in missing:
             self._sent.pop(seq_id, None)
