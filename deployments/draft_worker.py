@@ -34,15 +34,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.app_config import ActorResources
 from model.config import EngineConfig
+from sampling.controls import LogitsControls
 from sampling.params import SamplingParams
 from speculator.factory import make_proposer, proposer_traits
 from speculator.proposer import Draft, DraftRequest, HiddenRows, Proposer
 
 log = logging.getLogger(__name__)
 
-# One sequence on the wire: (seq_id, base, new token ids, k, params or None, hidden rows or None). `base` is how
-# many tokens the actor already mirrors for the sequence (0 = `new` is the full list and `params` is set).
-WireRequest = tuple[int, int, list[int], int, SamplingParams | None, torch.Tensor | None]
+# One sequence on the wire: (seq_id, base, new token ids, k, params or None, logits controls or None, hidden
+# rows or None). `base` is how many tokens the actor already mirrors for the sequence (0 = `new` is the full
+# list and `params` is set).
+WireRequest = tuple[int, int, list[int], int, SamplingParams | None, LogitsControls | None, torch.Tensor | None]
 LEARNED = ("mlp", "eagle")  # speculators a draft worker runs besides the draft model
 
 
@@ -50,6 +52,7 @@ LEARNED = ("mlp", "eagle")  # speculators a draft worker runs besides the draft 
 class _Mirror:
     tokens: list[int]
     params: SamplingParams
+    controls: LogitsControls | None = None
 
 
 class DraftService:
@@ -78,17 +81,17 @@ class DraftService:
         missing: list[int] = []
         batch: list[DraftRequest] = []
         where: list[int] = []
-        for i, (seq_id, base, new, k, params, hidden) in enumerate(requests):
+        for i, (seq_id, base, new, k, params, controls, hidden) in enumerate(requests):
             mirror = self.seqs.get(seq_id)
             if base == 0 and params is not None:
-                mirror = self.seqs[seq_id] = _Mirror(list(new), params)
+                mirror = self.seqs[seq_id] = _Mirror(list(new), params, controls)
             elif mirror is None or len(mirror.tokens) != base:
                 self.seqs.pop(seq_id, None)
                 missing.append(seq_id)
                 continue
             else:
                 mirror.tokens.extend(new)
-            batch.append(DraftRequest(seq_id, mirror.tokens, k, mirror.params, hidden))
+            batch.append(DraftRequest(seq_id, mirror.tokens, k, mirror.params, hidden, mirror.controls))
             where.append(i)
         for i, draft in zip(where, self.proposer.propose(batch) if batch else []):
             if draft.probs is not None:
@@ -295,5 +298,5 @@ class RemoteDraftProposer(Proposer):
         if sent is not None:
             n, last = sent
             if 0 < n <= len(r.token_ids) and r.token_ids[n - 1] == last:
-                return (r.seq_id, n, r.token_ids[n:], r.k, None, hidden)
-        return (r.seq_id, 0, list(r.token_ids), r.k, r.params, hidden)
+                return (r.seq_id, n, r.token_ids[n:], r.k, None, None, hidden)
+        return (r.seq_id, 0, list(r.token_ids), r.k, r.params, r.controls, hidden)

@@ -50,6 +50,7 @@ from deployments.openai_responses import (
     usage,
 )
 from deployments.openapi_doc import install_openapi
+from deployments.prompt_batch import batch_response, collect_all, element_error, relay_sse, start_all, usage_of
 from deployments.replica_stream import ReplicaStream
 from deployments.routing_policy import prefix_keys
 from deployments.serve_metrics import CONTENT_TYPE, IngressMetrics, MetricsRelay
@@ -269,6 +270,8 @@ class Ingress:
         req = parse_request(schema, await request.body())
         check_model(req.model, [self.model_id])
         params = req.sampling_kwargs()
+        if not chat and len(req.prompts) > 1:
+            return await self._answer_batch(req, params, request_id)
         prompt = req.engine_prompt()
         engine_request = {
             **prompt,
@@ -314,6 +317,65 @@ class Ingress:
         build = chat_completion_response if chat else completion_response
         body = build(rid, self.model_id, done.text, finish, done.usage, created=int(time.time()))
         return JSONResponse(body, headers=served_by)
+
+    async def _answer_batch(self, req: CompletionRequest, params: dict, request_id: str) -> Response:
+        """Several prompts (prompt_batch.py): a replica stream and a choice each; the cache is not asked."""
+        streams = [
+            ReplicaStream(
+                self.server,
+                {
+                    "prompt": prompt,
+                    "params": params,
+                    "request_id": f"{request_id}-{i}-{uuid.uuid4().hex[:8]}",
+                    "prefix_keys": prefix_keys(prompt),
+                },
+                self.config.ingress.resume_timeout_s,
+            )
+            for i, prompt in enumerate(req.prompts)
+        ]
+        rid, created = new_id("cmpl"), int(time.time())
+
+        def to_error(item: ErrorItem) -> ProtocolError:
+            return item_error(item, request_id)
+
+        def on_error(error: Exception) -> ProtocolError:
+            log.error("stream of request %s failed", request_id, exc_info=error)
+            return server_error(request_id, "internal error while streaming the answer")
+
+        def cancel_all() -> None:
+            for stream in streams:
+                stream.cancel()
+
+        handed_over = False
+        try:
+            firsts = await start_all(streams)
+            for i, first in enumerate(firsts):
+                if isinstance(first, ErrorItem):
+                    raise element_error(to_error(first), i)
+            prompt_tokens = [first.prompt_tokens for first in firsts]
+            served_by = {REPLICA_HEADER: ",".join(sorted({first.replica for first in firsts}))}
+            if req.stream:
+                events = relay_sse(
+                    streams,
+                    prompt_tokens,
+                    id=rid,
+                    model=self.model_id,
+                    created=created,
+                    include_usage=req.include_usage,
+                    to_error=to_error,
+                    on_error=on_error,
+                    on_usage=lambda u: self.metrics.tokens.inc(u["completion_tokens"]),
+                )
+                response = _GuardedStream(events, cancel_all, media_type="text/event-stream", headers=served_by)
+                handed_over = True
+                return response
+            choices = await collect_all(streams, to_error)
+        finally:
+            if not handed_over:
+                cancel_all()
+        total = usage_of(prompt_tokens, choices)
+        self.metrics.tokens.inc(total["completion_tokens"])
+        return JSONResponse(batch_response(rid, self.model_id, choices, total, created), headers=served_by)
 
     def _offer(self, key, done: CachedCompletion) -> None:
         self.metrics.completion_tokens(done.completion_tokens)

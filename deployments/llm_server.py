@@ -184,18 +184,23 @@ class LLMServer:
 
     async def _prepare_resumed(self, prompt_ids: list[int], resume: dict[str, Any], kwargs: dict) -> Prepared:
         """Prompt + the output already streamed, with the rest of the budget. The engine runs it without stop
-        strings: ResumedText replays the output with them, so a stop string across the cut still stops it."""
+        strings: ResumedText replays the output with them, so a stop string across the cut still stops it. The
+        logits controls count the output from where it began (`output_start`), as the first replica did."""
         done = list(resume["output_token_ids"])
         left = self.engine.max_model_len - len(prompt_ids) - len(done)
         if kwargs.get("max_tokens") is not None:
             left = min(left, kwargs["max_tokens"] - len(done))
         request = None
         if left >= 1:
-            request = await self.engine.prepare(prompt_ids + done, {**kwargs, "max_tokens": left})
+            min_left = max(0, (kwargs.get("min_tokens") or 0) - len(done))
+            request = await self.engine.prepare(
+                prompt_ids + done, {**kwargs, "max_tokens": left, "min_tokens": min_left}
+            )
             params = request.params
-            request = replace(request, params=params.model_copy(update={"stop": []}))
+            update = {"stop": [], "min_tokens": kwargs.get("min_tokens") or 0}  # counted from output_start
+            request = replace(request, params=params.model_copy(update=update), output_start=len(prompt_ids))
         else:  # the budget was spent as the replica died: only text held back is left to send
-            params = sampling_params({**kwargs, "max_tokens": 1})
+            params = sampling_params({**kwargs, "max_tokens": 1, "min_tokens": 0})
         resumed = await asyncio.to_thread(
             ResumedText, self.engine.tokenizer, prompt_ids, done, resume.get("text", ""), params
         )
@@ -211,7 +216,7 @@ class LLMServer:
         try:
             prep = await self._prepare(request)
         except RequestError as e:
-            yield ErrorItem(ErrorKind.INVALID_REQUEST, str(e), param)
+            yield ErrorItem(ErrorKind.INVALID_REQUEST, str(e), e.param or param)
             return
         if prep.resumed is None:  # a resumed request was admitted once already
             n = len(prep.request.prompt_token_ids)
@@ -234,7 +239,7 @@ class LLMServer:
             try:
                 out = await outputs.__anext__()
             except RequestError as e:
-                yield ErrorItem(ErrorKind.INVALID_REQUEST, str(e), param)
+                yield ErrorItem(ErrorKind.INVALID_REQUEST, str(e), e.param or param)
                 return
             yield start
             while True:

@@ -17,7 +17,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from engine.tokenization import lone_surrogate
-from sampling.params import describe_validation_error, field_errors
+from sampling.params import (
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_PENALTY,
+    check_logit_bias,
+    describe_validation_error,
+    field_errors,
+)
 
 # OpenAI's defaults: sampling at temperature 1 unless the client asks otherwise.
 DEFAULT_TEMPERATURE = 1.0
@@ -182,9 +188,6 @@ def _only(*values: Any) -> Any:
 # Why each `_only` option refuses every other value (one validator checks them all, on whichever model has them).
 _UNSUPPORTED = {
     "n": "only n=1 is supported",
-    "presence_penalty": "penalties are not supported; only 0 is accepted",
-    "frequency_penalty": "penalties are not supported; only 0 is accepted",
-    "logit_bias": "logit_bias is not supported",
     "logprobs": "logprobs are not supported",
     "top_logprobs": "logprobs are not supported",
     "echo": "echo is not supported",
@@ -195,6 +198,7 @@ _UNSUPPORTED = {
 
 
 _NonEmpty = Annotated[str, Field(min_length=1)]
+_Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 
 
 class StreamOptions(BaseModel):
@@ -219,20 +223,36 @@ class _BaseRequest(BaseModel):
     stop: _NonEmpty | list[_NonEmpty] | None = None
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     user: str | None = None
-    presence_penalty: float | None = _only(None, 0)
-    frequency_penalty: float | None = _only(None, 0)
-    logit_bias: dict[str, float] | None = _only(None, {})
+    presence_penalty: _Penalty | None = None
+    frequency_penalty: _Penalty | None = None
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        max_length=MAX_LOGIT_BIAS_ENTRIES,
+        description="token id (as a string) -> bias in [-100, 100] added to its logit",
+    )
     # extensions (vLLM's names)
     top_k: int | None = Field(default=None, ge=-1, le=INT64_MAX, description="-1 or 0 = no top-k cut")
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = None
+    min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX, description="EOS and stop ids masked until then")
+    repetition_penalty: float | None = Field(default=None, gt=0.0, description="1 = none; > 1 discourages repeats")
 
     @field_validator(*_UNSUPPORTED, check_fields=False)
     @classmethod
     def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
         if v not in cls.model_fields[info.field_name].json_schema_extra["enum"]:
             raise ValueError(_UNSUPPORTED[info.field_name])
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            bad = next((k for k in v if not (k.isascii() and k.isdigit() and len(k) <= MAX_INT_DIGITS)), None)
+            if bad is not None:
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {_quoted(bad)!r}")
+            check_logit_bias({int(k): b for k, b in v.items()})
         return v
 
     @field_validator("stop", mode="before")
@@ -278,45 +298,74 @@ class _BaseRequest(BaseModel):
             "stop_token_ids": list(self.stop_token_ids or []),
             "ignore_eos": self.ignore_eos,
             "skip_special_tokens": self.skip_special_tokens,
+            "min_tokens": self.min_tokens or 0,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "logit_bias": {int(k): b for k, b in (self.logit_bias or {}).items()},
         }
 
 
-def _normalize_prompt(v: Any) -> Any:
-    """str or token ids; a batch of one prompt is unwrapped; real batches are refused, not silently cut."""
-    if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
-        if len(v) > 1:
-            raise ValueError("batches of several prompts are not supported; send one prompt per request")
-        v = v[0]
+MAX_PROMPTS = 128  # prompts in one /v1/completions request (each is a request of its own to the replicas)
+
+
+def _one_prompt(v: Any, where: str) -> str | list[int]:
+    """A string or a list of token ids; ValueError("<where>: why") naming the prompt otherwise."""
     if isinstance(v, str):
         if not v:
-            raise ValueError("must not be empty")
+            raise ValueError(f"{where}: must not be empty")
         return v
     if isinstance(v, list):
         if not v:
-            raise ValueError("must not be empty")
-        if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+            raise ValueError(f"{where}: must not be empty")
+        if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT64_MAX for t in v):
             return v
-        raise ValueError("a token-id prompt must be a list of non-negative integers")
-    raise ValueError("must be a string, a list of token ids, or a list holding one of those")
+        raise ValueError(f"{where}: a token-id prompt must be a list of non-negative integers")
+    raise ValueError(f"{where}: must be a string or a list of token ids")
+
+
+def _normalize_prompt(v: Any) -> str | list[int] | list[str | list[int]]:
+    """A string, token ids, or a list of those (a batch: one choice each, in order); a batch of one is
+    unwrapped. A bad element is named by its index (`prompt.3`)."""
+    if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+        if len(v) > MAX_PROMPTS:
+            raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(v)}")
+        batch = [_one_prompt(p, f"prompt.{i}") for i, p in enumerate(v)]
+        return batch[0] if len(batch) == 1 else batch
+    if isinstance(v, (str, list)):
+        return _one_prompt(v, "prompt")
+    raise ValueError("prompt: must be a string, a list of token ids, or a list of those")
+
+
+_TokenIds = Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1)]
+_Prompt = Annotated[str, Field(strict=True, min_length=1)] | _TokenIds
 
 
 class CompletionRequest(_BaseRequest):
     """POST /v1/completions."""
 
-    prompt: _NonEmpty | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    prompt: _Prompt | list[_Prompt]
     logprobs: int | None = _only(None)
     echo: bool = _only(False)
     suffix: str | None = _only(None, "")
     best_of: int | None = _only(None, 1)
 
-    @field_validator("prompt", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _check_prompt(cls, v: Any) -> Any:
-        return _normalize_prompt(v)
+    def _check_prompt(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "prompt" in data:
+            data = {**data, "prompt": _normalize_prompt(data["prompt"])}
+        return data
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request, in choice order (one unless a batch was sent)."""
+        batch = isinstance(self.prompt, list) and not isinstance(self.prompt[0], int)
+        return list(self.prompt) if batch else [self.prompt]
 
     def engine_prompt(self) -> dict[str, Any]:
-        """`prompt=` for `LLMEngine.add_request` / `encode`."""
-        return {"prompt": self.prompt}
+        """`prompt=` for `LLMEngine.add_request` / `encode` (the first prompt of a batch; see `prompts`)."""
+        return {"prompt": self.prompts[0]}
 
 
 class TextPart(BaseModel):

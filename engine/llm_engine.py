@@ -42,6 +42,7 @@ from kv_cache.block_batch import BatchedBlockManager, BlockService
 from model.config import EngineConfig
 from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from model.runner import ModelRunner, StepInput, context_length
+from sampling.controls import LogitsControls
 from sampling.params import SamplingParams, describe_validation_error
 from sampling.sampler import make_generator, processed_probs
 from speculator.backoff import KController
@@ -82,6 +83,7 @@ class _Request:
     controller: KController | None
     metrics: RequestMetrics
     hidden: hidden_rows.PendingHidden | None = None  # for a proposer that reads the target's hidden rows
+    controls: LogitsControls | None = None  # min_tokens, logit_bias, penalties (None: the request has none)
 
 
 class LLMEngine:
@@ -175,6 +177,9 @@ class LLMEngine:
             None if params.greedy else make_generator(params.seed, self.device),
             controller,
             metrics,
+            LogitsControls.for_request(
+                params, len(ids) if request.output_start is None else request.output_start, self.eos_token_ids
+            ),
         )
         if self._suspects:
             self._held.append(seq)
@@ -290,7 +295,14 @@ class LLMEngine:
         if not (decoding and self.proposer):
             return {}
         reqs = [
-            DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_lookahead, s.seq.params, self._take_hidden(s.seq))
+            DraftRequest(
+                s.seq.seq_id,
+                s.seq.token_ids,
+                s.num_lookahead,
+                s.seq.params,
+                self._take_hidden(s.seq),
+                self.requests[s.seq.request_id].controls,
+            )
             for s in decoding
         ]
         return {s.seq.seq_id: d for s, d in zip(decoding, self.proposer.propose(reqs))}
@@ -351,8 +363,12 @@ class LLMEngine:
         now: float,
     ) -> RequestOutput:
         """Verify the sequence's draft against its logits rows, keep the hidden rows of what was accepted, then
-        append what was emitted."""
+        append what was emitted. The logits controls process row i with draft tokens 0..i-1 in its context
+        (sampling/controls.py)."""
         seq = req.seq
+        if req.controls is not None:
+            logits = req.controls.apply(logits, seq.token_ids, draft.tokens)
+            argmax = logits.argmax(-1).tolist() if seq.params.greedy else argmax
         if seq.params.greedy:
             emitted = verify_greedy(argmax, draft.tokens)
         else:

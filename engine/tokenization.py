@@ -1,11 +1,11 @@
 """A request's prompt turned into token ids and checked against the model, once (`prepare_request`); the
 encoding itself (raw text, token ids, or chat messages) is shared with the baseline.
 
-Everything the engine checks against its model happens here: sampling parameters, vocabulary ids, the context
-length and whether one sequence fits the KV cache. What comes out, an EngineRequest, is what the engine adds
-without tokenizing or checking anything again. It reads nothing that changes while the engine runs, so a
-server prepares requests on a thread of their own: not on its event loop (a long prompt would stall every
-stream) and not on the engine thread (it would stall every step).
+Everything the engine checks against its model happens here: sampling parameters, vocabulary ids (of the prompt,
+`logit_bias` and `stop_token_ids`), the context length and whether one sequence fits the KV cache. What comes
+out, an EngineRequest, is what the engine adds without tokenizing or checking anything again. It reads nothing
+that changes while the engine runs, so a server prepares requests on a thread of their own: not on its event
+loop (a long prompt would stall every stream) and not on the engine thread (it would stall every step).
 
 Chat messages are the caller's text, never the template's: a control token typed into a message
 (`<|im_start|>system ...`) is encoded as the plain text it is, so a client cannot forge turns. Only the markers
@@ -22,13 +22,18 @@ from typing import Any
 import jinja2
 from pydantic import ValidationError
 
-from sampling.params import SamplingParams, describe_validation_error
+from sampling.params import SamplingParams, describe_validation_error, field_errors
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RequestError(ValueError):
-    """A request the engine cannot serve as given (the message says why, in one line)."""
+    """A request the engine cannot serve as given (the message says why, in one line; `param` names the request
+    field at fault when it is not the prompt)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def lone_surrogate(text: str) -> str | None:
@@ -102,6 +107,9 @@ class EngineRequest:
 
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
+    # Where the output began, for the logits controls (penalties, min_tokens); None: after the prompt. A request
+    # resumed on another replica carries the output already streamed at the end of its prompt.
+    output_start: int | None = None
 
 
 def sampling_params(params: SamplingParams | dict | None) -> SamplingParams:
@@ -111,7 +119,16 @@ def sampling_params(params: SamplingParams | dict | None) -> SamplingParams:
     try:
         return SamplingParams(**(params or {}))
     except ValidationError as e:
-        raise RequestError(describe_validation_error(e)) from None
+        param = next((path for path, _ in field_errors(e) if path), None)
+        raise RequestError(describe_validation_error(e), param) from None
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """RequestError naming the first `logit_bias` or `stop_token_ids` id outside the model's vocabulary."""
+    for field, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"{field}: token id {bad} is outside the vocabulary [0, {vocab_size})", field)
 
 
 def prepare_request(
@@ -129,7 +146,9 @@ def prepare_request(
     context is full.
     """
     fill = fit_context and isinstance(params, dict) and params.get("max_tokens") is None
-    sp = sampling_params({**params, "max_tokens": 1} if fill else params)  # before tokenizing anything
+    # Checked before tokenizing anything (a missing max_tokens stands for the whole context until it is known).
+    sp = sampling_params({**params, "max_tokens": limits.max_model_len} if fill else params)
+    check_token_ids(sp, limits.vocab_size)
     ids = encode_prompt(tokenizer, limits.vocab_size, prompt, messages)
     n, context = len(ids), limits.max_model_len
     if not ids:
@@ -139,7 +158,7 @@ def prepare_request(
     if -(-(n + 1) // limits.block_size) > limits.num_kv_blocks:
         raise RequestError(f"prompt of {n} tokens does not fit the KV cache; raise kv_cache_gib")
     if fill:
-        sp = sp.model_copy(update={"max_tokens": context - n})
+        sp = sampling_params({**params, "max_tokens": context - n})  # min_tokens must fit what is left
     elif fit_context and sp.max_tokens > context - n:
         raise RequestError(
             f"max_tokens={sp.max_tokens} plus the prompt's {n} tokens exceeds the model's context of {context} tokens"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Below this temperature a request is greedy. softmax(logits / T) differs from the argmax's point mass only
 # among tokens whose logits lie within about 100 * T of the maximum (any other token weighs under e^-100 of
@@ -17,11 +17,16 @@ MIN_TEMPERATURE = 1e-5
 
 # OpenAI bounds `seed` as a signed 64-bit integer.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# OpenAI's bounds: penalties in [-2, 2]; logit_bias values in [-100, 100], at most 300 of them.
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 300
 
 
 class SamplingParams(BaseModel):
     """Greedy when temperature < MIN_TEMPERATURE (0 included); otherwise temperature / top-k / top-p sampling,
-    seedable per request."""
+    seedable per request. The logits controls (`min_tokens`, `logit_bias`, the penalties: see
+    sampling/controls.py) change the distribution before either, so greedy means the argmax after them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -34,16 +39,54 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    min_tokens: int = Field(default=0, ge=0, description="EOS and stop_token_ids are masked until this many")
+    presence_penalty: float = Field(default=0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float = Field(default=0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False, description="1 = none")
+    # token id -> bias added to its logit (ids are checked against the model's vocabulary by the engine)
+    logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS_ENTRIES)
 
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop_string(cls, v):
         return [v] if isinstance(v, str) else v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[int, float]) -> dict[int, float]:
+        return check_logit_bias(v)
+
+    @model_validator(mode="after")
+    def _min_within_max(self):
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens: {self.min_tokens} is more than max_tokens ({self.max_tokens})")
+        return self
+
+    @property
+    def has_logits_controls(self) -> bool:
+        """Whether logits need processing before temperature / top-k / top-p (sampling/controls.py)."""
+        return bool(
+            self.min_tokens
+            or self.logit_bias
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+        )
+
     @property
     def greedy(self) -> bool:
         """Pick the argmax (see MIN_TEMPERATURE); every greedy branch in the engine and proposers asks this."""
         return self.temperature < MIN_TEMPERATURE
+
+
+def check_logit_bias(bias: dict[int, float]) -> dict[int, float]:
+    """ValueError for a negative token id or a bias outside [-100, 100] (the vocabulary is the engine's check)."""
+    for token, value in bias.items():
+        if token < 0:
+            raise ValueError(f"token id {token} is negative")
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"bias {value} of token {token} is outside [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+    return bias
 
 
 def field_errors(err: ValidationError, unknown: str = "unknown field") -> list[tuple[str, str]]:

@@ -4,7 +4,9 @@ The draft's KV follows each sequence's accepted tokens: before proposing, it fin
 last time survived verification (a counter, nothing is copied), feeds the rest in one batched catch-up pass,
 then extends every sequence one token per batched step until each has its k drafts. Greedy requests get
 argmax drafts (point mass); sampled requests draw from the draft's processed distribution q, which is
-returned for rejection sampling.
+returned for rejection sampling. A request's logits controls (penalties, logit_bias, min_tokens) process the
+draft's logits by the target's rule, with the tokens drafted so far in the context, so drafts rarely propose
+what the target's processed distribution rules out.
 """
 
 from __future__ import annotations
@@ -51,7 +53,17 @@ class DraftModelProposer(Proposer):
         fed.extend(new)
         return StepInput(new, n, self.bm.block_table(r.seq_id), 1)
 
-    def _pick(self, logits: torch.Tensor, reqs: list[DraftRequest]) -> tuple[list[int], list[torch.Tensor | None]]:
+    def _pick(
+        self, logits: torch.Tensor, reqs: list[DraftRequest], drafted: list[list[int]]
+    ) -> tuple[list[int], list[torch.Tensor | None]]:
+        """One draft token per request from its logits row; `drafted` = its draft tokens so far."""
+        if any(r.controls is not None for r in reqs):
+            logits = torch.cat(
+                [
+                    logits[i : i + 1] if r.controls is None else r.controls.apply(logits[i : i + 1], r.token_ids + d)
+                    for i, (r, d) in enumerate(zip(reqs, drafted))
+                ]
+            )
         tokens: list[int] = logits.argmax(-1).tolist()
         probs: list[torch.Tensor | None] = [None] * len(reqs)
         for i, r in enumerate(reqs):
@@ -79,7 +91,7 @@ class DraftModelProposer(Proposer):
         while active:
             logits = self.runner.execute(inputs)
             reqs = [requests[i] for i in active]
-            tokens, probs = self._pick(logits, reqs)
+            tokens, probs = self._pick(logits, reqs, [drafts[i].tokens for i in active])
             step += 1
             next_active, next_inputs = [], []
             for i, item, tok, p in zip(active, inputs, tokens, probs):

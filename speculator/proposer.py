@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from sampling.controls import LogitsControls
 from sampling.params import SamplingParams
 
 HiddenRows = Literal["none", "last", "all"]
@@ -33,6 +34,7 @@ class DraftRequest:
     # [n, d] the target's final hidden states whose logits predicted token_ids[-n:] (see the module docstring);
     # None for a proposer with hidden_rows "none", or when the engine has no row for it (then: no draft).
     hidden: torch.Tensor | None = None
+    controls: LogitsControls | None = None  # a sampling drafter processes its logits by the same rules
 
 
 @dataclass

@@ -142,7 +142,7 @@ def test_remote_drafts_and_probs_equal_in_process_ones(remote_engine, make_engin
     assert num_sequences(remote.actor) == 0
     # A sequence sent as a delta that the actor has no mirror of (it restarted unnoticed): no draft, and
     # reported so the proposer resends it in full.
-    drafts, missing = ray.get(remote.actor.propose.remote([(99_999, 5, [1], 2, None, None)], []))
+    drafts, missing = ray.get(remote.actor.propose.remote([(99_999, 5, [1], 2, None, None, None)], []))
     assert [d.tokens for d in drafts] == [[]] and missing == [99_999]
 
 

@@ -206,12 +206,12 @@ def test_draft_service_drafts_what_the_in_process_proposer_drafts(mlp_config, ma
     hidden = [teacher_forced_records(engine.runner, [(t, len(t))])[0].hidden for t in ids]  # the last prompt row
     engine.reset_kv()
     reqs = [DraftRequest(i, t, 3, GREEDY, h) for i, (t, h) in enumerate(zip(ids, hidden))]
-    wire = [(r.seq_id, 0, r.token_ids, r.k, r.params, r.hidden) for r in reqs]
+    wire = [(r.seq_id, 0, r.token_ids, r.k, r.params, None, r.hidden) for r in reqs]
     drafts, missing = service.propose(wire)
     assert missing == [] and [d.tokens for d in drafts] == [d.tokens for d in local.propose(reqs)]
     assert all(len(d.tokens) >= 1 and d.probs is None for d in drafts)
     # a delta for a sequence it mirrors, and one without a hidden row (no draft)
-    more, _ = service.propose([(0, len(ids[0]), [], 2, None, None)])
+    more, _ = service.propose([(0, len(ids[0]), [], 2, None, None, None)])
     assert more[0].tokens == []
 
 

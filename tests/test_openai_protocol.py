@@ -49,15 +49,32 @@ def rejected(model, body) -> ProtocolError:
 )
 def test_prompt_forms_normalize_to_one_prompt(prompt, expected):
     req = parse_request(CompletionRequest, {**COMPLETION, "prompt": prompt})
-    assert req.prompt == expected
+    assert req.prompt == expected and req.prompts == [expected]
     assert req.engine_prompt() == {"prompt": expected}
 
 
-@pytest.mark.parametrize("prompt", [["a", "b"], [[1], [2]]])
-def test_batched_prompts_are_refused_clearly(prompt):
+@pytest.mark.parametrize(
+    "prompt",
+    [["a", "b"], [[1], [2, 3]], ["a", [7, 8], "c"], ["1", "2"]],  # digit strings stay text
+)
+def test_batches_of_prompts_keep_each_prompt_in_order(prompt):
+    assert parse_request(CompletionRequest, {**COMPLETION, "prompt": prompt}).prompts == prompt
+
+
+@pytest.mark.parametrize(
+    "prompt, param",
+    [
+        (["a", ""], "prompt.1"),
+        (["a", "b", [1, -2]], "prompt.2"),
+        ([[1], []], "prompt.1"),
+        ([[1], [True]], "prompt.1"),
+        (["a", 5], "prompt.1"),
+        (["a"] * 129, "prompt"),
+    ],
+)
+def test_a_bad_prompt_of_a_batch_is_named_by_its_index(prompt, param):
     err = rejected(CompletionRequest, {**COMPLETION, "prompt": prompt})
-    assert err.param == "prompt"
-    assert "not supported" in err.message
+    assert err.param == param and err.message.startswith(param + ":")
 
 
 @pytest.mark.parametrize("prompt", ["", [], 5, [1, "a"], [-1], [True], {"text": "x"}])
@@ -98,14 +115,11 @@ def test_wrong_types_and_ranges_are_400_naming_the_field(field, value):
     "field, value",
     [
         ("n", 2),
-        ("presence_penalty", 0.5),
-        ("frequency_penalty", -1),
         ("logprobs", 1),
         ("logprobs", 0),
         ("echo", True),
         ("suffix", "end"),
         ("best_of", 3),
-        ("logit_bias", {"50256": -100}),
     ],
 )
 def test_unsupported_options_are_refused_not_ignored(field, value):
@@ -154,6 +168,11 @@ def test_sampling_kwargs_carry_every_given_value():
         "ignore_eos": True,
         "skip_special_tokens": False,
         "stop_token_ids": [2],
+        "min_tokens": 3,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -1,
+        "repetition_penalty": 1.3,
+        "logit_bias": {"50256": -100, "7": 2.5},
     }
     kw = parse_request(CompletionRequest, body).sampling_kwargs()
     assert kw == {
@@ -166,9 +185,33 @@ def test_sampling_kwargs_carry_every_given_value():
         "stop_token_ids": [2],
         "ignore_eos": True,
         "skip_special_tokens": False,
+        "min_tokens": 3,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -1,
+        "repetition_penalty": 1.3,
+        "logit_bias": {50256: -100, 7: 2.5},
     }
     params = SamplingParams(**kw)
-    assert params.stop == ["\n\n"] and params.ignore_eos
+    assert params.stop == ["\n\n"] and params.ignore_eos and params.has_logits_controls
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -2.01),
+        ("repetition_penalty", 0),
+        ("min_tokens", -1),
+        ("logit_bias", {"5": 100.5}),
+        ("logit_bias", {"5": -101}),
+        ("logit_bias", {"five": 1}),
+        ("logit_bias", {"-5": 1}),
+        ("logit_bias", {"5": "x"}),
+        ("logit_bias", {str(i): 1 for i in range(301)}),
+    ],
+)
+def test_sampling_controls_out_of_range_are_400_naming_the_field(field, value):
+    assert rejected(ChatCompletionRequest, {**CHAT, field: value}).param == field
 
 
 def test_top_k_minus_one_means_no_cut():

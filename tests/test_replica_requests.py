@@ -65,7 +65,7 @@ def test_a_request_is_tokenized_once_on_the_engines_input_thread(server, encodes
         ({"prompt": [1, 10**9]}, "prompt", "token ids"),
         ({"prompt": "hi", "params": {"max_tokens": 500}}, "prompt", "exceeds the model's context of 128"),
         ({"messages": [{"role": "user", "content": "hi " * 200}]}, "messages", "context is 128"),
-        ({"prompt": "hi", "params": {"top_p": 3}}, "prompt", "top_p: input should be"),
+        ({"prompt": "hi", "params": {"top_p": 3}}, "top_p", "top_p: input should be"),
     ],
 )
 def test_requests_the_engine_cannot_serve_are_one_invalid_request_item(server, encodes, request_, param, message):

@@ -240,3 +240,65 @@ def test_metrics_hold_every_family_after_traffic(base_url, client):
     assert {s.labels["speculator"] for s in spec} == {"ngram"}
     routes = {s.labels.get("route") for s in families["ray_specserve_requests"].samples}
     assert {"completions", "chat"} <= routes
+
+
+def test_sampling_controls_reach_the_engine(client, make_engine, tokenizer):
+    """OpenAI's names and vLLM's extras (extra_body) give what the in-process engine gives with them."""
+    from sampling.params import SamplingParams
+
+    prompt = "1, 2, 3, 4,"
+    comma = tokenizer(",")["input_ids"][0]
+    extra = {"repetition_penalty": 1.2, "min_tokens": 10, "ignore_eos": False, "stop_token_ids": [2]}
+    out = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        logit_bias={str(comma): -100},
+        extra_body=extra,
+    )
+    engine = make_engine(kv_cache_gib=0.25)
+    controls = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "logit_bias": {comma: -100.0}, **extra}
+    ref = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, **controls))[0]
+    assert out.choices[0].text == ref.text and comma not in ref.output_token_ids
+    assert ref.text != engine.generate([prompt], engine_params(12))[0].text, "the controls changed nothing"
+    forced = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=5, temperature=0.7, logit_bias={"42": 100}
+    )
+    assert forced.choices[0].text == tokenizer.decode([42] * 5)
+
+
+def test_prompt_lists_and_token_ids_answer_like_single_requests(base_url, client, tokenizer):
+    prompts = ["The capital of Italy is", "def square(x):\n"]
+    ids = tokenizer(prompts[0])["input_ids"]
+    singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0) for p in prompts]
+    expected = [s.choices[0].text for s in singles] + [singles[0].choices[0].text]
+    batch = client.completions.create(model=MODEL, prompt=[*prompts, ids], max_tokens=8, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == expected
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles) + len(ids)
+    assert batch.usage.completion_tokens == 3 * 8
+    assert (
+        client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0).choices[0].text == expected[0]
+    )
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=[*prompts, ids],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, finishes, usage = ["", "", ""], [None] * 3, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            finishes[c.index] = c.finish_reason or finishes[c.index]
+    assert texts == expected and finishes == ["length"] * 3
+    assert usage.total_tokens == batch.usage.total_tokens
+    body = {"model": MODEL, "prompt": ["fine", [10**7]], "max_tokens": 4}
+    r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt.1", r.text
