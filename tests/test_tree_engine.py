@@ -7,6 +7,8 @@ training prompts, and sampled tokens keep the target's distribution."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -29,9 +31,12 @@ def chat_ids(tokenizer, chats: list[list[dict]]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def count_trees(engine: LLMEngine) -> Counter:
-    """Wraps the runner: counts forwards' items fed as branching trees, and compactions of an accepted path."""
+@contextmanager
+def count_trees(engine: LLMEngine) -> Iterator[Counter]:
+    """Counts the forwards' items fed as branching trees, and the compactions of an accepted path, meanwhile;
+    with the engine's spec counters' growth under "drafted", "accepted" and "steps" at the end."""
     counts: Counter = Counter()
+    before = {k: getattr(engine.spec, k) for k in ("drafted", "accepted", "steps")}
     runner = engine.runner
     execute, execute_with_hidden, move_slots = runner.execute, runner.execute_with_hidden, runner.move_slots
 
@@ -46,7 +51,12 @@ def count_trees(engine: LLMEngine) -> Counter:
     runner.execute = lambda items: execute(seen(items))
     runner.execute_with_hidden = lambda items: execute_with_hidden(seen(items))
     runner.move_slots = moved
-    return counts
+    try:
+        yield counts
+    finally:
+        for name in ("execute", "execute_with_hidden", "move_slots"):
+            delattr(runner, name)
+        counts.update({k: getattr(engine.spec, k) - v for k, v in before.items()})
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +86,10 @@ def configs(mlp_drafter) -> dict[str, dict]:
 @pytest.mark.parametrize("speculator", ["ngram", "suffix", "mlp"])
 def test_greedy_with_candidates_equals_plain_decoding(make_engine, configs, prompts, plain, speculator, candidates):
     engine = make_engine(**BASE, **configs[speculator], num_candidates=candidates)
-    counts = count_trees(engine)
-    outputs = engine.generate(prompts, GREEDY)
+    with count_trees(engine) as counts:
+        outputs = engine.generate(prompts, GREEDY)
     assert [o.output_token_ids for o in outputs] == plain
-    assert engine.spec.drafted > 0 and engine.spec.accepted > 0
+    assert counts["drafted"] > 0 and counts["accepted"] > 0
     assert engine.block_manager.stats()["num_free_blocks"] == engine.runner.num_blocks - 1, "KV blocks leaked"
     if candidates == 1:
         assert counts["trees"] == 0, "one candidate is one chain, on the chain's path"
@@ -107,8 +117,9 @@ def test_more_candidates_accept_at_least_as_much_on_training_prompts(make_engine
     per_step = {}
     for n in (1, 3):
         engine = make_engine(**BASE, **configs["mlp"], num_candidates=n)
-        engine.generate(ids, SamplingParams(max_tokens=48))
-        per_step[n] = engine.spec.accepted / engine.spec.steps
+        with count_trees(engine) as counts:
+            engine.generate(ids, SamplingParams(max_tokens=48))
+        per_step[n] = counts["accepted"] / counts["steps"]
     assert per_step[3] >= per_step[1], f"accepted tokens per step: {per_step}"
     assert per_step[1] > 1.0
 
@@ -128,11 +139,11 @@ def test_sampled_outputs_with_candidates_keep_the_target_distribution(make_engin
     (prompt_ids,) = chat_ids(tokenizer, mlp_training_chats()[:1])
     n = 600
     engine = make_engine(**BASE, **configs["mlp"], num_candidates=3)
-    counts = count_trees(engine)
     params = [SamplingParams(max_tokens=3, temperature=TEMPERATURE, seed=i, ignore_eos=True) for i in range(n)]
-    outs = engine.generate([prompt_ids] * n, params)
+    with count_trees(engine) as counts:
+        outs = engine.generate([prompt_ids] * n, params)
     assert counts["trees"] >= n // 2, "too few verification steps saw a tree"
-    assert engine.spec.accepted >= n // 10, "drafts were hardly ever accepted"
+    assert counts["accepted"] >= n // 10, "drafts were hardly ever accepted"
     pairs = Counter(tuple(o.output_token_ids[:2]) for o in outs)
     p1 = target_probs(hf_model, [prompt_ids])[0]
     firsts = torch.topk(p1, 12).indices.tolist()
