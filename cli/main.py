@@ -34,8 +34,6 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace):
     from model.config import EngineConfig
 
-    if args.candidates != 1:
-        raise ValueError(f"--candidates {args.candidates}: only 1 (one chain per step) is available yet")
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
@@ -43,6 +41,7 @@ def _config(args: argparse.Namespace):
         speculator=args.speculator,
         speculator_model=args.speculator_model,
         num_speculative_tokens=args.k,
+        num_candidates=args.candidates,
         draft_model=args.draft_model,
         draft_num_layers=args.draft_layers,
         adaptive_k=not args.no_adaptive_k,

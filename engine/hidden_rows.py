@@ -50,6 +50,15 @@ def keep(
     return pending
 
 
+def along_path(
+    item: StepInput, path_tokens: list[int], rows: torch.Tensor, path: list[int]
+) -> tuple[StepInput, torch.Tensor]:
+    """A verified token tree's item and rows (one per node, node-ordered) seen as the chain of its accepted
+    `path` (node indices, root first; `path_tokens` their tokens): node path[d] predicted token start + d + 1."""
+    chain = StepInput(path_tokens, item.start, item.block_table, len(path), len(path))
+    return chain, rows[torch.as_tensor(path, device=rows.device)]
+
+
 def take(pending: PendingHidden | None, num_tokens: int) -> torch.Tensor | None:
     """The pending rows [n, d] for a sequence of `num_tokens` tokens; None unless they end at its last token."""
     if pending is None or pending.end != num_tokens:

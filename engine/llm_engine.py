@@ -40,6 +40,7 @@ from engine.sequence import SeqStatus, Sequence
 from engine.tokenization import EngineRequest, ModelLimits, RequestError, prepare_request
 from kv_cache.block_batch import BatchedBlockManager, BlockService
 from model.config import EngineConfig
+from model.kv_pages import SlotMove
 from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from model.runner import ModelRunner, StepInput, context_length
 from sampling.controls import LogitsControls
@@ -48,6 +49,8 @@ from sampling.sampler import make_generator, processed_probs
 from speculator.backoff import KController
 from speculator.factory import make_proposer
 from speculator.proposer import Draft, DraftRequest, Proposer
+from speculator.token_tree import TokenTree
+from speculator.tree_verify import verify_tree_greedy, verify_tree_sampled
 from speculator.verify import verify_greedy, verify_sampled
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -123,6 +126,9 @@ class LLMEngine:
             self.max_model_len,
         )
         self.proposer = proposer or make_proposer(cfg, target=getattr(self.runner, "model", None))
+        # Trees need a proposer that gives candidates and a runner that compacts the accepted path in place.
+        if self._gives_trees(self.proposer) and hasattr(self.runner, "move_slots"):
+            self.scheduler.num_candidates = cfg.num_candidates
         max_k = self.proposer.max_k if self.proposer else None
         if max_k and max_k < cfg.num_speculative_tokens:  # no lookahead slot for a token that cannot come
             self.config = cfg = cfg.model_copy(update={"num_speculative_tokens": max_k})
@@ -270,10 +276,16 @@ class LLMEngine:
             self.runner.copy_blocks(s.copies)
             seq = s.seq
             draft = drafts.get(seq.seq_id, NO_DRAFT)
+            table = self.scheduler.tables[seq.seq_id]
+            if isinstance(draft, TokenTree):  # its root is the pending token (a tree only goes with a decode)
+                n = len(draft)
+                n_hidden = hidden_rows.rows_wanted(mode, n, n)
+                items.append(StepInput(list(draft.tokens), seq.num_computed, table, n, n_hidden, list(draft.parents)))
+                continue
             feed = seq.token_ids[seq.num_computed : seq.num_computed + s.num_tokens] + draft.tokens
             n_logits = 1 + len(draft.tokens) if s.completes_prefill else 0
             n_hidden = hidden_rows.rows_wanted(mode, len(feed), n_logits)
-            items.append(StepInput(feed, seq.num_computed, self.scheduler.tables[seq.seq_id], n_logits, n_hidden))
+            items.append(StepInput(feed, seq.num_computed, table, n_logits, n_hidden))
         if mode == "none":
             logits, hidden = self.runner.execute(items), None
         else:
@@ -290,7 +302,14 @@ class LLMEngine:
         """The target's hidden rows the proposer reads ("none", "last", "all"; see speculator/proposer.py)."""
         return self.proposer.hidden_rows if self.proposer else "none"
 
-    def _propose(self, scheduled: list[ScheduledSeq]) -> dict[int, Draft]:
+    @staticmethod
+    def _gives_trees(proposer: Proposer | None) -> bool:
+        return proposer is not None and type(proposer).propose_trees is not Proposer.propose_trees
+
+    def _propose(self, scheduled: list[ScheduledSeq]) -> dict[int, Draft | TokenTree]:
+        """A draft chain per decoding sequence; with num_candidates > 1 and a proposer that gives them, a token
+        tree of candidates instead, cut to the sequence's lookahead slots (a tree that is one chain stays a
+        chain, on the chain's path)."""
         decoding = [s for s in scheduled if s.num_lookahead]
         if not (decoding and self.proposer):
             return {}
@@ -298,14 +317,27 @@ class LLMEngine:
             DraftRequest(
                 s.seq.seq_id,
                 s.seq.token_ids,
-                s.num_lookahead,
+                s.depth,
                 s.seq.params,
                 self._take_hidden(s.seq),
                 self.requests[s.seq.request_id].controls,
             )
             for s in decoding
         ]
-        return {s.seq.seq_id: d for s, d in zip(decoding, self.proposer.propose(reqs))}
+        n = self.scheduler.num_candidates
+        trees = self.proposer.propose_trees(reqs, n) if n > 1 else None
+        if trees is None:
+            return {s.seq.seq_id: d for s, d in zip(decoding, self.proposer.propose(reqs))}
+        drafts: dict[int, Draft | TokenTree] = {}
+        for s, tree in zip(decoding, trees):
+            n = min(len(tree), 1 + s.num_lookahead)
+            if n < len(tree):  # parents come before their children: the first n nodes are a tree
+                tree = TokenTree(tree.tokens[:n], tree.parents[:n])
+            if tree.is_chain or self.requests[s.seq.request_id].controls is not None:
+                # logits controls score each row in its chain's context: a request with them verifies one path
+                tree = TokenTree.chain(tree.tokens[0], tree.path_tokens(tree.paths()[0])[1:])
+            drafts[s.seq.seq_id] = Draft(list(tree.tokens[1:])) if tree.is_chain else tree
+        return drafts
 
     def _take_hidden(self, seq: Sequence) -> torch.Tensor | None:
         """Hand over the sequence's hidden rows since its last proposal."""
@@ -320,7 +352,7 @@ class LLMEngine:
         self,
         scheduled: list[ScheduledSeq],
         items: list[StepInput],
-        drafts: dict[int, Draft],
+        drafts: dict[int, Draft | TokenTree],
         logits: torch.Tensor,
         hidden: torch.Tensor | None = None,
     ) -> list[RequestOutput]:
@@ -356,7 +388,7 @@ class LLMEngine:
         req: _Request,
         s: ScheduledSeq,
         item: StepInput,
-        draft: Draft,
+        draft: Draft | TokenTree,
         logits: torch.Tensor,
         argmax: list[int],
         hidden: torch.Tensor | None,
@@ -366,6 +398,8 @@ class LLMEngine:
         append what was emitted. The logits controls process row i with draft tokens 0..i-1 in its context
         (sampling/controls.py)."""
         seq = req.seq
+        if isinstance(draft, TokenTree):
+            return self._accept_tree(req, item, draft, logits, argmax, hidden, now)
         if req.controls is not None:
             logits = req.controls.apply(logits, seq.token_ids, draft.tokens)
             argmax = logits.argmax(-1).tolist() if seq.params.greedy else argmax
@@ -384,6 +418,37 @@ class LLMEngine:
             if req.controller:
                 req.controller.update(len(draft.tokens), accepted)
         return self._append(req, emitted, now)
+
+    def _accept_tree(
+        self,
+        req: _Request,
+        item: StepInput,
+        tree: TokenTree,
+        logits: torch.Tensor,
+        argmax: list[int],
+        hidden: torch.Tensor | None,
+        now: float,
+    ) -> RequestOutput:
+        """Verify a token tree (one logits row per node), move the accepted path's K/V into consecutive slots
+        before the sequence's KV is committed, keep the path's hidden rows, then append what was emitted."""
+        seq = req.seq
+        if seq.params.greedy:
+            verdict = verify_tree_greedy(tree, argmax)
+        else:
+            verdict = verify_tree_sampled(tree, processed_probs(logits, seq.params), None, req.generator)
+        path = verdict.path
+        if any(node != depth for depth, node in enumerate(path)):
+            self.runner.move_slots([SlotMove(item.block_table, item.start, path)])
+        accepted = len(path) - 1
+        seq.num_computed += accepted  # the root's slot was counted with the step's fed tokens
+        if hidden is not None:
+            self._keep_hidden(req, *hidden_rows.along_path(item, tree.path_tokens(path), hidden, path), len(path))
+        depth = int(tree.depths.max())
+        req.metrics.spec.record(depth, accepted, len(verdict.tokens))
+        self.spec.record(depth, accepted, len(verdict.tokens))
+        if req.controller:
+            req.controller.update(depth, accepted)
+        return self._append(req, verdict.tokens, now)
 
     def _append(self, req: _Request, emitted: list[int], now: float) -> RequestOutput:
         seq, params = req.seq, req.seq.params

@@ -17,14 +17,20 @@ from dataclasses import dataclass, field
 from engine.sequence import SeqStatus, Sequence
 from kv_cache.block_batch import Admit, BlockService, Extend
 from kv_cache.block_tables import BlockTables
+from model.attention.tree import MAX_TREE_NODES
 
 
 @dataclass
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # uncomputed tokens fed this step (a prefill chunk, or the one pending token)
-    num_lookahead: int  # slots reserved for speculative tokens
+    num_lookahead: int  # slots reserved for speculative tokens (a token tree's nodes after its root)
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write pairs to apply first
+    max_depth: int = -1  # the most draft tokens one candidate may have; -1: num_lookahead (one chain)
+
+    @property
+    def depth(self) -> int:
+        return self.num_lookahead if self.max_depth < 0 else min(self.max_depth, self.num_lookahead)
 
     @property
     def completes_prefill(self) -> bool:
@@ -47,7 +53,11 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        num_candidates: int = 1,
     ):
+        """`num_candidates` > 1: a decoding sequence with k speculative tokens gets k * num_candidates lookahead
+        slots (within the token budget and the context), room for a token tree of that many candidates."""
+        self.num_candidates = num_candidates
         self.blocks = BlockTables(blocks, num_blocks, block_size)
         self.tables = self.blocks.tables  # seq_id -> block table, read by the forward
         self.max_num_seqs = max_num_seqs
@@ -103,6 +113,13 @@ class Scheduler:
         )
         return max(k, 0)
 
+    def _tree_slots(self, seq: Sequence, k: int, budget: int) -> int:
+        """Lookahead slots for a tree of `num_candidates` paths of up to k tokens (a tree has at most
+        MAX_TREE_NODES nodes, its root included)."""
+        if self.num_candidates == 1:
+            return k
+        return max(0, min(k * self.num_candidates, budget, self.max_model_len - len(seq.token_ids), MAX_TREE_NODES - 1))
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         seq.status, seq.num_computed = SeqStatus.WAITING, 0
@@ -121,10 +138,11 @@ class Scheduler:
                 break
             num_tokens = min(seq.num_uncomputed, budget)
             k = self._lookahead(seq, budget - num_tokens) if seq.is_decoding else 0
+            slots = self._tree_slots(seq, k, budget - num_tokens)
             end = seq.num_computed + num_tokens
-            extend.append(Extend(seq.seq_id, seq.num_computed, end + k, end))
-            planned[seq.seq_id] = (seq, num_tokens)
-            budget -= num_tokens + k
+            extend.append(Extend(seq.seq_id, seq.num_computed, end + slots, end))
+            planned[seq.seq_id] = (seq, num_tokens, k)
+            budget -= num_tokens + slots
         admitting = []
         for seq in self.waiting:
             if budget <= 0 or len(self.running) + len(admitting) >= self.max_num_seqs:
@@ -151,9 +169,9 @@ class Scheduler:
                 self.running.append(seq)
                 scheduled.append(ScheduledSeq(seq, g.num_slots - g.num_cached, 0, g.copies))
             else:
-                seq, num_tokens = planned[g.seq_id]
+                seq, num_tokens, k = planned[g.seq_id]
                 lookahead = g.num_slots - seq.num_computed - num_tokens
-                scheduled.append(ScheduledSeq(seq, num_tokens, lookahead, g.copies))
+                scheduled.append(ScheduledSeq(seq, num_tokens, lookahead, g.copies, k))
         return SchedulerOutput(scheduled, preempted)
 
     def num_allocated_slots(self) -> int:

@@ -32,6 +32,9 @@ class EngineConfig(BaseModel):
         default=None, description="the learned drafter's folder (`specserve distill` writes one); mlp/eagle only"
     )
     num_speculative_tokens: int = Field(default=4, ge=1, le=32)
+    num_candidates: int = Field(
+        default=1, ge=1, le=16, description="candidate paths verified per step as one token tree (1 = one chain)"
+    )
     adaptive_k: bool = Field(default=True, description="per-sequence backoff of k when acceptance is poor")
     ngram_min: int = Field(default=1, ge=1)
     ngram_max: int = Field(default=4, ge=1)

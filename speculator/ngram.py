@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from speculator.proposer import Draft, DraftRequest, Proposer
+from speculator.proposer import Draft, DraftRequest, Proposer, tree_of_paths
+from speculator.token_tree import TokenTree
 
 
 @dataclass
@@ -27,7 +28,16 @@ class NgramProposer(Proposer):
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         return [Draft(self._propose_one(r)) if r.k > 0 else Draft([]) for r in requests]
 
+    def propose_trees(self, requests: list[DraftRequest], n: int) -> list[TokenTree]:
+        """Several matches: the continuations of the latest occurrence of each suffix length (longest first),
+        distinct ones only, up to `n`, merged into a tree."""
+        return [tree_of_paths(r, self._matches(r, n) if r.k > 0 else []) for r in requests]
+
     def _propose_one(self, r: DraftRequest) -> list[int]:
+        matches = self._matches(r, 1)
+        return matches[0] if matches else []
+
+    def _matches(self, r: DraftRequest, n: int) -> list[list[int]]:
         toks = r.token_ids
         index = self._indexes.setdefault(r.seq_id, _Index())
         # Register n-grams ending at positions [indexed, len-1): each has a following token.
@@ -35,11 +45,16 @@ class NgramProposer(Proposer):
             for n in range(self.min_n, min(self.max_n, end + 1) + 1):
                 index.last[tuple(toks[end - n + 1 : end + 1])] = end
         index.indexed = max(index.indexed, len(toks) - 1)
-        for n in range(min(self.max_n, len(toks)), self.min_n - 1, -1):
-            end = index.last.get(tuple(toks[len(toks) - n :]))
+        found: list[list[int]] = []
+        for size in range(min(self.max_n, len(toks)), self.min_n - 1, -1):
+            end = index.last.get(tuple(toks[len(toks) - size :]))
             if end is not None:
-                return toks[end + 1 : end + 1 + r.k]
-        return []
+                cont = toks[end + 1 : end + 1 + r.k]
+                if cont not in found:
+                    found.append(cont)
+                    if len(found) == n:
+                        break
+        return found
 
     def release(self, seq_id: int) -> None:
         self._indexes.pop(seq_id, None)

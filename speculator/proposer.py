@@ -7,6 +7,9 @@ rows it needs with `hidden_rows`, and the engine asks the runner for them only t
   chunks and the accepted rows of each verification (an EAGLE-style head that keeps its own KV). After
   `release(seq_id)` (a preemption, a recompute) the rows start over from the first position the target computes
   again; positions served from the prefix cache are never computed, so a sequence may start later than row 0.
+A proposer that can give several candidates per sequence overrides `propose_trees`: with the engine's
+`num_candidates` > 1 it is called instead of `propose`, and the candidates are verified together as one token
+tree (speculator/token_tree.py) in the same single forward. The others keep proposing one chain.
 Row i of `hidden` [n, d] is the one whose logits predicted token_ids[len(token_ids) - n + i]; n < len(token_ids) - 1
 means the rows of the earlier tokens were delivered before (or never computed).
 """
@@ -21,6 +24,7 @@ import torch
 
 from sampling.controls import LogitsControls
 from sampling.params import SamplingParams
+from speculator.token_tree import TokenTree
 
 HiddenRows = Literal["none", "last", "all"]
 
@@ -57,3 +61,13 @@ class Proposer(ABC):
 
     def release(self, seq_id: int) -> None:  # noqa: B027 - optional hook
         """Forget a finished or preempted sequence."""
+
+    def propose_trees(self, requests: list[DraftRequest], n: int) -> list[TokenTree] | None:  # noqa: ARG002
+        """Up to `n` candidate continuations per request, in order, as one tree rooted at its last token (no
+        path deeper than its k), for point-mass verification (q = None); None: this proposer gives chains only."""
+        return None
+
+
+def tree_of_paths(request: DraftRequest, paths: list[list[int]]) -> TokenTree:
+    """The candidate `paths` of `request` (best first) merged into one tree, each cut to the request's k."""
+    return TokenTree.from_paths(request.token_ids[-1], [p[: request.k] for p in paths if request.k > 0])

@@ -21,7 +21,8 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
-from speculator.proposer import Draft, DraftRequest, Proposer
+from speculator.proposer import Draft, DraftRequest, Proposer, tree_of_paths
+from speculator.token_tree import TokenTree
 
 
 class SuffixTrie:
@@ -228,6 +229,9 @@ class SuffixProposer(Proposer):
         """Up to n draft chains per request, best first: chain 0 is what `propose` gives, the others branch off
         the same source trie best-first by path probability (no chain is a prefix of another)."""
         return [self._candidates(r, n) if r.k > 0 else [[]] for r in requests]
+
+    def propose_trees(self, requests: list[DraftRequest], n: int) -> list[TokenTree]:
+        return [tree_of_paths(r, chains) for r, chains in zip(requests, self.propose_candidates(requests, n))]
 
     def release(self, seq_id: int) -> None:
         """Drop the sequence's local trie; its outputs stay in the global trie until evicted."""

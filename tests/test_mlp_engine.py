@@ -222,11 +222,6 @@ def test_config_and_command_line_take_a_learned_drafter(mlp_drafter, capsys):
         EngineConfig(speculator="ngram", speculator_model=str(mlp_drafter))
     with pytest.raises(ValueError, match="model_type is not 'specserve_eagle'"):  # an MLP folder is no EAGLE head
         make_proposer(EngineConfig(speculator="eagle", speculator_model=str(mlp_drafter)))
-    assert (
-        main(["generate", "Hi", "--speculator", "mlp", "--speculator-model", str(mlp_drafter), "--candidates", "2"])
-        == 2
-    )
-    assert "--candidates 2: only 1" in capsys.readouterr().err
     assert main(["generate", "Hi", "--speculator", "mlp"]) == 2
     assert "speculator_model: required" in capsys.readouterr().err
     argv = ["generate", "Name one fruit.", "--speculator", "mlp", "--speculator-model", str(mlp_drafter)]
