@@ -275,15 +275,18 @@ class LLMEngine:
 
     def _next_k(self, req: _Request) -> int:
         """The sequence's k for its next step; the cost model weighs it against the rest of the batch: the rows
-        the other running sequences verify (a decode row and its k, or a prefill chunk) and the tokens they emit."""
+        the other running sequences verify (a decode row and its k, or a prefill chunk) and the tokens they are
+        expected to emit."""
         if not isinstance(req.controller, CostKController):
             return req.controller.next_k()
-        rows = tokens = 0
+        rows, tokens = 0, 0.0
         for seq in self.scheduler.running:
-            if seq is req.seq:
+            other = self.requests.get(seq.request_id)
+            if seq is req.seq or other is None:
                 continue
             if seq.is_decoding:
-                rows, tokens = rows + 1 + seq.spec_k, tokens + 1
+                rows += 1 + seq.spec_k
+                tokens += other.controller.tokens if isinstance(other.controller, CostKController) else 1.0
             else:
                 rows += min(seq.num_uncomputed, self.config.max_num_batched_tokens)
         return req.controller.next_k(rows, tokens)

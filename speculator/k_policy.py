@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from speculator.cost_model import CostModel, SeqAcceptance, StepTimes
+from speculator.cost_model import CostModel, SeqAcceptance, StepTimes, expected_tokens
 from speculator.proposer import Draft, DraftRequest
 
 
@@ -47,6 +47,7 @@ class CostKController:
     model: CostModel
     acceptance: SeqAcceptance = field(default_factory=SeqAcceptance)
     k: int = 0  # the last k chosen
+    tokens: float = 1.0  # what a step with that k is expected to emit (the bonus token included)
 
     def update(self, drafted: int, accepted: int) -> None:
         self.acceptance.update(drafted, accepted)
@@ -54,6 +55,7 @@ class CostKController:
     def next_k(self, batch_rows: int = 0, batch_tokens: float = 0.0) -> int:
         """k for the next step, the rest of which verifies `batch_rows` rows and emits about `batch_tokens`."""
         self.k = self.model.choose(self.acceptance, batch_rows, batch_tokens).k
+        self.tokens = expected_tokens(self.acceptance.alphas(self.k))
         if self.k == 0:  # no draft next step: counts towards the next probe
             self.acceptance.steps_without_draft += 1
         return self.k
