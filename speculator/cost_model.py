@@ -143,7 +143,7 @@ def measure_step_times(
     *,
     rows_per_seq: int = 4,
     context: int = 128,
-    repeats: int = 2,
+    repeats: int = 3,
 ) -> StepTimes:
     """Time the runner's forward at each row count: sequences of `rows_per_seq` verified rows (a decode row and
     its drafts) over `context` tokens of KV each, the fastest of `repeats` rounds after a warm-up.
