@@ -23,6 +23,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default=None, help="draft model folder or .gguf (same tokenizer)")
     p.add_argument("--draft-layers", type=int, default=None, help="truncate the draft to its first N layers")
     p.add_argument("--no-adaptive-k", action="store_true", help="keep k fixed instead of backing off")
+    p.add_argument(
+        "--k-policy",
+        choices=["cost", "backoff"],
+        default="cost",
+        help="adaptive k: the cost model (k = 0 where drafts do not pay) or the backoff on misses",
+    )
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -45,6 +51,7 @@ def _config(args: argparse.Namespace):
         draft_model=args.draft_model,
         draft_num_layers=args.draft_layers,
         adaptive_k=not args.no_adaptive_k,
+        k_policy=args.k_policy,
         kv_cache_gib=args.kv_cache_gib,
     )
 

@@ -47,7 +47,9 @@ from sampling.controls import LogitsControls
 from sampling.params import SamplingParams, describe_validation_error
 from sampling.sampler import make_generator, processed_probs
 from speculator.backoff import KController
+from speculator.cost_model import StepTimes, measure_step_times
 from speculator.factory import make_proposer
+from speculator.k_policy import CostKController, CostPolicy, cached_step_times
 from speculator.proposer import Draft, DraftRequest, Proposer
 from speculator.token_tree import TokenTree
 from speculator.tree_verify import verify_tree_greedy, verify_tree_sampled
@@ -83,7 +85,7 @@ class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
-    controller: KController | None
+    controller: KController | CostKController | None
     metrics: RequestMetrics
     hidden: hidden_rows.PendingHidden | None = None  # for a proposer that reads the target's hidden rows
     controls: LogitsControls | None = None  # min_tokens, logit_bias, penalties (None: the request has none)
@@ -97,12 +99,15 @@ class LLMEngine:
         runner: ModelRunner | None = None,
         proposer: Proposer | None = None,
         make_block_manager: Callable[[int, int, bool], BlockService] | None = None,
+        step_times: StepTimes | None = None,
         **overrides,
     ):
         """`runner` replaces the in-process target runner (e.g. one that drives tensor-parallel shard actors);
         it must have been built for this config's model, dtype, block size and max_model_len. `proposer`
         replaces the one the config names (e.g. a draft model in its own actor). `make_block_manager(num_blocks,
-        block_size, enable_prefix_caching)` replaces the in-process block manager (e.g. with an actor's client)."""
+        block_size, enable_prefix_caching)` replaces the in-process block manager (e.g. with an actor's client).
+        `step_times` replaces the start-up measurement of the target's step time by rows (the speculation cost
+        model's)."""
         try:
             cfg = self.config = EngineConfig(**{**(config.model_dump() if config else {}), **overrides})
         except ValidationError as e:
@@ -132,6 +137,7 @@ class LLMEngine:
         max_k = self.proposer.max_k if self.proposer else None
         if max_k and max_k < cfg.num_speculative_tokens:  # no lookahead slot for a token that cannot come
             self.config = cfg = cfg.model_copy(update={"num_speculative_tokens": max_k})
+        self.k_policy = self._make_k_policy(step_times)
         self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
         self.requests: dict[str, _Request] = {}
         self.spec = SpecCounters()
@@ -174,9 +180,7 @@ class LLMEngine:
             raise RequestError(f"duplicate request id {request_id}")
         metrics = RequestMetrics()
         seq = Sequence(next(self._seq_ids), request_id, ids, len(ids), params, metrics.arrival)
-        controller = KController(self.config.num_speculative_tokens) if self.proposer else None
-        if controller and not self.config.adaptive_k:
-            controller.patience = 1 << 30
+        controller = self._make_controller() if self.proposer else None
         self.requests[request_id] = _Request(
             seq,
             IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens),
@@ -251,6 +255,52 @@ class LLMEngine:
             "prefix_queried_tokens": self.scheduler.num_prefix_queried_tokens,
             "prefix_hit_tokens": self.scheduler.num_prefix_hit_tokens,
         }
+
+    # ---- speculation length (speculator/k_policy.py, speculator/backoff.py) ------------------------------
+
+    def _make_k_policy(self, step: StepTimes | None) -> CostPolicy | None:
+        """The speculation cost model, over the target's step time by rows measured here once per process
+        (before any request); None (the backoff controller) when not asked for or when the runner cannot be
+        timed here (e.g. tensor-parallel shards)."""
+        cfg = self.config
+        if not (self.proposer and cfg.adaptive_k and cfg.k_policy == "cost" and isinstance(self.runner, ModelRunner)):
+            return None
+        key = (str(self.folder), cfg.dtype, str(self.runner.device), cfg.attention_backend, cfg.cpu_kernels)
+        context = min(128, self.max_model_len - 8)
+        try:
+            step = step or cached_step_times(key, lambda: measure_step_times(self.runner, context=context))
+        except ValueError as e:  # a KV pool too small to time a batch: keep the backoff
+            log.warning("speculation cost model off (%s); backing k off on misses instead", e)
+            return None
+        policy = CostPolicy(step, cfg.num_speculative_tokens)
+        self.proposer.propose = policy.timed(self.proposer.propose)  # the drafter's cost, from its proposals
+        return policy
+
+    def _make_controller(self) -> KController | CostKController:
+        if self.k_policy:
+            return self.k_policy.controller()
+        controller = KController(self.config.num_speculative_tokens)
+        if not self.config.adaptive_k:
+            controller.patience = 1 << 30
+        return controller
+
+    def _next_k(self, req: _Request) -> int:
+        """The sequence's k for its next step; the cost model weighs it against the rest of the batch: the rows
+        the other running sequences verify (a decode row and its k, or a prefill chunk) and the tokens they are
+        expected to emit."""
+        if not isinstance(req.controller, CostKController):
+            return req.controller.next_k()
+        rows, tokens = 0, 0.0
+        for seq in self.scheduler.running:
+            other = self.requests.get(seq.request_id)
+            if seq is req.seq or other is None:
+                continue
+            if seq.is_decoding:
+                rows += 1 + seq.spec_k
+                tokens += other.controller.tokens if isinstance(other.controller, CostKController) else 1.0
+            else:
+                rows += min(seq.num_uncomputed, self.config.max_num_batched_tokens)
+        return req.controller.next_k(rows, tokens)
 
     # ---- the step -------------------------------------------------------------------------------------
 
@@ -472,7 +522,7 @@ class LLMEngine:
             return self._finish(req, new, delta, now)
         self.scheduler.commit(seq)
         if req.controller:
-            seq.spec_k = req.controller.next_k()
+            seq.spec_k = self._next_k(req)
         return self._output(req, new, delta)
 
     def _finish(self, req: _Request, new: list[int], delta: str, now: float, error: str | None = None) -> RequestOutput:

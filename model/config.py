@@ -36,6 +36,11 @@ class EngineConfig(BaseModel):
         default=1, ge=1, le=16, description="candidate paths verified per step as one token tree (1 = one chain)"
     )
     adaptive_k: bool = Field(default=True, description="per-sequence backoff of k when acceptance is poor")
+    k_policy: Literal["cost", "backoff"] = Field(
+        default="cost",
+        description="adaptive k: the cost model (step time by rows, drafter cost, acceptance, batch size; k = 0 "
+        "included) or the plain backoff on misses",
+    )
     ngram_min: int = Field(default=1, ge=1)
     ngram_max: int = Field(default=4, ge=1)
     draft_model: str | None = Field(default=None, description="draft folder or .gguf; None = the target's")

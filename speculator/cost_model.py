@@ -14,6 +14,8 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from model.runner import ModelRunner, StepInput
 
 
@@ -45,12 +47,15 @@ class StepTimes:
 
 @dataclass
 class SeqAcceptance:
-    """A sequence's recent acceptance by position, per candidate count: an exponentially weighted mean of
-    "accepted given the previous position was", for the positions each step actually tried."""
+    """A sequence's recent acceptance by position, per candidate count: the mean of "accepted given the previous
+    position was" over the steps that tried the position, the prior counted as one of them, and once that mean
+    weighs a step less than `1 - decay`, an exponentially weighted mean. So a few misses already pull a new
+    sequence's estimate well below the prior, and later it follows the recent steps."""
 
     prior: float = 0.5
     decay: float = 0.9
     by_candidates: dict[int, list[float]] = field(default_factory=dict)
+    tries: dict[int, list[int]] = field(default_factory=dict)  # steps that tried each position, per candidates
     steps_without_draft: int = 0
 
     def alphas(self, k: int, candidates: int = 1) -> list[float]:
@@ -64,11 +69,15 @@ class SeqAcceptance:
             return
         self.steps_without_draft = 0
         curve = self.by_candidates.setdefault(candidates, [])
+        tries = self.tries.setdefault(candidates, [])
         tried = min(accepted + 1, drafted)  # positions 0..accepted were tried; those before `accepted` passed
         if len(curve) < tried:
             curve.extend([self.prior] * (tried - len(curve)))
+            tries.extend([0] * (tried - len(tries)))
         for j in range(tried):
-            curve[j] = self.decay * curve[j] + (1 - self.decay) * (1.0 if j < accepted else 0.0)
+            tries[j] += 1
+            weight = max(1 - self.decay, 1 / (tries[j] + 1))
+            curve[j] += weight * ((1.0 if j < accepted else 0.0) - curve[j])
 
 
 def expected_tokens(alphas: Sequence[float]) -> float:
@@ -134,10 +143,10 @@ def measure_step_times(
     *,
     rows_per_seq: int = 4,
     context: int = 128,
-    repeats: int = 2,
+    repeats: int = 3,
 ) -> StepTimes:
     """Time the runner's forward at each row count: sequences of `rows_per_seq` verified rows (a decode row and
-    its drafts) over `context` tokens of KV each, the fastest of `repeats` runs after one warm-up.
+    its drafts) over `context` tokens of KV each, the fastest of `repeats` rounds after a warm-up.
 
     It writes K/V into the pool's blocks from block 1 on: run it before the runner serves requests."""
     bs = runner.block_size
@@ -154,16 +163,21 @@ def measure_step_times(
 
     if blocks_per_seq + 1 > runner.num_blocks:
         raise ValueError(f"a context of {context} tokens does not fit the runner's {runner.num_blocks} blocks")
-    runner.execute(items(rows[0]))  # warm-up
-    seconds = []
-    for n in rows:
-        batch = items(n)
-        best = float("inf")
-        for _ in range(repeats):
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    for n in (rows[0], rows[-1]):  # warm-up: the smallest and the largest shapes
+        runner.execute(items(n))
+    sync()
+    batches = [items(n) for n in rows]
+    seconds = [float("inf")] * len(rows)
+    for _ in range(repeats):  # rounds over all row counts: a slow spell of the machine hits one round, not a size
+        for i, batch in enumerate(batches):
             t0 = time.perf_counter()
             runner.execute(batch)
-            best = min(best, time.perf_counter() - t0)
-        seconds.append(max(best, seconds[-1] if seconds else 0.0))
+            sync()
+            seconds[i] = min(seconds[i], time.perf_counter() - t0)
+    # Not decreasing with rows: a slow outlier at few rows is cut to what more rows took, not carried forward.
+    for i in range(len(seconds) - 2, -1, -1):
+        seconds[i] = min(seconds[i], seconds[i + 1])
     return StepTimes(tuple(rows), tuple(seconds))
 
 
