@@ -272,6 +272,7 @@ class LLMEngine:
         except ValueError as e:  # a KV pool too small to time a batch: keep the backoff
             log.warning("speculation cost model off (%s); backing k off on misses instead", e)
             return None
+        log.info("target step seconds by verified rows: %s", dict(zip(step.rows, step.seconds)))
         policy = CostPolicy(step, cfg.num_speculative_tokens)
         self.proposer.propose = policy.timed(self.proposer.propose)  # the drafter's cost, from its proposals
         return policy
