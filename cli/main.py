@@ -26,8 +26,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--k-policy",
         choices=["cost", "backoff"],
-        default="cost",
-        help="adaptive k: the cost model (k = 0 where drafts do not pay) or the backoff on misses",
+        default="backoff",
+        help="adaptive k: the backoff on misses, or the cost model (k = 0 where drafts do not pay)",
     )
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=128)

@@ -37,9 +37,10 @@ class EngineConfig(BaseModel):
     )
     adaptive_k: bool = Field(default=True, description="per-sequence backoff of k when acceptance is poor")
     k_policy: Literal["cost", "backoff"] = Field(
-        default="cost",
-        description="adaptive k: the cost model (step time by rows, drafter cost, acceptance, batch size; k = 0 "
-        "included) or the plain backoff on misses",
+        default="backoff",
+        description="adaptive k: the plain backoff on misses, or the cost model (step time by rows, drafter cost, "
+        "acceptance, batch size; k = 0 included). The cost model's k depends on measured times, so a seeded "
+        "sampled request is reproducible only with backoff",
     )
     ngram_min: int = Field(default=1, ge=1)
     ngram_max: int = Field(default=4, ge=1)

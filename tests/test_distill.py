@@ -53,7 +53,7 @@ def test_distill_learns_a_synthetic_target():
 
 def test_teacher_forced_batches_equal_one_sequence_at_a_time(make_engine):
     engine = make_engine(max_model_len=256, kv_cache_gib=0.05)
-    seqs = [(engine.encode(f"def f{i}(x):\n    return x * {i}\n"), 5) for i in range(5)]
+    seqs = [(list(engine.prepare(f"def f{i}(x):\n    return x * {i}\n").prompt_token_ids), 5) for i in range(5)]
     batched = teacher_forced_records(engine.runner, seqs, max_batch_tokens=40)
     alone = [teacher_forced_records(engine.runner, [s])[0] for s in seqs]
     engine.reset_kv()

@@ -206,7 +206,7 @@ def test_distill_eagle_beats_a_unigram_predictor_and_its_drafts_are_accepted(tmp
     assert len(head.draft_vocab.ids) == report["draft_vocab_size"] <= 2048
     proposer = EagleProposer(head)
     specs = load_prompts(str(prompts), 4)
-    encoded = [engine.encode(s.prompt, s.messages) for s in specs]
+    encoded = [list(engine.prepare(s.prompt, messages=s.messages).prompt_token_ids) for s in specs]
     plain = engine.generate(encoded, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
     drafted = accepted = 0
     try:

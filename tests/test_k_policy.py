@@ -59,7 +59,9 @@ def references(plain, prompts) -> list[list[int]]:
 
 def engine_with(plain: LLMEngine, proposer: Proposer, step_times: StepTimes) -> LLMEngine:
     """An engine on the plain engine's runner (one model load) with the given drafter and step times."""
-    return LLMEngine(runner=plain.runner, proposer=proposer, step_times=step_times, speculator="ngram", **CONFIG)
+    return LLMEngine(
+        runner=plain.runner, proposer=proposer, step_times=step_times, speculator="ngram", k_policy="cost", **CONFIG
+    )
 
 
 def run_tracking_k(engine: LLMEngine, prompts: list[list[int]]) -> tuple[dict[str, list[int]], list, list[int]]:
@@ -112,7 +114,7 @@ def test_a_large_batch_on_a_steep_target_turns_speculation_down(plain, prompts, 
 
 
 def test_ngram_with_the_cost_policy_equals_plain_greedy(make_engine, plain, prompts, references):
-    engine = make_engine(speculator="ngram", **CONFIG)
+    engine = make_engine(speculator="ngram", k_policy="cost", **CONFIG)
     assert engine.k_policy is not None and isinstance(engine.runner, ModelRunner)
     step = engine.k_policy.model.step
     assert step.rows == (1, 4, 8, 16, 32) and step.at(32) >= step.at(1) > 0
