@@ -364,7 +364,7 @@ class Ingress:
                     include_usage=req.include_usage,
                     to_error=to_error,
                     on_error=on_error,
-                    on_usage=lambda u: self.metrics.tokens.inc(u["completion_tokens"]),
+                    on_usage=lambda u: self.metrics.completion_tokens(u["completion_tokens"]),
                 )
                 response = _GuardedStream(events, cancel_all, media_type="text/event-stream", headers=served_by)
                 handed_over = True
@@ -374,7 +374,7 @@ class Ingress:
             if not handed_over:
                 cancel_all()
         total = usage_of(prompt_tokens, choices)
-        self.metrics.tokens.inc(total["completion_tokens"])
+        self.metrics.completion_tokens(total["completion_tokens"])
         return JSONResponse(batch_response(rid, self.model_id, choices, total, created), headers=served_by)
 
     def _offer(self, key, done: CachedCompletion) -> None:

@@ -83,11 +83,9 @@ def usage_of(prompt_tokens: list[int], choices: list[Choice]) -> dict[str, int]:
 
 def batch_response(id: str, model: str, choices: list[Choice], usage: dict, created: int) -> dict:
     """The `text_completion` object with one choice per prompt, in prompt order."""
-    body = completion_response(id, model, "", None, usage, created=created)
-    body["choices"] = [
-        {**completion_response(id, model, "".join(c.text), c.finish_reason, usage)["choices"][0], "index": i}
-        for i, c in enumerate(choices)
-    ]
+    bodies = [completion_response(id, model, "".join(c.text), c.finish_reason, usage, created) for c in choices]
+    body = bodies[0]
+    body["choices"] = [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)]
     return body
 
 

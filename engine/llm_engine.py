@@ -187,7 +187,7 @@ class LLMEngine:
             None if params.greedy else make_generator(params.seed, self.device),
             controller,
             metrics,
-            LogitsControls.for_request(
+            controls=LogitsControls.for_request(
                 params, len(ids) if request.output_start is None else request.output_start, self.eos_token_ids
             ),
         )

@@ -98,7 +98,7 @@ def test_tp2_logits_match_tp1(engine_tp1, sharded, model_folder):
     assert sharded.num_blocks == KVPages.blocks_for_budget(
         int(CONFIG.kv_cache_gib * (1 << 30)), arch.num_layers, CONFIG.block_size, 2, arch.head_dim, torch.float32
     )
-    ids = engine_tp1.encode('def quicksort(items):\n    """Sort a list in place."""\n')
+    ids = list(engine_tp1.prepare('def quicksort(items):\n    """Sort a list in place."""\n').prompt_token_ids)
     table = _scratch_table(engine_tp1, sharded)
     ref_prefill, ref_step = _prefill_and_decode(engine_tp1.runner, ids, table)
     got_prefill, got_step = _prefill_and_decode(sharded, ids, table)
@@ -108,7 +108,7 @@ def test_tp2_logits_match_tp1(engine_tp1, sharded, model_folder):
 
 
 def test_tp2_hidden_states_match_tp1(engine_tp1, sharded):
-    ids = engine_tp1.encode("Once upon a time there was a")
+    ids = list(engine_tp1.prepare("Once upon a time there was a").prompt_token_ids)
     table = _scratch_table(engine_tp1, sharded)
     item = StepInput(ids, 0, table, 1, num_hidden=3)
     ref = engine_tp1.runner.execute_with_hidden([item])
@@ -129,7 +129,7 @@ def test_tp2_greedy_tokens_match_tp1(engine_tp1, sharded):
 
 
 def test_dead_shard_raises_and_restart_recovers(engine_tp1, sharded):
-    ids = engine_tp1.encode("Once upon a time")
+    ids = list(engine_tp1.prepare("Once upon a time").prompt_token_ids)
     table = _scratch_table(engine_tp1, sharded)
     ref = engine_tp1.runner.execute([StepInput(ids, 0, table, 1)])
     ray.kill(sharded.workers[1], no_restart=True)
