@@ -39,20 +39,19 @@ def _now(created: int | None) -> int:
     return int(time.time()) if created is None else created
 
 
+def _whole(cls: type, object: str, id: str, model: str, choice: Any, usage: dict, created: int | None) -> dict:
+    """A whole response body of one choice, as the `openai` type `cls` writes it."""
+    usage_ = CompletionUsage(**usage)
+    body = cls(id=id, object=object, created=_now(created), model=model, choices=[choice], usage=usage_)
+    return body.model_dump(exclude_unset=True)
+
+
 def completion_response(
     id: str, model: str, text: str, finish_reason: str | None, usage: dict, created: int | None = None
 ) -> dict:
     """A whole `text_completion` object."""
     choice = CompletionChoice(index=0, text=text, finish_reason=finish_reason, logprobs=None)
-    body = Completion(
-        id=id,
-        object="text_completion",
-        created=_now(created),
-        model=model,
-        choices=[choice],
-        usage=CompletionUsage(**usage),
-    )
-    return body.model_dump(exclude_unset=True)
+    return _whole(Completion, "text_completion", id, model, choice, usage, created)
 
 
 def chat_completion_response(
@@ -61,15 +60,7 @@ def chat_completion_response(
     """A whole `chat.completion` object."""
     message = ChatCompletionMessage(role="assistant", content=text)
     choice = ChatChoice(index=0, message=message, finish_reason=finish_reason, logprobs=None)
-    body = ChatCompletion(
-        id=id,
-        object="chat.completion",
-        created=_now(created),
-        model=model,
-        choices=[choice],
-        usage=CompletionUsage(**usage),
-    )
-    return body.model_dump(exclude_unset=True)
+    return _whole(ChatCompletion, "chat.completion", id, model, choice, usage, created)
 
 
 def completion_chunk(
