@@ -78,6 +78,7 @@ class LLMServer:
     """Serve deployment class (wrapped with `serve.deployment` in app.py, where its options are set)."""
 
     def __init__(self, app_config: dict[str, Any]):
+        self._shut_down = False
         self.config: AppConfig = load_app_config(app_config)
         self.model_id = self.config.served_model_name
         self.runner = None
@@ -291,7 +292,15 @@ class LLMServer:
         if not self.engine.alive:
             raise RuntimeError("engine loop thread died")
 
-    def __del__(self) -> None:
+    def __del__(self) -> None:  # Serve calls it when it stops the replica
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop publishing metrics (the thread would go on recording into whatever Ray this process joins
+        next), the engine loop, the shards and the draft worker. Runs once."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         if getattr(self, "_publisher", None) is not None:
             self._publisher.stop()
         engine = getattr(self, "engine", None)

@@ -162,6 +162,8 @@ class Every:
 
     def stop(self) -> None:
         self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
 
 # ---- reading Ray's export back --------------------------------------------------------------------------

@@ -23,7 +23,9 @@ def server():
         {"engine": {"kv_cache_gib": 0.05, "max_model_len": 128}, "target": {"block_manager_actor": False}}
     )
     yield replica
-    replica.engine.shutdown()
+    replica.shutdown()
+    # nothing of the replica lives on to record metrics into the next Ray this process joins
+    assert not [t for t in threading.enumerate() if t.name in ("metrics", "engine-loop")]
 
 
 @pytest.fixture

@@ -231,7 +231,7 @@ def test_metrics_hold_every_family_after_traffic(base_url, client):
     assert {n: families[n].type for n in METRIC_FAMILIES} == METRIC_FAMILIES
     # engine metrics are labelled by the replica that recorded them
     replica_series = families["ray_specserve_kv_blocks_free"].samples
-    assert replica_series and all(s.labels.get("replica") for s in replica_series)
+    assert replica_series and all(s.labels.get("replica") for s in replica_series), [s.labels for s in replica_series]
     assert all(s.labels["deployment"] == "LLMServer" for s in replica_series)
     totals = {n: sum(s.value for s in families[n].samples if not s.name.endswith("_created")) for n in METRIC_FAMILIES}
     assert totals["ray_specserve_prompt_tokens"] > 0 and totals["ray_specserve_generation_tokens"] > 0
