@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -30,6 +31,30 @@ def target_probs(hf_model, ids: list[list[int]]) -> torch.Tensor:
     return torch.softmax(logits.double() / TEMPERATURE, dim=-1)
 
 
+def assert_two_token_law(
+    outs, p1: torch.Tensor, second_law: Callable[[list[int]], torch.Tensor], min_cells: int, what: str
+) -> None:
+    """χ² test of the joint law of the first two output tokens of `outs` (one prompt, many seeds) against the
+    first token's law `p1` and `second_law(firsts)`, each first token's law of the second, stacked. Cells of the
+    12 x 12 most probable pairs with an expected count of 5 or more; the rest is pooled in one cell."""
+    n = len(outs)
+    pairs = Counter(tuple(o.output_token_ids[:2]) for o in outs)
+    firsts = torch.topk(p1, 12).indices.tolist()
+    p2 = second_law(firsts)
+    expected, observed = [], []
+    for i, t1 in enumerate(firsts):
+        for t2 in torch.topk(p2[i], 12).indices.tolist():
+            e = float(p1[t1] * p2[i, t2]) * n
+            if e >= 5:
+                expected.append(e)
+                observed.append(pairs.get((t1, t2), 0))
+    assert len(expected) >= min_cells, "distribution too far from uniform or point mass for a useful test"
+    expected.append(n - sum(expected))
+    observed.append(n - sum(observed))
+    stat, p_value = chisquare(observed, expected)
+    assert p_value > ALPHA, f"{what} do not follow the target (chi2={stat:.1f}, p={p_value:.2e})"
+
+
 def test_speculative_sampling_keeps_the_target_distribution(make_engine, hf_model, prompt_ids):
     """Joint law of the first two tokens; the second comes out of draft verification (rejection sampling)."""
     n = 600
@@ -38,22 +63,10 @@ def test_speculative_sampling_keeps_the_target_distribution(make_engine, hf_mode
     drafted_before = engine.spec.drafted
     outs = engine.generate([prompt_ids] * n, params)
     assert engine.spec.drafted - drafted_before >= n // 2, "too few verification steps saw a draft"
-    pairs = Counter(tuple(o.output_token_ids[:2]) for o in outs)
     p1 = target_probs(hf_model, [prompt_ids])[0]
-    firsts = torch.topk(p1, 12).indices.tolist()
-    p2 = target_probs(hf_model, [prompt_ids + [t] for t in firsts])
-    expected, observed = [], []
-    for i, t1 in enumerate(firsts):
-        for t2 in torch.topk(p2[i], 12).indices.tolist():
-            e = float(p1[t1] * p2[i, t2]) * n
-            if e >= 5:
-                expected.append(e)
-                observed.append(pairs.get((t1, t2), 0))
-    assert len(expected) >= 4, "distribution too flat for a useful test"
-    expected.append(n - sum(expected))
-    observed.append(n - sum(observed))
-    stat, p_value = chisquare(observed, expected)
-    assert p_value > ALPHA, f"speculative samples do not follow the target (chi2={stat:.1f}, p={p_value:.2e})"
+    assert_two_token_law(
+        outs, p1, lambda firsts: target_probs(hf_model, [prompt_ids + [t] for t in firsts]), 4, "speculative samples"
+    )
 
 
 @pytest.mark.parametrize("config", [{}, {"speculator": "ngram"}, {"speculator": "draft", "draft_num_layers": 8}])

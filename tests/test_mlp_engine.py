@@ -6,11 +6,8 @@ logic drafts what the in-process proposer drafts; the command line and config ta
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from cli.main import main
 from deployments.draft_worker import DraftService
@@ -23,7 +20,7 @@ from speculator.mlp_proposer import MLPProposer
 from speculator.proposer import Draft, DraftRequest, Proposer
 from tests.conftest import humaneval_prompts, mlp_training_chats
 from tests.test_engine_greedy import check_against_reference
-from tests.test_engine_sampling import ALPHA, TEMPERATURE, target_probs
+from tests.test_engine_sampling import TEMPERATURE, assert_two_token_law, target_probs
 
 MAX_TOKENS = 24
 BASE = {"kv_cache_gib": 0.25, "max_model_len": 1024}
@@ -105,22 +102,10 @@ def test_sampled_outputs_keep_the_target_distribution(make_engine, mlp_config, h
     outs = engine.generate([prompt_ids] * n, params)
     assert engine.spec.drafted - drafted >= n // 2, "too few verification steps saw a draft"
     assert engine.spec.accepted - accepted >= n // 10, "drafts were hardly ever accepted"
-    pairs = Counter(tuple(o.output_token_ids[:2]) for o in outs)
     p1 = target_probs(hf_model, [prompt_ids])[0]
-    firsts = torch.topk(p1, 12).indices.tolist()
-    p2 = target_probs(hf_model, [prompt_ids + [t] for t in firsts])
-    expected, observed = [], []
-    for i, t1 in enumerate(firsts):
-        for t2 in torch.topk(p2[i], 12).indices.tolist():
-            e = float(p1[t1] * p2[i, t2]) * n
-            if e >= 5:
-                expected.append(e)
-                observed.append(pairs.get((t1, t2), 0))
-    assert len(expected) >= 2, "distribution too peaked for a useful test"
-    expected.append(n - sum(expected))
-    observed.append(n - sum(observed))
-    stat, p_value = chisquare(observed, expected)
-    assert p_value > ALPHA, f"samples do not follow the target (chi2={stat:.1f}, p={p_value:.2e})"
+    assert_two_token_law(
+        outs, p1, lambda firsts: target_probs(hf_model, [prompt_ids + [t] for t in firsts]), 2, "samples"
+    )
 
 
 # ---- the hidden rows a learned drafter is handed ---------------------------------------------------------------

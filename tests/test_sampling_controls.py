@@ -7,14 +7,12 @@ from collections import Counter
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from engine.tokenization import ModelLimits, RequestError, prepare_request
 from sampling.controls import LogitsControls
 from sampling.params import SamplingParams
+from tests.test_engine_sampling import TEMPERATURE, assert_two_token_law
 
-ALPHA = 1e-3  # false-alarm rate of the distribution test
-TEMPERATURE = 0.8
 # A negative frequency penalty and a repetition penalty below 1 favour repeats, which n-gram drafts then guess:
 # the drafted tokens' counts decide acceptance.
 CONTROLS = {"presence_penalty": 0.5, "frequency_penalty": -0.4, "repetition_penalty": 0.9}
@@ -181,19 +179,7 @@ def test_sampling_with_controls_keeps_the_target_distribution_under_draft_specul
     drafted = engine.spec.drafted
     outs = engine.generate([prompt] * n, params)
     assert engine.spec.drafted - drafted >= n // 2, "too few verification steps saw a draft"
-    pairs = Counter(tuple(o.output_token_ids[:2]) for o in outs)
     c = controls(len(prompt), (), **ctrl)
     p1 = target_probs(hf_model, prompt, c)
-    expected, observed = [], []
-    for t1 in torch.topk(p1, 12).indices.tolist():
-        p2 = target_probs(hf_model, prompt + [t1], c)
-        for t2 in torch.topk(p2, 12).indices.tolist():
-            e = float(p1[t1] * p2[t2]) * n
-            if e >= 5:
-                expected.append(e)
-                observed.append(pairs.get((t1, t2), 0))
-    assert len(expected) >= 4, "distribution too flat for a useful test"
-    expected.append(n - sum(expected))
-    observed.append(n - sum(observed))
-    stat, p_value = chisquare(observed, expected)
-    assert p_value > ALPHA, f"samples do not follow the processed target (chi2={stat:.1f}, p={p_value:.2e})"
+    second = lambda firsts: torch.stack([target_probs(hf_model, prompt + [t], c) for t in firsts])  # noqa: E731
+    assert_two_token_law(outs, p1, second, 4, "samples under controls")
