@@ -31,25 +31,23 @@ def prompts(tokenizer) -> list[list[int]]:
     return ids
 
 
-@pytest.fixture(scope="module")
-def reference(hf_model, prompts) -> list[list[int]]:
+def hf_greedy(hf_model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """HF greedy continuations (stopping at EOS like the engine)."""
-    out = []
     eos = hf_model.config.eos_token_id
+    out = []
     for ids in prompts:
         with torch.inference_mode():
             g = hf_model.generate(
-                torch.tensor([ids]),
-                max_new_tokens=MAX_TOKENS,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=eos,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
+                torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
+                pad_token_id=eos, temperature=None, top_p=None, top_k=None,
+            )  # fmt: skip
         out.append(g[0, len(ids) :].tolist())
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model, prompts) -> list[list[int]]:
+    return hf_greedy(hf_model, prompts, MAX_TOKENS)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

@@ -19,7 +19,7 @@ from speculator.factory import make_proposer
 from speculator.mlp_proposer import MLPProposer
 from speculator.proposer import Draft, DraftRequest, Proposer
 from tests.conftest import humaneval_prompts, mlp_training_chats
-from tests.test_engine_greedy import check_against_reference
+from tests.test_engine_greedy import check_against_reference, hf_greedy
 from tests.test_engine_sampling import TEMPERATURE, assert_two_token_law, target_probs
 
 MAX_TOKENS = 24
@@ -50,16 +50,7 @@ def prompts(tokenizer) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(hf_model, prompts) -> list[list[int]]:
-    eos = hf_model.config.eos_token_id
-    out = []
-    for ids in prompts:
-        with torch.inference_mode():
-            g = hf_model.generate(
-                torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=eos,
-                pad_token_id=eos, temperature=None, top_p=None, top_k=None,
-            )  # fmt: skip
-        out.append(g[0, len(ids) :].tolist())
-    return out
+    return hf_greedy(hf_model, prompts, MAX_TOKENS)
 
 
 def test_greedy_with_the_mlp_drafter_equals_plain_decoding_and_hf(

@@ -11,13 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-import torch
 
 from cli.main import main
 from engine.llm_engine import LLMEngine
 from sampling.params import SamplingParams
 from tests.conftest import humaneval_prompts, mlp_training_chats
-from tests.test_engine_greedy import check_against_reference
+from tests.test_engine_greedy import check_against_reference, hf_greedy
 from tests.test_engine_sampling import TEMPERATURE, assert_two_token_law, target_probs
 
 MAX_TOKENS = 24
@@ -98,15 +97,7 @@ def test_greedy_with_candidates_equals_plain_decoding(make_engine, configs, prom
 
 
 def test_mlp_candidates_equal_hf_generate(make_engine, configs, hf_model, prompts):
-    eos = hf_model.config.eos_token_id
-    reference = []
-    for ids in prompts:
-        with torch.inference_mode():
-            g = hf_model.generate(
-                torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=eos,
-                pad_token_id=eos, temperature=None, top_p=None, top_k=None,
-            )  # fmt: skip
-        reference.append(g[0, len(ids) :].tolist())
+    reference = hf_greedy(hf_model, prompts, MAX_TOKENS)
     outputs = make_engine(**BASE, **configs["mlp"], num_candidates=3).generate(prompts, GREEDY)
     check_against_reference(hf_model, prompts, reference, outputs)
 
