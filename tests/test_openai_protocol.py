@@ -115,9 +115,6 @@ def test_wrong_types_and_ranges_are_400_naming_the_field(field, value):
     "field, value",
     [
         ("n", 2),
-        ("logprobs", 1),
-        ("logprobs", 0),
-        ("echo", True),
         ("suffix", "end"),
         ("best_of", 3),
     ],
@@ -379,10 +376,43 @@ def test_max_completion_tokens_wins_and_conflicts_are_refused():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("logprobs", True), ("top_logprobs", 3), ("tools", [{"type": "function"}]), ("n", 3)],
+    [("tools", [{"type": "function"}]), ("n", 3)],
 )
 def test_chat_unsupported_options(field, value):
     assert rejected(ChatCompletionRequest, {**CHAT, field: value}).param == field
+
+
+@pytest.mark.parametrize(
+    "schema, body, param",
+    [
+        (CompletionRequest, {"logprobs": 6}, "logprobs"),
+        (CompletionRequest, {"logprobs": -1}, "logprobs"),
+        (CompletionRequest, {"logprobs": True}, "logprobs"),
+        (CompletionRequest, {"echo": "sometimes"}, "echo"),
+        (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        (ChatCompletionRequest, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        (ChatCompletionRequest, {"top_logprobs": 3}, "top_logprobs"),
+        (ChatCompletionRequest, {"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
+    ],
+)
+def test_out_of_range_logprobs_are_400_naming_the_param(schema, body, param):
+    base = COMPLETION if schema is CompletionRequest else CHAT
+    assert rejected(schema, {**base, **body}).param == param
+
+
+def test_logprobs_reach_the_sampling_params():
+    def kwargs(schema, base, **body):
+        params = parse_request(schema, {**base, **body}).sampling_kwargs()
+        SamplingParams(**params | {"max_tokens": 1})
+        return params.get("logprobs"), params.get("prompt_logprobs")
+
+    assert kwargs(CompletionRequest, COMPLETION) == (None, None)
+    assert kwargs(CompletionRequest, COMPLETION, logprobs=0) == (0, None)
+    assert kwargs(CompletionRequest, COMPLETION, logprobs=5, echo=True) == (5, 5)
+    assert kwargs(CompletionRequest, COMPLETION, echo=True) == (None, None)
+    assert kwargs(ChatCompletionRequest, CHAT, logprobs=True) == (0, None)
+    assert kwargs(ChatCompletionRequest, CHAT, logprobs=True, top_logprobs=20) == (20, None)
+    assert kwargs(ChatCompletionRequest, CHAT, logprobs=False, top_logprobs=0) == (None, None)
 
 
 def test_chat_accepts_text_response_format_and_no_logprobs():
