@@ -31,7 +31,7 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[T
     if n == 0:
         return []
     rows = torch.log_softmax(logits[:n].float(), dim=-1)
-    rows = torch.nan_to_num(rows, nan=float("-inf"))
+    rows = torch.nan_to_num(rows, nan=float("-inf"), neginf=float("-inf"))
     chosen = rows.gather(-1, torch.tensor(token_ids, device=rows.device).unsqueeze(-1)).squeeze(-1).tolist()
     if k <= 0:
         return [TokenLogprob(t, lp) for t, lp in zip(token_ids, chosen)]
