@@ -61,7 +61,8 @@ def completion_response(
     logprobs: tuple[LogprobEntry, ...] | None = None,
 ) -> dict:
     """A whole `text_completion` object (`logprobs`: one entry per token of `text`, when asked)."""
-    laid_out = None if logprobs is None else Logprobs(**CompletionLogprobs().add(logprobs))
+    # constructed, not validated: OpenAI's type has no room for the null of an echoed prompt's first token
+    laid_out = None if logprobs is None else Logprobs.model_construct(**CompletionLogprobs().add(logprobs))
     choice = CompletionChoice(index=0, text=text, finish_reason=finish_reason, logprobs=laid_out)
     return _whole(Completion, "text_completion", id, model, choice, usage, created)
 
