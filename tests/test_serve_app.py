@@ -380,3 +380,18 @@ def test_completion_logprobs_with_echo_whole_and_streamed(client, make_engine, t
 def test_out_of_range_logprobs_are_400(base_url, route, body, param):
     r = httpx.post(f"{base_url}/v1/{route}", json={"model": MODEL, **body}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_prompt_lists_carry_logprobs_and_echo_per_choice(client, tokenizer):
+    prompts = ["The capital of Italy is", tokenizer("def square(x):\n")["input_ids"]]
+    args = {"model": MODEL, "max_tokens": 4, "temperature": 0, "logprobs": 1, "echo": True}
+    singles = [client.completions.create(prompt=p, **args).choices[0] for p in prompts]
+    batch = client.completions.create(prompt=prompts, **args)
+    assert [c.text for c in batch.choices] == [s.text for s in singles]
+    assert [c.logprobs.tokens for c in batch.choices] == [s.logprobs.tokens for s in singles]
+    assert batch.choices[1].text.startswith("def square(x):\n")
+    tokens: list[list[str]] = [[], []]
+    for chunk in client.completions.create(prompt=prompts, stream=True, **args):
+        for c in chunk.choices:
+            tokens[c.index] += c.logprobs.tokens if c.logprobs else []
+    assert tokens == [s.logprobs.tokens for s in singles]
