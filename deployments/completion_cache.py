@@ -105,12 +105,14 @@ def cache_scope(key_id: str, user: str | None, shared: bool) -> str:
 
 
 def is_cacheable(params: dict[str, Any]) -> bool:
-    """Deterministic requests only: temperature 0 (greedy), or sampling with a fixed seed, one choice.
+    """Deterministic requests only: temperature 0 (greedy), or sampling with a fixed seed, one choice, no logprobs.
 
     A missing temperature is not assumed to be greedy (OpenAI's default is 1): the caller must say.
     """
     if params.get("n", 1) != 1:
         return False
+    if params.get("logprobs") is not None or params.get("prompt_logprobs") is not None:
+        return False  # a cached completion holds text and tokens only
     temperature = params.get("temperature")
     if temperature is None:
         return False

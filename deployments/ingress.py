@@ -50,11 +50,19 @@ from deployments.openai_responses import (
     usage,
 )
 from deployments.openapi_doc import install_openapi
-from deployments.prompt_batch import batch_response, collect_all, element_error, relay_sse, start_all, usage_of
+from deployments.prompt_batch import (
+    Choice,
+    batch_response,
+    collect_all,
+    element_error,
+    relay_sse,
+    start_all,
+    usage_of,
+)
 from deployments.replica_stream import ReplicaStream
 from deployments.routing_policy import prefix_keys
 from deployments.serve_metrics import CONTENT_TYPE, IngressMetrics, MetricsRelay
-from deployments.stream_items import ErrorItem, ErrorKind
+from deployments.stream_items import ErrorItem, ErrorKind, LogprobEntry, StartItem
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="specserve", docs_url=None, redoc_url=None)
@@ -154,6 +162,12 @@ class _GuardedStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_close()
+
+
+def _echoed(prompt: str | list[int], first: StartItem) -> tuple[str, tuple[LogprobEntry, ...] | None]:
+    """What `echo` puts before a completion: the prompt as sent (a token-id prompt decoded by the replica) and,
+    with logprobs, the prompt's (its first token's is null)."""
+    return prompt if isinstance(prompt, str) else first.prompt_text or "", first.prompt_logprobs
 
 
 @serve.ingress(api)
@@ -273,15 +287,17 @@ class Ingress:
         if not chat and len(req.prompts) > 1:
             return await self._answer_batch(req, params, request_id)
         prompt = req.engine_prompt()
+        echo = not chat and req.echo
         engine_request = {
             **prompt,
             "params": params,
             "request_id": f"{request_id}-{uuid.uuid4().hex[:8]}",
             "prefix_keys": prefix_keys(prompt.get("messages") or prompt.get("prompt")),
+            **({"echo": True} if echo else {}),
         }
         rid = new_id("chatcmpl" if chat else "cmpl")
         key = None
-        if self.cache is not None and is_cacheable(params):
+        if self.cache is not None and is_cacheable(params) and not echo:
             caller = getattr(request.state, "caller", None) or Caller("anonymous", frozenset())
             scope = cache_scope(caller.key_id, req.user, self.config.ingress.completion_cache.share_across_keys)
             key = make_key(self.model_id, self.version, {"chat": chat, **prompt, **params}, scope=scope)
@@ -297,25 +313,33 @@ class Ingress:
                 raise item_error(first, request_id)
             prompt_tokens = first.prompt_tokens
             served_by = {REPLICA_HEADER: first.replica}
+            echoed = _echoed(req.prompts[0], first) if echo else None
             if req.stream:
-                events = self._sse(stream, req, rid, chat, prompt_tokens, key, request_id)
+                events = self._sse(stream, req, rid, chat, prompt_tokens, key, request_id, echoed)
                 response = _GuardedStream(events, stream.cancel, media_type="text/event-stream", headers=served_by)
                 handed_over = True
                 return response
             text, token_ids, finish = [], [], None
+            logprobs: list[LogprobEntry] | None = [] if params.get("logprobs") is not None else None
             async for item in stream.items():
                 if isinstance(item, ErrorItem):
                     raise item_error(item, request_id)
                 text.append(item.text)
                 token_ids.extend(item.token_ids)
                 finish = item.finish_reason or finish
+                if logprobs is not None:
+                    logprobs.extend(item.logprobs or ())
         finally:
             if not handed_over:
                 stream.cancel()
         done = CachedCompletion("".join(text), tuple(token_ids), finish, prompt_tokens, len(token_ids))
         self._offer(key if not stream.progress.resumes else None, done)
         build = chat_completion_response if chat else completion_response
-        body = build(rid, self.model_id, done.text, finish, done.usage, created=int(time.time()))
+        shown, shown_logprobs = done.text, None if logprobs is None else tuple(logprobs)
+        if echoed is not None:
+            shown = echoed[0] + shown
+            shown_logprobs = None if logprobs is None else (*(echoed[1] or ()), *logprobs)
+        body = build(rid, self.model_id, shown, finish, done.usage, created=int(time.time()), logprobs=shown_logprobs)
         return JSONResponse(body, headers=served_by)
 
     async def _answer_batch(self, req: CompletionRequest, params: dict, request_id: str) -> Response:
@@ -328,6 +352,7 @@ class Ingress:
                     "params": params,
                     "request_id": f"{request_id}-{i}-{uuid.uuid4().hex[:8]}",
                     "prefix_keys": prefix_keys(prompt),
+                    **({"echo": True} if req.echo else {}),
                 },
                 self.config.ingress.resume_timeout_s,
             )
@@ -354,6 +379,7 @@ class Ingress:
                     raise element_error(to_error(first), i)
             prompt_tokens = [first.prompt_tokens for first in firsts]
             served_by = {REPLICA_HEADER: ",".join(sorted({first.replica for first in firsts}))}
+            echoes = [_echoed(prompt, first) for prompt, first in zip(req.prompts, firsts)] if req.echo else None
             if req.stream:
                 events = relay_sse(
                     streams,
@@ -365,11 +391,14 @@ class Ingress:
                     to_error=to_error,
                     on_error=on_error,
                     on_usage=lambda u: self.metrics.completion_tokens(u["completion_tokens"]),
+                    echoes=echoes,
                 )
                 response = _GuardedStream(events, cancel_all, media_type="text/event-stream", headers=served_by)
                 handed_over = True
                 return response
-            choices = await collect_all(streams, to_error)
+            wants_logprobs = params.get("logprobs") is not None
+            started = [Choice.start(wants_logprobs, echo) for echo in echoes or [None] * len(streams)]
+            choices = await collect_all(streams, to_error, started)
         finally:
             if not handed_over:
                 cancel_all()
@@ -399,17 +428,28 @@ class Ingress:
         return JSONResponse(body, headers=CACHE_HIT)
 
     async def _sse(
-        self, stream: ReplicaStream, req, rid: str, chat: bool, prompt_tokens: int, key, request_id: str
+        self,
+        stream: ReplicaStream,
+        req,
+        rid: str,
+        chat: bool,
+        prompt_tokens: int,
+        key,
+        request_id: str,
+        echoed: tuple[str, tuple[LogprobEntry, ...] | None] | None = None,
     ) -> AsyncIterator[str]:
-        """Relay the replica's stream as SSE; it ends with a finish reason, or an error event, then [DONE].
-        If the client goes away this generator is closed, and closing cancels the replica-side stream, which
-        aborts the request and frees its KV blocks."""
+        """Relay the replica's stream as SSE; it ends with a finish reason, or an error event, then [DONE]; an
+        echoed prompt (text, logprobs) is the first piece. If the client goes away this generator is closed, and
+        closing cancels the replica-side stream, which aborts the request and frees its KV blocks."""
         sse = SSEEncoder(rid, self.model_id, chat, int(time.time()), req.include_usage)
         text, token_ids, finish = [], [], None
         completed = False
         try:
             for event in sse.start():
                 yield event
+            if echoed is not None:
+                for event in sse.piece(echoed[0], None, echoed[1]):
+                    yield event
             try:
                 async for item in stream.items():
                     if isinstance(item, ErrorItem):
@@ -420,7 +460,7 @@ class Ingress:
                     text.append(item.text)
                     token_ids.extend(item.token_ids)
                     finish = item.finish_reason or finish
-                    for event in sse.piece(item.text, item.finish_reason):
+                    for event in sse.piece(item.text, item.finish_reason, item.logprobs):
                         yield event
             except Exception:  # noqa: BLE001 - the stream must still end with an error event
                 log.exception("stream of request %s failed", request_id)

@@ -38,6 +38,7 @@ from ray.serve.exceptions import RayServeException
 from deployments.admission import ReplicaAdmission
 from deployments.app_config import AppConfig, load_app_config
 from deployments.block_manager_actor import RemoteBlockManager
+from deployments.logprob_text import TokenTexts
 from deployments.prompt_limits import max_bytes_per_token, min_tokens
 from deployments.resume import ResumedText
 from deployments.routing_policy import RecentPrefixes, ReplicaStats
@@ -45,7 +46,7 @@ from deployments.serve_metrics import EngineMetrics, Every
 from deployments.sharded_runner import ShardedRunner, ShardFailure
 from deployments.stream_items import DeltaItem, ErrorItem, ErrorKind, StartItem, StreamItem
 from engine.async_engine import AsyncEngine, EngineStepError, RequestFailed
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, RequestOutput
 from engine.tokenization import EngineRequest, RequestError, sampling_params
 from sampling.params import SamplingParams
 
@@ -98,6 +99,7 @@ class LLMServer:
             target.retry_after_s,
         )
         self.bytes_per_token = max_bytes_per_token(self.engine.tokenizer)
+        self.token_texts = TokenTexts(self.engine.tokenizer)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except RayServeException:  # constructed outside Serve
@@ -198,7 +200,8 @@ class LLMServer:
                 prompt_ids + done, {**kwargs, "max_tokens": left, "min_tokens": min_left}
             )
             params = request.params
-            update = {"stop": [], "min_tokens": kwargs.get("min_tokens") or 0}  # counted from output_start
+            # counted from output_start; the prompt's logprobs were sent by the first replica
+            update = {"stop": [], "min_tokens": kwargs.get("min_tokens") or 0, "prompt_logprobs": None}
             request = replace(request, params=params.model_copy(update=update), output_start=len(prompt_ids))
         else:  # the budget was spent as the replica died: only text held back is left to send
             params = sampling_params({**kwargs, "max_tokens": 1, "min_tokens": 0})
@@ -242,13 +245,14 @@ class LLMServer:
             except RequestError as e:
                 yield ErrorItem(ErrorKind.INVALID_REQUEST, str(e), e.param or param)
                 return
-            yield start
+            yield self._with_prompt(start, request, out)
             while True:
                 text, finish = out.delta, out.finish_reason
                 if prep.resumed is not None:
                     text = prep.resumed.add(out.new_token_ids, out.finished)
                     finish = "stop" if prep.resumed.stopped else finish
-                yield DeltaItem(text, tuple(out.new_token_ids), finish)
+                logprobs = None if out.logprobs is None else self.token_texts.entries(out.logprobs)
+                yield DeltaItem(text, tuple(out.new_token_ids), finish, logprobs)
                 if finish is not None:
                     return
                 out = await outputs.__anext__()
@@ -259,6 +263,15 @@ class LLMServer:
             self.admitted -= 1
             self.metrics.request_ended(len(out.output_token_ids) if out else 0, out.metrics if out else None)
             await outputs.aclose()
+
+    def _with_prompt(self, start: StartItem, request: dict[str, Any], out: RequestOutput) -> StartItem:
+        """The start item with the prompt's text (`echo`) and logprobs (prompt_logprobs), when asked."""
+        ids = start.prompt_token_ids
+        text = self.engine.tokenizer.decode(list(ids)) if request.get("echo") else None
+        logprobs = None
+        if out.prompt_logprobs is not None:
+            logprobs = self.token_texts.prompt_entries(ids, out.prompt_logprobs)
+        return replace(start, prompt_text=text, prompt_logprobs=logprobs)
 
     async def ready(self) -> bool:
         """The constructor returned, so the engine is built and has run a step: this replica can serve."""

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from engine.tokenization import lone_surrogate
+from sampling.logprobs import MAX_LOGPROBS
 from sampling.params import (
     MAX_LOGIT_BIAS_ENTRIES,
     MAX_PENALTY,
@@ -33,6 +34,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_JSON_DEPTH = 64  # no request of this API nests deeper than a few levels
 MAX_INT_DIGITS = 64  # wider than any field takes, far below Python's 4,300-digit conversion limit
 UNKNOWN_FIELD = "unknown field (not part of this API)"
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit of /v1/completions' `logprobs` (chat's `top_logprobs`: MAX_LOGPROBS)
 
 
 class ProtocolError(Exception):
@@ -188,9 +190,6 @@ def _only(*values: Any) -> Any:
 # Why each `_only` option refuses every other value (one validator checks them all, on whichever model has them).
 _UNSUPPORTED = {
     "n": "only n=1 is supported",
-    "logprobs": "logprobs are not supported",
-    "top_logprobs": "logprobs are not supported",
-    "echo": "echo is not supported",
     "suffix": "suffix is not supported",
     "best_of": "only best_of=1 is supported",
     "tools": "tools are not supported",
@@ -345,8 +344,10 @@ class CompletionRequest(_BaseRequest):
     """POST /v1/completions."""
 
     prompt: _Prompt | list[_Prompt]
-    logprobs: int | None = _only(None)
-    echo: bool = _only(False)
+    logprobs: Annotated[int, Field(strict=True)] | None = Field(  # strict: `true` is no count
+        default=None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="the chosen tokens' logprobs and this many top"
+    )
+    echo: bool = Field(default=False, description="prepend the prompt (and its logprobs, with logprobs) to the text")
     suffix: str | None = _only(None, "")
     best_of: int | None = _only(None, 1)
 
@@ -356,6 +357,14 @@ class CompletionRequest(_BaseRequest):
         if isinstance(data, dict) and "prompt" in data:
             data = {**data, "prompt": _normalize_prompt(data["prompt"])}
         return data
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        kwargs = super().sampling_kwargs()
+        if self.logprobs is not None:
+            kwargs["logprobs"] = self.logprobs
+            if self.echo:
+                kwargs["prompt_logprobs"] = self.logprobs
+        return kwargs
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -419,8 +428,10 @@ class ChatCompletionRequest(_BaseRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
-    logprobs: bool | None = _only(None, False)
-    top_logprobs: int | None = _only(None, 0)
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(strict=True)] | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true"
+    )
     response_format: ResponseFormat | None = None
     tools: list[dict] | None = _only(None, [])
     tool_choice: Literal["none"] | None = None
@@ -431,6 +442,18 @@ class ChatCompletionRequest(_BaseRequest):
         if a is not None and b is not None and a != b:
             raise ValueError("max_completion_tokens: disagrees with max_tokens; give only one of them")
         return self
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: only allowed when logprobs is true")
+        return self
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        kwargs = super().sampling_kwargs()
+        if self.logprobs:
+            kwargs["logprobs"] = self.top_logprobs or 0
+        return kwargs
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -19,6 +19,11 @@ from typing import Any, Literal
 from openai.types import Completion, CompletionChoice, CompletionUsage, Model
 from openai.types.chat import ChatCompletion, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice as ChatChoice
+from openai.types.chat.chat_completion import ChoiceLogprobs
+from openai.types.completion_choice import Logprobs
+
+from deployments.openai_logprobs import CompletionLogprobs, chat_logprobs
+from deployments.stream_items import LogprobEntry
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -47,19 +52,34 @@ def _whole(cls: type, object: str, id: str, model: str, choice: Any, usage: dict
 
 
 def completion_response(
-    id: str, model: str, text: str, finish_reason: str | None, usage: dict, created: int | None = None
+    id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: dict,
+    created: int | None = None,
+    logprobs: tuple[LogprobEntry, ...] | None = None,
 ) -> dict:
-    """A whole `text_completion` object."""
-    choice = CompletionChoice(index=0, text=text, finish_reason=finish_reason, logprobs=None)
+    """A whole `text_completion` object (`logprobs`: one entry per token of `text`, when asked)."""
+    # constructed, not validated: OpenAI's type has no room for the null of an echoed prompt's first token
+    laid_out = None if logprobs is None else Logprobs.model_construct(**CompletionLogprobs().add(logprobs))
+    choice = CompletionChoice(index=0, text=text, finish_reason=finish_reason, logprobs=laid_out)
     return _whole(Completion, "text_completion", id, model, choice, usage, created)
 
 
 def chat_completion_response(
-    id: str, model: str, text: str, finish_reason: str | None, usage: dict, created: int | None = None
+    id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: dict,
+    created: int | None = None,
+    logprobs: tuple[LogprobEntry, ...] | None = None,
 ) -> dict:
-    """A whole `chat.completion` object."""
+    """A whole `chat.completion` object (`logprobs`: one entry per token of `text`, when asked)."""
     message = ChatCompletionMessage(role="assistant", content=text)
-    choice = ChatChoice(index=0, message=message, finish_reason=finish_reason, logprobs=None)
+    laid_out = None if logprobs is None else ChoiceLogprobs(**chat_logprobs(logprobs))
+    choice = ChatChoice(index=0, message=message, finish_reason=finish_reason, logprobs=laid_out)
     return _whole(ChatCompletion, "chat.completion", id, model, choice, usage, created)
 
 
@@ -70,6 +90,7 @@ def completion_chunk(
     text: str,
     finish_reason: str | None = None,
     include_usage: bool = False,
+    logprobs: dict | None = None,
 ) -> dict:
     """One streamed piece of a completion (OpenAI streams completions as `text_completion` objects)."""
     chunk = {
@@ -77,7 +98,7 @@ def completion_chunk(
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
     }
     if include_usage:
         chunk["usage"] = None
@@ -92,6 +113,7 @@ def chat_completion_chunk(
     finish_reason: str | None = None,
     role: bool = False,
     include_usage: bool = False,
+    logprobs: dict | None = None,
 ) -> dict:
     """One `chat.completion.chunk`; the first of a stream sets `role=True` (delta carries the role)."""
     delta: dict[str, Any] = {}
@@ -104,7 +126,7 @@ def chat_completion_chunk(
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}],
     }
     if include_usage:
         chunk["usage"] = None
@@ -130,12 +152,14 @@ def sse_event(obj: dict) -> str:
 
 class SSEEncoder:
     """The SSE framing of one OpenAI stream, fed piece by piece (works for sync and async producers alike):
-    `start()` (the role chunk for chat), `piece(text, finish)` per engine output, `end(usage)` (the usage chunk
-    if asked for, then [DONE])."""
+    `start()` (the role chunk for chat), `piece(text, finish, logprobs)` per engine output, `end(usage)` (the
+    usage chunk if asked for, then [DONE]). A piece's logprobs (one entry per token it came from) ride on its
+    text chunk, which is sent, empty if need be, whenever there are any."""
 
     def __init__(self, id: str, model: str, chat: bool, created: int | None = None, include_usage: bool = False):
         self.id, self.model, self.chat = id, model, chat
         self.created, self.include_usage = _now(created), include_usage
+        self.completion_logprobs = CompletionLogprobs()  # text offsets run across the stream
 
     def start(self) -> list[str]:
         if not self.chat:
@@ -145,15 +169,19 @@ class SSEEncoder:
         )
         return [sse_event(chunk)]
 
-    def piece(self, text: str, finish: str | None) -> list[str]:
-        if not text and finish is None:
+    def piece(self, text: str, finish: str | None, logprobs: tuple[LogprobEntry, ...] | None = None) -> list[str]:
+        if not text and finish is None and not logprobs:
             return []
         args = (self.id, self.model, self.created)
         if not self.chat:
-            return [sse_event(completion_chunk(*args, text, finish, include_usage=self.include_usage))]
+            laid_out = None if logprobs is None else self.completion_logprobs.add(logprobs)
+            chunk = completion_chunk(*args, text, finish, include_usage=self.include_usage, logprobs=laid_out)
+            return [sse_event(chunk)]
         events = []
-        if text:
-            events.append(sse_event(chat_completion_chunk(*args, content=text, include_usage=self.include_usage)))
+        if text or logprobs:
+            laid_out = None if logprobs is None else chat_logprobs(logprobs)
+            chunk = chat_completion_chunk(*args, content=text, include_usage=self.include_usage, logprobs=laid_out)
+            events.append(sse_event(chunk))
         if finish is not None:
             chunk = chat_completion_chunk(*args, finish_reason=finish, include_usage=self.include_usage)
             events.append(sse_event(chunk))

@@ -4,7 +4,8 @@ per prompt, indexed in prompt order, with the usage summed. Streamed, the chunks
 they come, each carrying its choice's index; the stream ends once every choice has its finish reason (or with
 an error event), then `data: [DONE]`.
 
-A prompt the engine refuses fails the whole request with a 400 that names it (`prompt.3: ...`). When the
+With `echo` each choice starts with its prompt (and, with logprobs, the prompt's logprobs), streamed as its
+first chunk. A prompt the engine refuses fails the whole request with a 400 that names it (`prompt.3: ...`). When the
 request ends early (an error, a client gone), every prompt's replica-side stream is cancelled.
 """
 
@@ -15,23 +16,40 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.openai_logprobs import CompletionLogprobs
 from deployments.openai_protocol import ProtocolError
 from deployments.openai_responses import SSE_DONE, completion_chunk, completion_response, sse_event, usage_chunk
-from deployments.stream_items import DeltaItem, ErrorItem, StartItem
+from deployments.stream_items import DeltaItem, ErrorItem, LogprobEntry, StartItem
+
+# An echoed prompt: its text and, with logprobs, its entries.
+Echo = tuple[str, tuple[LogprobEntry, ...] | None]
 
 
 @dataclass
 class Choice:
-    """One prompt's completion as it was relayed."""
+    """One prompt's completion as it was relayed (`logprobs` None: not asked for); `text` and `logprobs` start
+    with the echoed prompt, if any."""
 
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list[LogprobEntry] | None = None
+
+    @classmethod
+    def start(cls, logprobs: bool, echo: Echo | None = None) -> Choice:
+        choice = cls(logprobs=[] if logprobs else None)
+        if echo is not None:
+            choice.text.append(echo[0])
+            if choice.logprobs is not None:
+                choice.logprobs.extend(echo[1] or ())
+        return choice
 
     def add(self, item: DeltaItem) -> None:
         self.text.append(item.text)
         self.token_ids.extend(item.token_ids)
         self.finish_reason = item.finish_reason or self.finish_reason
+        if self.logprobs is not None:
+            self.logprobs.extend(item.logprobs or ())
 
 
 def element_error(error: ProtocolError, index: int) -> ProtocolError:
@@ -48,8 +66,7 @@ async def start_all(streams: list[Any]) -> list[StartItem | ErrorItem]:
     return [await s.start() for s in streams]
 
 
-async def _collect(stream: Any, index: int, to_error: Callable[[ErrorItem], ProtocolError]) -> Choice:
-    choice = Choice()
+async def _collect(stream: Any, index: int, to_error: Callable[[ErrorItem], ProtocolError], choice: Choice) -> Choice:
     async for item in stream.items():
         if isinstance(item, ErrorItem):
             raise element_error(to_error(item), index)
@@ -57,10 +74,13 @@ async def _collect(stream: Any, index: int, to_error: Callable[[ErrorItem], Prot
     return choice
 
 
-async def collect_all(streams: list[Any], to_error: Callable[[ErrorItem], ProtocolError]) -> list[Choice]:
-    """Every prompt's whole completion; the first failure (lowest index) is raised once all have stopped, the
-    others cancelled."""
-    tasks = [asyncio.create_task(_collect(s, i, to_error)) for i, s in enumerate(streams)]
+async def collect_all(
+    streams: list[Any], to_error: Callable[[ErrorItem], ProtocolError], choices: list[Choice] | None = None
+) -> list[Choice]:
+    """Every prompt's whole completion, into `choices` (as started: logprobs, echo); the first failure (lowest
+    index) is raised once all have stopped, the others cancelled."""
+    choices = choices or [Choice() for _ in streams]
+    tasks = [asyncio.create_task(_collect(s, i, to_error, c)) for i, (s, c) in enumerate(zip(streams, choices))]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
@@ -83,14 +103,30 @@ def usage_of(prompt_tokens: list[int], choices: list[Choice]) -> dict[str, int]:
 
 def batch_response(id: str, model: str, choices: list[Choice], usage: dict, created: int) -> dict:
     """The `text_completion` object with one choice per prompt, in prompt order."""
-    bodies = [completion_response(id, model, "".join(c.text), c.finish_reason, usage, created) for c in choices]
+    bodies = [
+        completion_response(
+            id,
+            model,
+            "".join(c.text),
+            c.finish_reason,
+            usage,
+            created,
+            None if c.logprobs is None else tuple(c.logprobs),
+        )
+        for c in choices
+    ]
     body = bodies[0]
     body["choices"] = [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)]
     return body
 
 
-def _chunk(id: str, model: str, created: int, index: int, item: DeltaItem, include_usage: bool) -> str:
-    chunk = completion_chunk(id, model, created, item.text, item.finish_reason, include_usage=include_usage)
+def _chunk(
+    id: str, model: str, created: int, index: int, item: DeltaItem, include_usage: bool, offsets: CompletionLogprobs
+) -> str:
+    logprobs = None if item.logprobs is None else offsets.add(item.logprobs)
+    chunk = completion_chunk(
+        id, model, created, item.text, item.finish_reason, include_usage=include_usage, logprobs=logprobs
+    )
     chunk["choices"][0]["index"] = index
     return sse_event(chunk)
 
@@ -106,10 +142,11 @@ async def relay_sse(
     to_error: Callable[[ErrorItem], ProtocolError],
     on_error: Callable[[Exception], ProtocolError],
     on_usage: Callable[[dict], None] = lambda usage: None,
+    echoes: list[Echo] | None = None,
 ) -> AsyncIterator[str]:
     """The batch as one SSE stream. `to_error` maps a replica's error item, `on_error` an unexpected failure
-    (it logs and returns the 5xx to send); `on_usage` gets the summed usage of a stream that completed.
-    Closing this generator cancels every prompt's stream."""
+    (it logs and returns the 5xx to send); `on_usage` gets the summed usage of a stream that completed; `echoes`
+    (one per prompt) are sent first. Closing this generator cancels every prompt's stream."""
     queue: asyncio.Queue[tuple[int, DeltaItem | ErrorItem | Exception | None]] = asyncio.Queue()
 
     async def pump(index: int, stream: Any) -> None:
@@ -123,7 +160,10 @@ async def relay_sse(
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     choices = [Choice() for _ in streams]
+    offsets = [CompletionLogprobs() for _ in streams]  # text offsets per choice
     try:
+        for index, (text, logprobs) in enumerate(echoes or ()):
+            yield _chunk(id, model, created, index, DeltaItem(text, (), None, logprobs), include_usage, offsets[index])
         left = len(streams)
         while left:
             index, item = await queue.get()
@@ -139,8 +179,8 @@ async def relay_sse(
                 yield SSE_DONE
                 return
             choices[index].add(item)
-            if item.text or item.finish_reason is not None:
-                yield _chunk(id, model, created, index, item, include_usage)
+            if item.text or item.finish_reason is not None or item.logprobs:
+                yield _chunk(id, model, created, index, item, include_usage, offsets[index])
         usage = usage_of(prompt_tokens, choices)
         on_usage(usage)
         if include_usage:

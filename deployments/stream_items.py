@@ -12,12 +12,27 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class LogprobEntry:
+    """A token as text (its UTF-8 `bytes` exactly, `token` decoded from them) with its log-probability, and at
+    a scored position the most likely tokens, most likely first. `logprob` is None for a prompt's first token,
+    which nothing scores."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float | None
+    top: tuple[LogprobEntry, ...] = ()
+
+
+@dataclass(frozen=True)
 class StartItem:
     """The replica took the request. It carries the prompt's token ids, so that the ingress can resume the
-    request on another replica from them if this one dies (resume.py)."""
+    request on another replica from them if this one dies (resume.py); with `echo` asked, the prompt's text,
+    and with prompt logprobs asked, one entry per prompt token."""
 
     prompt_token_ids: tuple[int, ...]
     replica: str
+    prompt_text: str | None = None
+    prompt_logprobs: tuple[LogprobEntry, ...] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -26,11 +41,13 @@ class StartItem:
 
 @dataclass(frozen=True)
 class DeltaItem:
-    """New text and the tokens it came from; the last delta of a request has its finish reason."""
+    """New text and the tokens it came from (with their logprobs, one per token, when asked); the last delta
+    of a request has its finish reason."""
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
+    logprobs: tuple[LogprobEntry, ...] | None = None
 
 
 class ErrorKind(enum.Enum):

@@ -44,6 +44,7 @@ from model.kv_pages import SlotMove
 from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from model.runner import ModelRunner, StepInput, context_length
 from sampling.controls import LogitsControls
+from sampling.logprobs import TokenLogprob, token_logprobs
 from sampling.params import SamplingParams, describe_validation_error
 from sampling.sampler import make_generator, processed_probs
 from speculator.backoff import KController
@@ -78,6 +79,10 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", or "error" (then `error` says why, in one line)
     metrics: RequestMetrics
     error: str | None = None
+    # With params.logprobs: one per token of new_token_ids. With params.prompt_logprobs: one per prompt token
+    # after the first, in the request's first output only.
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -89,6 +94,7 @@ class _Request:
     metrics: RequestMetrics
     hidden: hidden_rows.PendingHidden | None = None  # for a proposer that reads the target's hidden rows
     controls: LogitsControls | None = None  # min_tokens, logit_bias, penalties (None: the request has none)
+    prompt_logprobs_sent: bool = False
 
 
 class LLMEngine:
@@ -336,6 +342,7 @@ class LLMEngine:
             feed = seq.token_ids[seq.num_computed : seq.num_computed + s.num_tokens] + draft.tokens
             n_logits = 1 + len(draft.tokens) if s.completes_prefill else 0
             n_hidden = hidden_rows.rows_wanted(mode, len(feed), n_logits)
+            n_logits += self._prompt_rows(s)
             items.append(StepInput(feed, seq.num_computed, table, n_logits, n_hidden))
         if mode == "none":
             logits, hidden = self.runner.execute(items), None
@@ -347,6 +354,15 @@ class LLMEngine:
         if self._suspects:
             self._after_isolated_step(outputs)
         return outputs
+
+    @staticmethod
+    def _prompt_rows(s: ScheduledSeq) -> int:
+        """Logits rows a prefill step needs before its sampling row to score prompt tokens (prompt_logprobs):
+        the row of position p scores token p + 1, so every fed prompt position but the last one's."""
+        seq = s.seq
+        if not seq.wants_prompt_logits:
+            return 0
+        return max(0, min(seq.num_computed + s.num_tokens, seq.num_prompt_tokens - 1) - seq.num_computed)
 
     @property
     def _hidden_rows(self) -> str:
@@ -413,19 +429,29 @@ class LLMEngine:
         outputs, row, hrow = [], 0, 0
         for s, item in zip(scheduled, items):
             seq = s.seq
+            n_prompt, start = self._prompt_rows(s), seq.num_computed
             seq.num_computed += s.num_tokens
             h = None
             if hidden is not None:
                 h = hidden[hrow : hrow + item.num_hidden]
                 hrow += item.num_hidden
-            if not item.num_logits:  # a prefill chunk: nothing to sample yet
+            req = self.requests[seq.request_id]
+            if n_prompt:
+                try:
+                    self._score_prompt(seq, start, logits[row : row + n_prompt])
+                except Exception:  # noqa: BLE001 - this request's failure must not reach the others
+                    log.exception("request %s failed while its prompt was scored", seq.request_id)
+                    outputs.append(self._fail(req, SEQUENCE_FAILED))
+                    row += item.num_logits
+                    continue
+                row += n_prompt
+            if item.num_logits == n_prompt:  # a prefill chunk: nothing to sample yet
                 if h is not None:
-                    self._keep_hidden(self.requests[seq.request_id], item, h, s.num_tokens)
+                    self._keep_hidden(req, item, h, s.num_tokens)
                 self.scheduler.commit(seq)
                 continue
-            rows = slice(row, row + item.num_logits)
-            row += item.num_logits
-            req = self.requests[seq.request_id]
+            rows = slice(row, row + item.num_logits - n_prompt)
+            row += item.num_logits - n_prompt
             try:
                 draft = drafts.get(seq.seq_id, NO_DRAFT)
                 outputs.append(self._accept(req, s, item, draft, logits[rows], greedy_rows[rows], h, now))
@@ -447,10 +473,11 @@ class LLMEngine:
     ) -> RequestOutput:
         """Verify the sequence's draft against its logits rows, keep the hidden rows of what was accepted, then
         append what was emitted. The logits controls process row i with draft tokens 0..i-1 in its context
-        (sampling/controls.py)."""
+        (sampling/controls.py); emitted token i came from row i, whose raw logits give its logprobs."""
         seq = req.seq
         if isinstance(draft, TokenTree):
             return self._accept_tree(req, item, draft, logits, argmax, hidden, now)
+        raw = logits
         if req.controls is not None:
             logits = req.controls.apply(logits, seq.token_ids, draft.tokens)
             argmax = logits.argmax(-1).tolist() if seq.params.greedy else argmax
@@ -468,7 +495,7 @@ class LLMEngine:
             self.spec.record(len(draft.tokens), accepted, len(emitted))
             if req.controller:
                 req.controller.update(len(draft.tokens), accepted)
-        return self._append(req, emitted, now)
+        return self._append(req, emitted, now, raw)
 
     def _accept_tree(
         self,
@@ -499,9 +526,17 @@ class LLMEngine:
         self.spec.record(depth, accepted, len(verdict.tokens))
         if req.controller:
             req.controller.update(depth, accepted)
-        return self._append(req, verdict.tokens, now)
+        rows = logits[path] if seq.params.logprobs is not None else None  # emitted token i came from node path[i]
+        return self._append(req, verdict.tokens, now, rows)
 
-    def _append(self, req: _Request, emitted: list[int], now: float) -> RequestOutput:
+    def _score_prompt(self, seq: Sequence, start: int, rows: torch.Tensor) -> None:
+        """Prompt logprobs of the tokens after positions start.. (a recompute overwrites what it scores again)."""
+        scored = seq.token_ids[start + 1 : start + 1 + rows.shape[0]]
+        seq.prompt_logprobs[start:] = token_logprobs(rows, scored, seq.params.prompt_logprobs or 0)
+
+    def _append(self, req: _Request, emitted: list[int], now: float, rows: torch.Tensor | None) -> RequestOutput:
+        """Append the emitted tokens up to a finish; `rows` (emitted token i scored by row i, raw logits) give
+        their logprobs when the request asks for them."""
         seq, params = req.seq, req.seq.params
         new: list[int] = []
         for tok in emitted:
@@ -513,6 +548,8 @@ class LLMEngine:
                 seq.finish_reason = "length"
             if seq.finish_reason:
                 break
+        if params.logprobs is not None and rows is not None:
+            seq.output_logprobs.extend(token_logprobs(rows, new, params.logprobs))
         delta = req.detok.add(new)
         if req.detok.stopped:
             seq.finish_reason = "stop"
@@ -552,7 +589,7 @@ class LLMEngine:
 
     def _output(self, req: _Request, new: list[int], delta: str) -> RequestOutput:
         seq = req.seq
-        return RequestOutput(
+        out = RequestOutput(
             seq.request_id,
             seq.token_ids[: seq.num_prompt_tokens],
             seq.output_token_ids,
@@ -563,6 +600,11 @@ class LLMEngine:
             seq.finish_reason,
             req.metrics,
         )
+        if seq.params.logprobs is not None:
+            out.logprobs = seq.output_logprobs[len(seq.output_logprobs) - len(new) :]
+        if seq.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            out.prompt_logprobs, req.prompt_logprobs_sent = list(seq.prompt_logprobs), True
+        return out
 
     def _drop_unschedulable(self) -> list[RequestOutput]:
         """Nothing could run: the oldest waiting sequence alone outgrew the KV cache. End it as 'length'."""

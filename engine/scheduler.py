@@ -148,7 +148,7 @@ class Scheduler:
             if budget <= 0 or len(self.running) + len(admitting) >= self.max_num_seqs:
                 break
             num_tokens = min(len(seq.token_ids), budget)
-            admit.append(Admit(seq.seq_id, list(seq.token_ids), num_tokens))
+            admit.append(Admit(seq.seq_id, list(seq.token_ids), num_tokens, not seq.wants_prompt_logits))
             admitting.append(seq)
             budget -= num_tokens
         result = self.blocks.step(extend, admit)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from sampling.logprobs import TokenLogprob
 from sampling.params import SamplingParams
 
 
@@ -31,6 +32,10 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     num_failed_steps: int = 0  # failed engine steps it took part in since it last sampled a token
+    # With params.logprobs: one per output token. With params.prompt_logprobs: one per prompt token after the
+    # first (the first has no context to be scored in), filled chunk by chunk during the prefill.
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def num_uncomputed(self) -> int:
@@ -43,6 +48,17 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def cumulative_logprob(self) -> float:
+        """Sum of the output tokens' log-probabilities (only with params.logprobs set)."""
+        return sum(lp.logprob for lp in self.output_logprobs)
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """Its prefill must score every prompt position (prompt_logprobs asked, no output yet): it gets no KV
+        from the prefix cache, which would skip those positions."""
+        return self.params.prompt_logprobs is not None and self.num_output_tokens == 0
 
     @property
     def is_decoding(self) -> bool:

@@ -27,11 +27,13 @@ class Extend:
 
 @dataclass
 class Admit:
-    """A waiting sequence: reuse its longest cached prefix, then feed up to `num_tokens` more tokens."""
+    """A waiting sequence: reuse its longest cached prefix (unless `use_prefix_cache` is false: it computes
+    every position), then feed up to `num_tokens` more tokens."""
 
     seq_id: int
     token_ids: list[int]
     num_tokens: int
+    use_prefix_cache: bool = True
 
 
 @dataclass
@@ -111,7 +113,7 @@ class BatchedBlockManager:
             granted.append(grant)
             i += 1
         for a in request.admit if not preempted else ():
-            cached = bm.allocate(a.seq_id, a.token_ids)
+            cached = bm.allocate(a.seq_id, a.token_ids, lookup=a.use_prefix_cache)
             end = min(cached + a.num_tokens, len(a.token_ids))
             grant = self._grow(a.seq_id, cached, end, end, num_cached=cached)
             if grant is None:

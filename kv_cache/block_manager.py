@@ -81,15 +81,16 @@ class BlockManager:
 
     # ---- sequence API ----
 
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], lookup: bool = True) -> int:
         """Start a table from the longest cached prefix; returns cached tokens (multiple of block_size).
 
         The last token is never covered so the model always computes at least one position (its logits).
+        `lookup=False` starts an empty table (its blocks are still hashed for others as they fill).
         """
         if seq_id in self.seqs:
             raise ValueError(f"sequence {seq_id!r} already allocated")
         state = _SeqState()
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and lookup:
             bs = self.block_size
             h: int | None = None
             for i in range((len(token_ids) - 1) // bs):

@@ -17,6 +17,7 @@ from deployments.openai_protocol import (
 )
 from deployments.openai_responses import (
     SSE_DONE,
+    SSEEncoder,
     chat_completion_chunk,
     chat_completion_response,
     completion_chunk,
@@ -27,6 +28,7 @@ from deployments.openai_responses import (
     usage,
     usage_chunk,
 )
+from deployments.stream_items import LogprobEntry
 from sampling.params import SamplingParams
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -115,9 +117,6 @@ def test_wrong_types_and_ranges_are_400_naming_the_field(field, value):
     "field, value",
     [
         ("n", 2),
-        ("logprobs", 1),
-        ("logprobs", 0),
-        ("echo", True),
         ("suffix", "end"),
         ("best_of", 3),
     ],
@@ -379,10 +378,43 @@ def test_max_completion_tokens_wins_and_conflicts_are_refused():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("logprobs", True), ("top_logprobs", 3), ("tools", [{"type": "function"}]), ("n", 3)],
+    [("tools", [{"type": "function"}]), ("n", 3)],
 )
 def test_chat_unsupported_options(field, value):
     assert rejected(ChatCompletionRequest, {**CHAT, field: value}).param == field
+
+
+@pytest.mark.parametrize(
+    "schema, body, param",
+    [
+        (CompletionRequest, {"logprobs": 6}, "logprobs"),
+        (CompletionRequest, {"logprobs": -1}, "logprobs"),
+        (CompletionRequest, {"logprobs": True}, "logprobs"),
+        (CompletionRequest, {"echo": "sometimes"}, "echo"),
+        (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        (ChatCompletionRequest, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        (ChatCompletionRequest, {"top_logprobs": 3}, "top_logprobs"),
+        (ChatCompletionRequest, {"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
+    ],
+)
+def test_out_of_range_logprobs_are_400_naming_the_param(schema, body, param):
+    base = COMPLETION if schema is CompletionRequest else CHAT
+    assert rejected(schema, {**base, **body}).param == param
+
+
+def test_logprobs_reach_the_sampling_params():
+    def kwargs(schema, base, **body):
+        params = parse_request(schema, {**base, **body}).sampling_kwargs()
+        SamplingParams(**params | {"max_tokens": 1})
+        return params.get("logprobs"), params.get("prompt_logprobs")
+
+    assert kwargs(CompletionRequest, COMPLETION) == (None, None)
+    assert kwargs(CompletionRequest, COMPLETION, logprobs=0) == (0, None)
+    assert kwargs(CompletionRequest, COMPLETION, logprobs=5, echo=True) == (5, 5)
+    assert kwargs(CompletionRequest, COMPLETION, echo=True) == (None, None)
+    assert kwargs(ChatCompletionRequest, CHAT, logprobs=True) == (0, None)
+    assert kwargs(ChatCompletionRequest, CHAT, logprobs=True, top_logprobs=20) == (20, None)
+    assert kwargs(ChatCompletionRequest, CHAT, logprobs=False, top_logprobs=0) == (None, None)
 
 
 def test_chat_accepts_text_response_format_and_no_logprobs():
@@ -544,3 +576,34 @@ def test_openapi_document_describes_both_bodies_with_resolvable_refs():
     assert completion["model"]["enum"] == ["m"]
     assert completion["n"]["enum"] == [1]  # options the engine cannot honour document their only values
     assert completion["seed"]["anyOf"][0]["maximum"] == 2**63 - 1
+
+
+def _entry(token: str, logprob: float | None, top: tuple = ()) -> LogprobEntry:
+    return LogprobEntry(token, tuple(token.encode()), logprob, top)
+
+
+def test_logprobs_ride_on_chunks_and_offsets_run_across_the_stream():
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    a, b = _entry("He", -0.5, (_entry("He", -0.5), _entry("I", -1.0))), _entry("llo", -0.1, (_entry("y", -0.05),))
+    sse = SSEEncoder("c", "m", chat=False)
+    chunks = [json.loads(e[len("data: ") :]) for p in ([a], [b]) for e in sse.piece("x", None, tuple(p))]
+    laid_out = [c["choices"][0]["logprobs"] for c in chunks]
+    assert [lp["text_offset"] for lp in laid_out] == [[0], [2]]
+    assert laid_out[1]["top_logprobs"] == [{"y": -0.05, "llo": -0.1}]  # the chosen token is always there
+    chat = SSEEncoder("c", "m", chat=True)
+    (event,) = chat.piece("", None, (a,))  # held-back text: the tokens' logprobs still go out
+    chunk = ChatCompletionChunk.model_validate(json.loads(event[len("data: ") :]))
+    assert chunk.choices[0].delta.content == "" and chunk.choices[0].logprobs.content[0].top_logprobs[1].token == "I"
+    whole = ChatCompletion.model_validate(
+        chat_completion_response("c", "m", "Hello", "stop", usage(1, 2), logprobs=(a, b))
+    )
+    assert [e.bytes for e in whole.choices[0].logprobs.content] == [[72, 101], [108, 108, 111]]
+    echo = completion_response("c", "m", "Hello", "stop", usage(1, 1), logprobs=(_entry("He", None), b))
+    laid = echo["choices"][0]["logprobs"]  # the echoed prompt's first token is null, as in OpenAI's answers
+    assert laid == {
+        "tokens": ["He", "llo"],
+        "token_logprobs": [None, -0.1],
+        "top_logprobs": [None, {"y": -0.05, "llo": -0.1}],
+        "text_offset": [0, 2],
+    }

@@ -302,3 +302,96 @@ def test_prompt_lists_and_token_ids_answer_like_single_requests(base_url, client
     body = {"model": MODEL, "prompt": ["fine", [10**7]], "max_tokens": 4}
     r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt.1", r.text
+
+
+def engine_logprobs(make_engine, params: dict, **prompt):
+    """The in-process engine without speculation: the output's tokens and logprobs, the prompt's logprobs."""
+    from sampling.params import SamplingParams
+
+    engine = make_engine(kv_cache_gib=0.25)
+    engine.add_request(**prompt, params=SamplingParams(temperature=0, **params))
+    outs = list(engine.run())
+    return [lp for o in outs for lp in o.logprobs], outs[0].prompt_logprobs
+
+
+def test_chat_logprobs_equal_plain_decoding_whole_and_streamed(client, make_engine):
+    """Served with n-gram speculation, compared with the engine without it."""
+    messages = [{"role": "user", "content": "Count from one to ten."}]
+    args = {"model": MODEL, "messages": messages, "max_tokens": 10, "temperature": 0, "logprobs": True}
+    whole = client.chat.completions.create(**args, top_logprobs=3)
+    content = whole.choices[0].logprobs.content
+    chunks = [c for c in client.chat.completions.create(**args, top_logprobs=3, stream=True) if c.choices]
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.bytes, [t.token for t in e.top_logprobs]) for e in streamed] == [
+        (e.token, e.bytes, [t.token for t in e.top_logprobs]) for e in content
+    ]
+    # the stream's prefill found the prompt in the prefix cache: the same values up to the float rounding
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    assert len(content) == whole.usage.completion_tokens
+    ref, _ = engine_logprobs(make_engine, {"max_tokens": 10, "logprobs": 3}, messages=messages)
+    for entry, lp in zip(content, ref, strict=True):
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+        assert abs(entry.logprob - lp.logprob) <= 1e-4
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert [abs(t.logprob - v) <= 1e-4 for t, (_, v) in zip(entry.top_logprobs, lp.top)] == [True] * 3
+    if whole.choices[0].finish_reason == "length":  # no end-of-turn token, whose text is not shown
+        assert "".join(e.token for e in content) == whole.choices[0].message.content
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_with_echo_whole_and_streamed(client, make_engine, tokenizer):
+    prompt = "1, 2, 3, 4, 5,"
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    args = {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    whole = client.completions.create(**args, echo=True).choices[0]
+    lp = whole.logprobs
+    assert whole.text.startswith(prompt) and len(lp.tokens) == n_prompt + 6
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(2 <= len(top) <= 3 for top in lp.top_logprobs[1:])  # the top 2 and the chosen token
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert "".join(lp.tokens) == whole.text
+    ref, ref_prompt = engine_logprobs(
+        make_engine, {"max_tokens": 6, "logprobs": 2, "prompt_logprobs": 2}, prompt=prompt
+    )
+    values = [x.logprob for x in ref_prompt + ref]
+    assert all(abs(a - b) <= 1e-4 for a, b in zip(lp.token_logprobs[1:], values, strict=True))
+    chunks = [c.choices[0] for c in client.completions.create(**args, echo=True, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text
+    gathered = {k: [v for c in chunks if c.logprobs for v in getattr(c.logprobs, k)] for k in ("tokens", "text_offset")}
+    assert gathered == {"tokens": lp.tokens, "text_offset": lp.text_offset}
+    plain = client.completions.create(**args)
+    assert plain.choices[0].text == whole.text[len(prompt) :]
+    assert plain.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[n_prompt:], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "route, body, param",
+    [
+        ("completions", {"prompt": "hi", "logprobs": 6}, "logprobs"),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ],
+)
+def test_out_of_range_logprobs_are_400(base_url, route, body, param):
+    r = httpx.post(f"{base_url}/v1/{route}", json={"model": MODEL, **body}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_prompt_lists_carry_logprobs_and_echo_per_choice(client, tokenizer):
+    prompts = ["The capital of Italy is", tokenizer("def square(x):\n")["input_ids"]]
+    args = {"model": MODEL, "max_tokens": 4, "temperature": 0, "logprobs": 1, "echo": True}
+    singles = [client.completions.create(prompt=p, **args).choices[0] for p in prompts]
+    batch = client.completions.create(prompt=prompts, **args)
+    assert [c.text for c in batch.choices] == [s.text for s in singles]
+    assert [c.logprobs.tokens for c in batch.choices] == [s.logprobs.tokens for s in singles]
+    assert batch.choices[1].text.startswith("def square(x):\n")
+    tokens: list[list[str]] = [[], []]
+    for chunk in client.completions.create(prompt=prompts, stream=True, **args):
+        for c in chunk.choices:
+            tokens[c.index] += c.logprobs.tokens if c.logprobs else []
+    assert tokens == [s.logprobs.tokens for s in singles]
