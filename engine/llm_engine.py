@@ -26,7 +26,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from model.runner import ModelRunner, StepInput, context_length
 from sampling.controls import LogitsControls
 from sampling.params import SamplingParams, describe_validation_error
-from sampling.sampler import make_generator, processed_probs
+from sampling.sampler import make_generator, processed_probs, token_logprobs
 from speculator.backoff import KController
 from speculator.cost_model import StepTimes, measure_step_times
 from speculator.factory import make_proposer
@@ -66,6 +66,11 @@ SOLO_TRIES = 2  # failed solo steps that make a sequence the culprit (one retry 
 log = logging.getLogger(__name__)
 
 
+def _seq_key(request_id: str, index: int) -> str:
+    """The engine's key of a request's sequence `index` (the first is the request id itself)."""
+    return request_id if index == 0 else f"{request_id}#{index}"
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -78,6 +83,9 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", or "error" (then `error` says why, in one line)
     metrics: RequestMetrics
     error: str | None = None
+    index: int = 0  # which of the request's n sequences (choices) this is
+    all_finished: bool = False  # every sequence of the request has finished (this one included)
+    cumulative_logprob: float = 0.0  # of this sequence's output tokens under the target (for best_of)
 
 
 @dataclass
@@ -89,6 +97,9 @@ class _Request:
     metrics: RequestMetrics
     hidden: hidden_rows.PendingHidden | None = None  # for a proposer that reads the target's hidden rows
     controls: LogitsControls | None = None  # min_tokens, logit_bias, penalties (None: the request has none)
+    group: str = ""  # the caller's request id (its n sequences share it)
+    index: int = 0
+    pending: list[_Request] = field(default_factory=list)  # siblings forked once this one's prompt is prefilled
 
 
 class LLMEngine:
@@ -139,7 +150,8 @@ class LLMEngine:
             self.config = cfg = cfg.model_copy(update={"num_speculative_tokens": max_k})
         self.k_policy = self._make_k_policy(step_times)
         self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, _Request] = {}  # by sequence key (`_seq_key`), the n sequences of a request apart
+        self.groups: dict[str, list[str]] = {}  # caller's request id -> keys of its unfinished sequences
         self.spec = SpecCounters()
         self.num_failed_requests = 0  # requests ended with finish_reason "error"
         self._seq_ids = itertools.count()
@@ -149,6 +161,7 @@ class LLMEngine:
         self._held: list[Sequence] = []
         # The sequences the running step involves (blamed if it fails); None: all in the scheduler.
         self._in_step: list[Sequence] | None = []
+        self._ended: list[RequestOutput] = []  # see `_take_ended`
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -174,41 +187,64 @@ class LLMEngine:
         """Queue a request; `prompt` may be an EngineRequest from `prepare` (then nothing is encoded or checked
         again). RequestError (one line) for a request the engine cannot serve."""
         request = prompt if isinstance(prompt, EngineRequest) else self.prepare(prompt, params, messages=messages)
-        ids, params = list(request.prompt_token_ids), request.params
+        params = request.params
         request_id = request_id or f"req-{next(self._seq_ids)}"
-        if request_id in self.requests:
+        if request_id in self.groups or request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id}")
-        metrics = RequestMetrics()
-        seq = Sequence(next(self._seq_ids), request_id, ids, len(ids), params, metrics.arrival)
-        controller = self._make_controller() if self.proposer else None
-        self.requests[request_id] = _Request(
-            seq,
-            IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens),
-            None if params.greedy else make_generator(params.seed, self.device),
-            controller,
-            metrics,
-            controls=LogitsControls.for_request(
-                params, len(ids) if request.output_start is None else request.output_start, self.eos_token_ids
-            ),
-        )
+        if params.n > self.config.max_num_seqs:
+            raise RequestError(f"n: {params.n} is more than the engine runs at once ({self.config.max_num_seqs})")
+        reqs = [self._new_request(request, request_id, i) for i in range(params.n)]
+        for req in reqs:
+            self.requests[req.seq.request_id] = req
+        self.groups[request_id] = [req.seq.request_id for req in reqs]
+        req = reqs[0]
+        req.pending, req.seq.num_pending_forks = reqs[1:], len(reqs) - 1
+        seq = req.seq
         if self._suspects:
             self._held.append(seq)
         else:
             self.scheduler.add(seq)
         return request_id
 
+    def _new_request(self, request: EngineRequest, group: str, index: int) -> _Request:
+        """Sequence `index` of a request: its own tokens, detokenizer, random stream (a seeded request's
+        sequence i > 0 seeds from the seed and i, so it repeats too) and speculation state."""
+        ids, params = list(request.prompt_token_ids), request.params
+        metrics = RequestMetrics()
+        seq = Sequence(next(self._seq_ids), _seq_key(group, index), ids, len(ids), params, metrics.arrival)
+        seed = params.seed if params.seed is None or index == 0 else hash((params.seed, index))
+        return _Request(
+            seq,
+            IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens),
+            None if params.greedy else make_generator(seed, self.device),
+            self._make_controller() if self.proposer else None,
+            metrics,
+            controls=LogitsControls.for_request(
+                params, len(ids) if request.output_start is None else request.output_start, self.eos_token_ids
+            ),
+            group=group,
+            index=index,
+        )
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether a request (any of its n sequences) is unfinished."""
+        return request_id in self.groups
+
     def abort(self, request_id: str) -> None:
-        """Cancel a request wherever it is (waiting, prefilling, decoding, held); its KV blocks go back with the
-        next step, or before this returns when no other request holds any. Unknown or finished requests are
-        ignored."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return
-        seq = req.seq
-        self.scheduler.finish(seq)
-        self._forget_isolated(seq)
-        if self.proposer:
-            self.proposer.release(seq.seq_id)
+        """Cancel a request (all its n sequences) wherever it is (waiting, prefilling, decoding, held); its KV
+        blocks go back with the next step, or before this returns when no other request holds any. A sequence's
+        key aborts its whole request. Unknown or finished requests are ignored."""
+        req = self.requests.get(request_id)
+        keys = self.groups.pop(req.group if req else request_id, [])
+        for key in keys:
+            req = self.requests.pop(key, None)
+            if req is None:
+                continue
+            seq = req.seq
+            self.scheduler.finish(seq)
+            self._forget_isolated(seq)
+            if self.proposer:
+                self.proposer.release(seq.seq_id)
 
     def reset_kv(self) -> None:
         """Every KV page is lost (rebuilt shards or block manager): unfinished requests are recomputed from
@@ -343,7 +379,7 @@ class LLMEngine:
             result = self.runner.execute_with_hidden(items)
             logits, hidden = result.logits, result.hidden
         self._in_step = []
-        outputs = self._postprocess(out.scheduled, items, drafts, logits, hidden)
+        outputs = self._postprocess(out.scheduled, items, drafts, logits, hidden) + self._take_ended()
         if self._suspects:
             self._after_isolated_step(outputs)
         return outputs
@@ -426,6 +462,12 @@ class LLMEngine:
             rows = slice(row, row + item.num_logits)
             row += item.num_logits
             req = self.requests[seq.request_id]
+            for child in self._fork_pending(req):  # each samples its first token from the prompt's last row
+                try:
+                    outputs.append(self._accept(child, s, item, NO_DRAFT, logits[rows], greedy_rows[rows], h, now))
+                except Exception:  # noqa: BLE001 - this request's failure must not reach the others
+                    log.exception("request %s failed while its step output was processed", seq.request_id)
+                    outputs.append(self._fail(child, SEQUENCE_FAILED))
             try:
                 draft = drafts.get(seq.seq_id, NO_DRAFT)
                 outputs.append(self._accept(req, s, item, draft, logits[rows], greedy_rows[rows], h, now))
@@ -433,6 +475,17 @@ class LLMEngine:
                 log.exception("request %s failed while its step output was processed", seq.request_id)
                 outputs.append(self._fail(req, SEQUENCE_FAILED))
         return outputs
+
+    def _fork_pending(self, req: _Request) -> list[_Request]:
+        """The prompt of a request with n > 1 is prefilled once: its other sequences fork from its blocks (shared
+        by reference count, copied when written) with the KV computed so far and the hidden rows pending."""
+        children, req.pending = req.pending, []
+        req.seq.num_pending_forks = 0
+        for child in children:
+            if req.hidden is not None:
+                child.hidden = hidden_rows.PendingHidden(list(req.hidden.rows), req.hidden.end)
+            self.scheduler.fork(req.seq, child.seq)
+        return children
 
     def _accept(
         self,
@@ -468,7 +521,7 @@ class LLMEngine:
             self.spec.record(len(draft.tokens), accepted, len(emitted))
             if req.controller:
                 req.controller.update(len(draft.tokens), accepted)
-        return self._append(req, emitted, now)
+        return self._append(req, emitted, now, token_logprobs(logits[: len(emitted)], emitted))
 
     def _accept_tree(
         self,
@@ -499,13 +552,15 @@ class LLMEngine:
         self.spec.record(depth, accepted, len(verdict.tokens))
         if req.controller:
             req.controller.update(depth, accepted)
-        return self._append(req, verdict.tokens, now)
+        return self._append(req, verdict.tokens, now, token_logprobs(logits[path], verdict.tokens))
 
-    def _append(self, req: _Request, emitted: list[int], now: float) -> RequestOutput:
+    def _append(self, req: _Request, emitted: list[int], now: float, logprobs: list[float]) -> RequestOutput:
+        """Append emitted tokens (`logprobs`: each one's under the target) up to a stop; stream or finish."""
         seq, params = req.seq, req.seq.params
         new: list[int] = []
-        for tok in emitted:
+        for tok, logprob in zip(emitted, logprobs):
             seq.token_ids.append(tok)
+            seq.cumulative_logprob += logprob
             new.append(tok)
             if (tok in self.eos_token_ids and not params.ignore_eos) or tok in params.stop_token_ids:
                 seq.finish_reason = "stop"
@@ -537,6 +592,7 @@ class LLMEngine:
             seq.finish_reason = "error"
         self.requests.pop(seq.request_id, None)
         self.scheduler.finish(seq)
+        self._close_in_group(req)
         if self.proposer:
             try:
                 self.proposer.release(seq.seq_id)
@@ -544,7 +600,18 @@ class LLMEngine:
                 log.exception("could not release the proposer state of request %s", seq.request_id)
         out = self._output(req, new, delta)
         out.error = error
+        for child in req.pending:  # siblings not forked yet end with it (an error ends the whole request anyway)
+            child.seq.finish_reason = seq.finish_reason
+            self._ended.append(self._finish(child, [], "", now, error))
+        req.pending = []
         return out
+
+    def _close_in_group(self, req: _Request) -> None:
+        keys = self.groups.get(req.group)
+        if keys is not None and req.seq.request_id in keys:
+            keys.remove(req.seq.request_id)
+            if not keys:
+                del self.groups[req.group]
 
     def _fail(self, req: _Request, message: str) -> RequestOutput:
         """End a request whose own processing failed."""
@@ -553,7 +620,7 @@ class LLMEngine:
     def _output(self, req: _Request, new: list[int], delta: str) -> RequestOutput:
         seq = req.seq
         return RequestOutput(
-            seq.request_id,
+            req.group,
             seq.token_ids[: seq.num_prompt_tokens],
             seq.output_token_ids,
             req.detok.text,
@@ -562,6 +629,9 @@ class LLMEngine:
             seq.status is SeqStatus.FINISHED,
             seq.finish_reason,
             req.metrics,
+            index=req.index,
+            all_finished=req.group not in self.groups,
+            cumulative_logprob=seq.cumulative_logprob,
         )
 
     def _drop_unschedulable(self) -> list[RequestOutput]:
@@ -570,7 +640,12 @@ class LLMEngine:
             return []
         req = self.requests[self.scheduler.waiting[0].request_id]
         req.seq.finish_reason = "length"
-        return [self._finish(req, [], req.detok.flush(), time.perf_counter())]
+        return [self._finish(req, [], req.detok.flush(), time.perf_counter()), *self._take_ended()]
+
+    def _take_ended(self) -> list[RequestOutput]:
+        """Outputs of unforked siblings that ended with their first sequence (see `_finish`)."""
+        ended, self._ended = self._ended, []
+        return ended
 
     # ---- recovery and isolation (see the module docstring) -----------------------------------------------
 
@@ -594,7 +669,7 @@ class LLMEngine:
             log.error("request %s broke %d solo forward steps; ending it", seq.request_id, seq.num_failed_steps)
             out = self._fail(self.requests[seq.request_id], BREAKS_FORWARD)
             self._test_next_suspect()
-            return [out]
+            return [out, *self._take_ended()]
         if any(r.seq.num_failed_steps > MAX_FAILED_STEPS for r in self.requests.values()):
             log.error("the forward keeps failing: running the %d request(s) in flight alone", len(self.requests))
             self._isolate()
@@ -620,7 +695,8 @@ class LLMEngine:
     def _after_isolated_step(self, outputs: list[RequestOutput]) -> None:
         """The suspect under test is cleared once it has sampled a token (or ended) in a step of its own."""
         seq = self._suspects[0]
-        if seq.status is not SeqStatus.FINISHED and not any(o.request_id == seq.request_id for o in outputs):
+        sampled = any(_seq_key(o.request_id, o.index) == seq.request_id for o in outputs)
+        if seq.status is not SeqStatus.FINISHED and not sampled:
             return  # still prefilling in chunks
         self._suspects.popleft()
         if seq.status is not SeqStatus.FINISHED:  # hold it back: its KV goes, it is recomputed afterwards
@@ -656,7 +732,7 @@ class LLMEngine:
                 ids.append(self.add_request(p, sp))
         final = {}
         for out in self.run():
-            if out.finished:
+            if out.finished and out.index == 0:
                 final[out.request_id] = out
         return [final[i] for i in ids]
 

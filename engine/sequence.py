@@ -31,6 +31,8 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     num_failed_steps: int = 0  # failed engine steps it took part in since it last sampled a token
+    num_pending_forks: int = 0  # sibling sequences (n > 1) to fork from its prompt's KV once prefilled
+    cumulative_logprob: float = 0.0  # sum of the target's log-softmax at each sampled output token
 
     @property
     def num_uncomputed(self) -> int:

@@ -54,3 +54,11 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     else:
         g.manual_seed(seed % _U64)
     return g
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
+    """Each token's log-probability under its row's log-softmax (row i produced tokens[i]): the target's own
+    distribution, before temperature / top-k / top-p, which `best_of` ranks sequences by."""
+    rows = logits[: len(tokens)].float()
+    index = torch.tensor(tokens, device=rows.device).unsqueeze(-1)
+    return torch.log_softmax(rows, dim=-1).gather(-1, index).squeeze(-1).tolist()
