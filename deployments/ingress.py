@@ -270,8 +270,8 @@ class Ingress:
         req = parse_request(schema, await request.body())
         check_model(req.model, [self.model_id])
         params = req.sampling_kwargs()
-        if not chat and len(req.prompts) > 1:
-            return await self._answer_batch(req, params, request_id)
+        if req.num_sequences > 1 or (not chat and len(req.prompts) > 1):  # never cached
+            return await self._answer_batch(req, params, request_id, chat)
         prompt = req.engine_prompt()
         engine_request = {
             **prompt,
@@ -318,22 +318,24 @@ class Ingress:
         body = build(rid, self.model_id, done.text, finish, done.usage, created=int(time.time()))
         return JSONResponse(body, headers=served_by)
 
-    async def _answer_batch(self, req: CompletionRequest, params: dict, request_id: str) -> Response:
-        """Several prompts (prompt_batch.py): a replica stream and a choice each; the cache is not asked."""
+    async def _answer_batch(self, req, params: dict, request_id: str, chat: bool) -> Response:
+        """Several choices (prompt_batch.py): several prompts, or n / best_of sequences of each; a replica stream
+        per prompt; the cache is not asked."""
+        prompts = [req.engine_prompt()] if chat else [{"prompt": prompt} for prompt in req.prompts]
         streams = [
             ReplicaStream(
                 self.server,
                 {
-                    "prompt": prompt,
+                    **prompt,
                     "params": params,
                     "request_id": f"{request_id}-{i}-{uuid.uuid4().hex[:8]}",
-                    "prefix_keys": prefix_keys(prompt),
+                    "prefix_keys": prefix_keys(prompt.get("messages") or prompt.get("prompt")),
                 },
                 self.config.ingress.resume_timeout_s,
             )
-            for i, prompt in enumerate(req.prompts)
+            for i, prompt in enumerate(prompts)
         ]
-        rid, created = new_id("cmpl"), int(time.time())
+        rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
 
         def to_error(item: ErrorItem) -> ProtocolError:
             return item_error(item, request_id)
@@ -351,7 +353,7 @@ class Ingress:
             firsts = await start_all(streams)
             for i, first in enumerate(firsts):
                 if isinstance(first, ErrorItem):
-                    raise element_error(to_error(first), i)
+                    raise element_error(to_error(first), i if len(firsts) > 1 else None)
             prompt_tokens = [first.prompt_tokens for first in firsts]
             served_by = {REPLICA_HEADER: ",".join(sorted({first.replica for first in firsts}))}
             if req.stream:
@@ -365,17 +367,20 @@ class Ingress:
                     to_error=to_error,
                     on_error=on_error,
                     on_usage=lambda u: self.metrics.completion_tokens(u["completion_tokens"]),
+                    n=req.n,
+                    chat=chat,
                 )
                 response = _GuardedStream(events, cancel_all, media_type="text/event-stream", headers=served_by)
                 handed_over = True
                 return response
-            choices = await collect_all(streams, to_error)
+            choices = await collect_all(streams, to_error, req.num_sequences, req.n)
         finally:
             if not handed_over:
                 cancel_all()
         total = usage_of(prompt_tokens, choices)
         self.metrics.completion_tokens(total["completion_tokens"])
-        return JSONResponse(batch_response(rid, self.model_id, choices, total, created), headers=served_by)
+        body = batch_response(rid, self.model_id, choices, total, created, chat=chat)
+        return JSONResponse(body, headers=served_by)
 
     def _offer(self, key, done: CachedCompletion) -> None:
         self.metrics.completion_tokens(done.completion_tokens)

@@ -235,7 +235,7 @@ class LLMServer:
         self.admitted += 1
         outputs = self.engine.generate(prep.request, request_id=request_id)
         self.metrics.request_started(len(prep.prompt_token_ids))
-        out = None
+        out, num_tokens = None, 0
         try:
             try:
                 out = await outputs.__anext__()
@@ -248,8 +248,11 @@ class LLMServer:
                 if prep.resumed is not None:
                     text = prep.resumed.add(out.new_token_ids, out.finished)
                     finish = "stop" if prep.resumed.stopped else finish
-                yield DeltaItem(text, tuple(out.new_token_ids), finish)
-                if finish is not None:
+                num_tokens += len(out.new_token_ids)
+                more = finish is not None and prep.resumed is None and not out.all_finished
+                logprob = out.cumulative_logprob if finish is not None else None
+                yield DeltaItem(text, tuple(out.new_token_ids), finish, out.index, more, logprob)
+                if finish is not None and not more:
                     return
                 out = await outputs.__anext__()
         except EngineStepError as e:
@@ -257,7 +260,7 @@ class LLMServer:
             yield engine_error_item(e)
         finally:
             self.admitted -= 1
-            self.metrics.request_ended(len(out.output_token_ids) if out else 0, out.metrics if out else None)
+            self.metrics.request_ended(num_tokens, out.metrics if out else None)
             await outputs.aclose()
 
     async def ready(self) -> bool:

@@ -1,8 +1,10 @@
-"""Several prompts in one /v1/completions request, as OpenAI allows: each prompt is a request of its own to the
-replicas (its own ReplicaStream, so each is routed, resumed and cancelled alone), and the answer holds one choice
-per prompt, indexed in prompt order, with the usage summed. Streamed, the chunks of all prompts interleave as
-they come, each carrying its choice's index; the stream ends once every choice has its finish reason (or with
-an error event), then `data: [DONE]`.
+"""Several choices in one answer: several prompts in one /v1/completions request, as OpenAI allows, and `n` (or
+`best_of`) choices per prompt, completions and chat alike. Each prompt is a request of its own to the replicas
+(its own ReplicaStream, so each is routed, resumed and cancelled alone) whose n sequences share the prompt's KV
+there; choice i * n + j is prompt i's sequence j, as OpenAI indexes them, and the usage counts each prompt once
+and sums the choices' tokens. With best_of > n (not streamed) a prompt's n sequences of highest cumulative
+logprob are its choices. Streamed, the chunks of all choices interleave as they come, each carrying its choice's
+index; the stream ends once every choice has its finish reason (or with an error event), then `data: [DONE]`.
 
 A prompt the engine refuses fails the whole request with a 400 that names it (`prompt.3: ...`). When the
 request ends early (an error, a client gone), every prompt's replica-side stream is cancelled.
@@ -16,30 +18,47 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.openai_protocol import ProtocolError
-from deployments.openai_responses import SSE_DONE, completion_chunk, completion_response, sse_event, usage_chunk
+from deployments.openai_responses import (
+    SSE_DONE,
+    chat_completion_chunk,
+    chat_completion_response,
+    completion_chunk,
+    completion_response,
+    sse_event,
+    usage_chunk,
+)
 from deployments.stream_items import DeltaItem, ErrorItem, StartItem
 
 
 @dataclass
 class Choice:
-    """One prompt's completion as it was relayed."""
+    """One choice (a prompt's sequence) as it was relayed."""
 
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    cumulative_logprob: float = 0.0
 
     def add(self, item: DeltaItem) -> None:
         self.text.append(item.text)
         self.token_ids.extend(item.token_ids)
         self.finish_reason = item.finish_reason or self.finish_reason
+        if item.cumulative_logprob is not None:
+            self.cumulative_logprob = item.cumulative_logprob
 
 
-def element_error(error: ProtocolError, index: int) -> ProtocolError:
-    """A 4xx about the prompt (param `prompt` or none) names the prompt of the batch; others stay as they are."""
-    if error.status_code >= 500 or error.param not in (None, "prompt"):
+def element_error(error: ProtocolError, index: int | None) -> ProtocolError:
+    """A 4xx about the prompt (param `prompt` or none) names the prompt of the batch; others stay as they are (all
+    of them when `index` is None: a single prompt)."""
+    if index is None or error.status_code >= 500 or error.param not in (None, "prompt"):
         return error
     where = f"prompt.{index}"
     return ProtocolError(f"{where}: {error.message}", status_code=error.status_code, param=where, code=error.code)
+
+
+def _where(index: int, streams: list[Any]) -> int | None:
+    """The prompt index errors name: none when there is one prompt."""
+    return index if len(streams) > 1 else None
 
 
 async def start_all(streams: list[Any]) -> list[StartItem | ErrorItem]:
@@ -48,19 +67,26 @@ async def start_all(streams: list[Any]) -> list[StartItem | ErrorItem]:
     return [await s.start() for s in streams]
 
 
-async def _collect(stream: Any, index: int, to_error: Callable[[ErrorItem], ProtocolError]) -> Choice:
-    choice = Choice()
+async def _collect(stream: Any, index: int, to_error: Callable[[ErrorItem], ProtocolError], n: int) -> list[Choice]:
+    choices = [Choice() for _ in range(n)]
     async for item in stream.items():
         if isinstance(item, ErrorItem):
             raise element_error(to_error(item), index)
-        choice.add(item)
-    return choice
+        choices[item.index].add(item)
+    return choices
 
 
-async def collect_all(streams: list[Any], to_error: Callable[[ErrorItem], ProtocolError]) -> list[Choice]:
-    """Every prompt's whole completion; the first failure (lowest index) is raised once all have stopped, the
-    others cancelled."""
-    tasks = [asyncio.create_task(_collect(s, i, to_error)) for i, s in enumerate(streams)]
+def best_of(choices: list[Choice], n: int) -> list[Choice]:
+    """The n choices of highest cumulative logprob, highest first (one prompt's best_of sequences)."""
+    return sorted(choices, key=lambda c: c.cumulative_logprob, reverse=True)[:n]
+
+
+async def collect_all(
+    streams: list[Any], to_error: Callable[[ErrorItem], ProtocolError], sequences: int = 1, n: int | None = None
+) -> list[Choice]:
+    """Every choice's whole text, prompt by prompt (`sequences` per prompt sampled, its best `n` kept); the first
+    failure (lowest index) is raised once all have stopped, the others cancelled."""
+    tasks = [asyncio.create_task(_collect(s, _where(i, streams), to_error, sequences)) for i, s in enumerate(streams)]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
@@ -72,7 +98,7 @@ async def collect_all(streams: list[Any], to_error: Callable[[ErrorItem], Protoc
     failed = next((t.exception() for t in tasks if not t.cancelled() and t.exception() is not None), None)
     if failed is not None:
         raise failed
-    return [t.result() for t in tasks]
+    return [c for t in tasks for c in best_of(t.result(), n or sequences)]
 
 
 def usage_of(prompt_tokens: list[int], choices: list[Choice]) -> dict[str, int]:
@@ -81,16 +107,31 @@ def usage_of(prompt_tokens: list[int], choices: list[Choice]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def batch_response(id: str, model: str, choices: list[Choice], usage: dict, created: int) -> dict:
-    """The `text_completion` object with one choice per prompt, in prompt order."""
-    bodies = [completion_response(id, model, "".join(c.text), c.finish_reason, usage, created) for c in choices]
+def batch_response(id: str, model: str, choices: list[Choice], usage: dict, created: int, chat: bool = False) -> dict:
+    """The `text_completion` (or `chat.completion`) object with its choices in index order."""
+    build = chat_completion_response if chat else completion_response
+    bodies = [build(id, model, "".join(c.text), c.finish_reason, usage, created) for c in choices]
     body = bodies[0]
     body["choices"] = [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)]
     return body
 
 
-def _chunk(id: str, model: str, created: int, index: int, item: DeltaItem, include_usage: bool) -> str:
-    chunk = completion_chunk(id, model, created, item.text, item.finish_reason, include_usage=include_usage)
+def _chunks(id: str, model: str, created: int, index: int, item: DeltaItem, include_usage: bool, chat: bool):
+    """A delta's chunks for choice `index` (chat: the text, then the finish reason, as `SSEEncoder` sends them)."""
+    if not chat:
+        chunks = [completion_chunk(id, model, created, item.text, item.finish_reason, include_usage=include_usage)]
+    else:
+        args = (id, model, created)
+        chunks = [chat_completion_chunk(*args, content=item.text, include_usage=include_usage)] if item.text else []
+        if item.finish_reason is not None:
+            chunks.append(chat_completion_chunk(*args, finish_reason=item.finish_reason, include_usage=include_usage))
+    for chunk in chunks:
+        chunk["choices"][0]["index"] = index
+        yield sse_event(chunk)
+
+
+def _role_chunk(id: str, model: str, created: int, index: int, include_usage: bool) -> str:
+    chunk = chat_completion_chunk(id, model, created, "", role=True, include_usage=include_usage)
     chunk["choices"][0]["index"] = index
     return sse_event(chunk)
 
@@ -106,10 +147,12 @@ async def relay_sse(
     to_error: Callable[[ErrorItem], ProtocolError],
     on_error: Callable[[Exception], ProtocolError],
     on_usage: Callable[[dict], None] = lambda usage: None,
+    n: int = 1,
+    chat: bool = False,
 ) -> AsyncIterator[str]:
-    """The batch as one SSE stream. `to_error` maps a replica's error item, `on_error` an unexpected failure
-    (it logs and returns the 5xx to send); `on_usage` gets the summed usage of a stream that completed.
-    Closing this generator cancels every prompt's stream."""
+    """The choices (`n` per prompt) as one SSE stream. `to_error` maps a replica's error item, `on_error` an
+    unexpected failure (it logs and returns the 5xx to send); `on_usage` gets the summed usage of a stream that
+    completed. Closing this generator cancels every prompt's stream."""
     queue: asyncio.Queue[tuple[int, DeltaItem | ErrorItem | Exception | None]] = asyncio.Queue()
 
     async def pump(index: int, stream: Any) -> None:
@@ -122,8 +165,11 @@ async def relay_sse(
             queue.put_nowait((index, None))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    choices = [Choice() for _ in streams]
+    choices = [Choice() for _ in range(len(streams) * n)]
     try:
+        if chat:
+            for index in range(len(choices)):
+                yield _role_chunk(id, model, created, index, include_usage)
         left = len(streams)
         while left:
             index, item = await queue.get()
@@ -135,16 +181,18 @@ async def relay_sse(
                 yield SSE_DONE
                 return
             if isinstance(item, ErrorItem):
-                yield sse_event(element_error(to_error(item), index).body())
+                yield sse_event(element_error(to_error(item), _where(index, streams)).body())
                 yield SSE_DONE
                 return
-            choices[index].add(item)
+            choice = index * n + item.index
+            choices[choice].add(item)
             if item.text or item.finish_reason is not None:
-                yield _chunk(id, model, created, index, item, include_usage)
+                for event in _chunks(id, model, created, choice, item, include_usage, chat):
+                    yield event
         usage = usage_of(prompt_tokens, choices)
         on_usage(usage)
         if include_usage:
-            yield sse_event(usage_chunk(id, model, created, usage, chat=False))
+            yield sse_event(usage_chunk(id, model, created, usage, chat=chat))
         yield SSE_DONE
     finally:
         for stream, task in zip(streams, tasks):

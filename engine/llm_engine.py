@@ -192,7 +192,7 @@ class LLMEngine:
         if request_id in self.groups or request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id}")
         if params.n > self.config.max_num_seqs:
-            raise RequestError(f"n: {params.n} is more than the engine runs at once ({self.config.max_num_seqs})")
+            raise RequestError(f"{params.n} sequences is more than the engine runs at once", param="n")
         reqs = [self._new_request(request, request_id, i) for i in range(params.n)]
         for req in reqs:
             self.requests[req.seq.request_id] = req
