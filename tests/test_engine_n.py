@@ -3,6 +3,9 @@ for a shared partial block), each sequence sampling on its own random stream and
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 import torch
 
@@ -122,3 +125,33 @@ def test_cumulative_logprob_sums_the_targets_logprobs_of_the_sampled_tokens(make
 def test_n_is_bounded():
     with pytest.raises(ValueError, match="n"):
         SamplingParams(n=17)
+
+
+def test_async_stream_carries_every_sequence_and_leaving_it_frees_them_all(make_engine, prompt_ids):
+    from engine.async_engine import AsyncEngine
+
+    engine = make_engine(**CONFIG)
+    bm = engine.block_manager.bm
+    aeng = AsyncEngine(engine)
+    try:
+
+        async def whole() -> dict[int, list[int]]:
+            tokens: dict[int, list[int]] = {}
+            async for out in aeng.generate(prompt_ids, SamplingParams(n=3, max_tokens=4, ignore_eos=True)):
+                tokens.setdefault(out.index, []).extend(out.new_token_ids)
+            return tokens
+
+        async def leave_early() -> None:
+            async for out in aeng.generate(prompt_ids, SamplingParams(n=3, max_tokens=200, ignore_eos=True)):
+                if out.index == 2:
+                    break
+
+        tokens = asyncio.run(whole())
+        assert sorted(tokens) == [0, 1, 2] and all(len(t) == 4 for t in tokens.values())
+        asyncio.run(leave_early())
+        deadline = time.monotonic() + 30
+        while (engine.has_unfinished() or bm.num_free_blocks != bm.num_blocks - 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.requests and bm.num_free_blocks == bm.num_blocks - 1
+    finally:
+        aeng.shutdown()
