@@ -208,10 +208,10 @@ class LLMServer:
         return Prepared(request, tuple(prompt_ids), resumed)
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[StreamItem]:
-        """A StartItem (with the prompt's token ids, for a resume elsewhere), then DeltaItems (the last has a
-        finish_reason), or a single ErrorItem. The ingress reads the first item before it answers the client.
-        Cancelling the stream at any point (the ingress does when its client goes away) aborts the request and
-        frees its KV blocks."""
+        """A StartItem (with the prompt's token ids, for a resume elsewhere), then DeltaItems (each sequence's last
+        has a finish_reason; with n > 1 they carry their sequence's index), or a single ErrorItem. The ingress
+        reads the first item before it answers the client. Cancelling the stream at any point (the ingress does
+        when its client goes away) aborts the request and frees its KV blocks."""
         self.num_requests += 1
         param = "messages" if request.get("messages") is not None else "prompt"
         try:
