@@ -57,11 +57,11 @@ def main() -> None:
     prompt = engine.tokenizer(text)["input_ids"]
     params = SamplingParams(n=args.n, max_tokens=args.max_tokens, temperature=0.8, seed=1, ignore_eos=True)
     run_once(engine, prompt, params, True, "warm")
-    runs: dict[str, list[dict]] = {"n": [], "separate": []}
+    runs: dict[str, list[dict]] = {"one_request_n": [], "separate": []}
     for r in range(args.rounds):
-        order = ["n", "separate"] if r % 2 == 0 else ["separate", "n"]
+        order = ["one_request_n", "separate"] if r % 2 == 0 else ["separate", "one_request_n"]
         for way in order:
-            runs[way].append(run_once(engine, prompt, params, way == "n", f"{way}-{r}"))
+            runs[way].append(run_once(engine, prompt, params, way == "one_request_n", f"{way}-{r}"))
     result = {
         "n": args.n,
         "max_tokens": args.max_tokens,
