@@ -51,7 +51,6 @@ from deployments.openai_responses import (
 )
 from deployments.openapi_doc import install_openapi
 from deployments.prompt_batch import (
-    Choice,
     batch_response,
     collect_all,
     element_error,
@@ -284,8 +283,8 @@ class Ingress:
         req = parse_request(schema, await request.body())
         check_model(req.model, [self.model_id])
         params = req.sampling_kwargs()
-        if not chat and len(req.prompts) > 1:
-            return await self._answer_batch(req, params, request_id)
+        if req.num_sequences > 1 or (not chat and len(req.prompts) > 1):  # never cached
+            return await self._answer_batch(req, params, request_id, chat)
         prompt = req.engine_prompt()
         echo = not chat and req.echo
         engine_request = {
@@ -342,23 +341,26 @@ class Ingress:
         body = build(rid, self.model_id, shown, finish, done.usage, created=int(time.time()), logprobs=shown_logprobs)
         return JSONResponse(body, headers=served_by)
 
-    async def _answer_batch(self, req: CompletionRequest, params: dict, request_id: str) -> Response:
-        """Several prompts (prompt_batch.py): a replica stream and a choice each; the cache is not asked."""
+    async def _answer_batch(self, req, params: dict, request_id: str, chat: bool) -> Response:
+        """Several choices (prompt_batch.py): several prompts, or n / best_of sequences of each; a replica stream
+        per prompt; the cache is not asked."""
+        prompts = [req.engine_prompt()] if chat else [{"prompt": prompt} for prompt in req.prompts]
+        echo = not chat and req.echo
         streams = [
             ReplicaStream(
                 self.server,
                 {
-                    "prompt": prompt,
+                    **prompt,
                     "params": params,
                     "request_id": f"{request_id}-{i}-{uuid.uuid4().hex[:8]}",
-                    "prefix_keys": prefix_keys(prompt),
-                    **({"echo": True} if req.echo else {}),
+                    "prefix_keys": prefix_keys(prompt.get("messages") or prompt.get("prompt")),
+                    **({"echo": True} if echo else {}),
                 },
                 self.config.ingress.resume_timeout_s,
             )
-            for i, prompt in enumerate(req.prompts)
+            for i, prompt in enumerate(prompts)
         ]
-        rid, created = new_id("cmpl"), int(time.time())
+        rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
 
         def to_error(item: ErrorItem) -> ProtocolError:
             return item_error(item, request_id)
@@ -376,10 +378,10 @@ class Ingress:
             firsts = await start_all(streams)
             for i, first in enumerate(firsts):
                 if isinstance(first, ErrorItem):
-                    raise element_error(to_error(first), i)
+                    raise element_error(to_error(first), i if len(firsts) > 1 else None)
             prompt_tokens = [first.prompt_tokens for first in firsts]
             served_by = {REPLICA_HEADER: ",".join(sorted({first.replica for first in firsts}))}
-            echoes = [_echoed(prompt, first) for prompt, first in zip(req.prompts, firsts)] if req.echo else None
+            echoes = [_echoed(prompt, first) for prompt, first in zip(req.prompts, firsts)] if echo else None
             if req.stream:
                 events = relay_sse(
                     streams,
@@ -391,20 +393,22 @@ class Ingress:
                     to_error=to_error,
                     on_error=on_error,
                     on_usage=lambda u: self.metrics.completion_tokens(u["completion_tokens"]),
+                    n=req.n,
+                    chat=chat,
                     echoes=echoes,
                 )
                 response = _GuardedStream(events, cancel_all, media_type="text/event-stream", headers=served_by)
                 handed_over = True
                 return response
             wants_logprobs = params.get("logprobs") is not None
-            started = [Choice.start(wants_logprobs, echo) for echo in echoes or [None] * len(streams)]
-            choices = await collect_all(streams, to_error, started)
+            choices = await collect_all(streams, to_error, req.num_sequences, req.n, wants_logprobs, echoes)
         finally:
             if not handed_over:
                 cancel_all()
         total = usage_of(prompt_tokens, choices)
         self.metrics.completion_tokens(total["completion_tokens"])
-        return JSONResponse(batch_response(rid, self.model_id, choices, total, created), headers=served_by)
+        body = batch_response(rid, self.model_id, choices, total, created, chat=chat)
+        return JSONResponse(body, headers=served_by)
 
     def _offer(self, key, done: CachedCompletion) -> None:
         self.metrics.completion_tokens(done.completion_tokens)

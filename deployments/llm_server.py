@@ -211,10 +211,10 @@ class LLMServer:
         return Prepared(request, tuple(prompt_ids), resumed)
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[StreamItem]:
-        """A StartItem (with the prompt's token ids, for a resume elsewhere), then DeltaItems (the last has a
-        finish_reason), or a single ErrorItem. The ingress reads the first item before it answers the client.
-        Cancelling the stream at any point (the ingress does when its client goes away) aborts the request and
-        frees its KV blocks."""
+        """A StartItem (with the prompt's token ids, for a resume elsewhere), then DeltaItems (each sequence's last
+        has a finish_reason; with n > 1 they carry their sequence's index), or a single ErrorItem. The ingress
+        reads the first item before it answers the client. Cancelling the stream at any point (the ingress does
+        when its client goes away) aborts the request and frees its KV blocks."""
         self.num_requests += 1
         param = "messages" if request.get("messages") is not None else "prompt"
         try:
@@ -238,7 +238,7 @@ class LLMServer:
         self.admitted += 1
         outputs = self.engine.generate(prep.request, request_id=request_id)
         self.metrics.request_started(len(prep.prompt_token_ids))
-        out = None
+        out, num_tokens = None, 0
         try:
             try:
                 out = await outputs.__anext__()
@@ -251,9 +251,20 @@ class LLMServer:
                 if prep.resumed is not None:
                     text = prep.resumed.add(out.new_token_ids, out.finished)
                     finish = "stop" if prep.resumed.stopped else finish
+                num_tokens += len(out.new_token_ids)
+                more = finish is not None and prep.resumed is None and not out.all_finished
+                logprob = out.cumulative_logprob if finish is not None else None
                 logprobs = None if out.logprobs is None else self.token_texts.entries(out.logprobs)
-                yield DeltaItem(text, tuple(out.new_token_ids), finish, logprobs)
-                if finish is not None:
+                yield DeltaItem(
+                    text,
+                    tuple(out.new_token_ids),
+                    finish,
+                    logprobs,
+                    index=out.index,
+                    more=more,
+                    cumulative_logprob=logprob,
+                )
+                if finish is not None and not more:
                     return
                 out = await outputs.__anext__()
         except EngineStepError as e:
@@ -261,7 +272,7 @@ class LLMServer:
             yield engine_error_item(e)
         finally:
             self.admitted -= 1
-            self.metrics.request_ended(len(out.output_token_ids) if out else 0, out.metrics if out else None)
+            self.metrics.request_ended(num_tokens, out.metrics if out else None)
             await outputs.aclose()
 
     def _with_prompt(self, start: StartItem, request: dict[str, Any], out: RequestOutput) -> StartItem:

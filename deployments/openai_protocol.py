@@ -20,6 +20,7 @@ from engine.tokenization import lone_surrogate
 from sampling.logprobs import MAX_LOGPROBS
 from sampling.params import (
     MAX_LOGIT_BIAS_ENTRIES,
+    MAX_N,
     MAX_PENALTY,
     check_logit_bias,
     describe_validation_error,
@@ -189,9 +190,7 @@ def _only(*values: Any) -> Any:
 
 # Why each `_only` option refuses every other value (one validator checks them all, on whichever model has them).
 _UNSUPPORTED = {
-    "n": "only n=1 is supported",
     "suffix": "suffix is not supported",
-    "best_of": "only best_of=1 is supported",
     "tools": "tools are not supported",
 }
 
@@ -216,7 +215,7 @@ class _BaseRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = _only(1)
+    n: int = Field(default=1, ge=1, le=MAX_N, description="choices sampled from the prompt (its KV shared)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: _NonEmpty | list[_NonEmpty] | None = None
@@ -287,6 +286,7 @@ class _BaseRequest(BaseModel):
         which only it knows (it has the tokenizer and the model's length).
         """
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        n = {"n": self.num_sequences} if self.num_sequences > 1 else {}  # n = 1 keys stay as they were
         return {
             "max_tokens": self._max_tokens(),
             "temperature": DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
@@ -302,7 +302,13 @@ class _BaseRequest(BaseModel):
             "frequency_penalty": self.frequency_penalty or 0.0,
             "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
             "logit_bias": {int(k): b for k, b in (self.logit_bias or {}).items()},
+            **n,
         }
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the engine samples per prompt (`best_of` of a completion, else `n`)."""
+        return self.n
 
 
 MAX_PROMPTS = 128  # prompts in one /v1/completions request (each is a request of its own to the replicas)
@@ -349,7 +355,21 @@ class CompletionRequest(_BaseRequest):
     )
     echo: bool = Field(default=False, description="prepend the prompt (and its logprobs, with logprobs) to the text")
     suffix: str | None = _only(None, "")
-    best_of: int | None = _only(None, 1)
+    best_of: int | None = Field(
+        default=None, ge=1, le=MAX_N, description="sequences sampled; the n of highest cumulative logprob returned"
+    )
+
+    @model_validator(mode="after")
+    def _best_of_covers_n(self):
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of: must be at least n ({self.n}), got {self.best_of}")
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise ValueError("best_of: cannot stream when best_of is more than n")
+        return self
+
+    @property
+    def num_sequences(self) -> int:
+        return self.best_of or self.n
 
     @model_validator(mode="before")
     @classmethod

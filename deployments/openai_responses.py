@@ -151,15 +151,27 @@ def sse_event(obj: dict) -> str:
 
 
 class SSEEncoder:
-    """The SSE framing of one OpenAI stream, fed piece by piece (works for sync and async producers alike):
-    `start()` (the role chunk for chat), `piece(text, finish, logprobs)` per engine output, `end(usage)` (the
-    usage chunk if asked for, then [DONE]). A piece's logprobs (one entry per token it came from) ride on its
-    text chunk, which is sent, empty if need be, whenever there are any."""
+    """The SSE framing of one OpenAI stream, or of its choice `index`, fed piece by piece (works for sync and
+    async producers alike): `start()` (the role chunk for chat), `piece(text, finish, logprobs)` per engine
+    output, `end(usage)` (the usage chunk if asked for, then [DONE]). A piece's logprobs (one entry per token it
+    came from) ride on its text chunk, which is sent, empty if need be, whenever there are any."""
 
-    def __init__(self, id: str, model: str, chat: bool, created: int | None = None, include_usage: bool = False):
-        self.id, self.model, self.chat = id, model, chat
+    def __init__(
+        self,
+        id: str,
+        model: str,
+        chat: bool,
+        created: int | None = None,
+        include_usage: bool = False,
+        index: int = 0,
+    ):
+        self.id, self.model, self.chat, self.index = id, model, chat, index
         self.created, self.include_usage = _now(created), include_usage
         self.completion_logprobs = CompletionLogprobs()  # text offsets run across the stream
+
+    def _event(self, chunk: dict) -> str:
+        chunk["choices"][0]["index"] = self.index
+        return sse_event(chunk)
 
     def start(self) -> list[str]:
         if not self.chat:
@@ -167,7 +179,7 @@ class SSEEncoder:
         chunk = chat_completion_chunk(
             self.id, self.model, self.created, "", role=True, include_usage=self.include_usage
         )
-        return [sse_event(chunk)]
+        return [self._event(chunk)]
 
     def piece(self, text: str, finish: str | None, logprobs: tuple[LogprobEntry, ...] | None = None) -> list[str]:
         if not text and finish is None and not logprobs:
@@ -176,15 +188,15 @@ class SSEEncoder:
         if not self.chat:
             laid_out = None if logprobs is None else self.completion_logprobs.add(logprobs)
             chunk = completion_chunk(*args, text, finish, include_usage=self.include_usage, logprobs=laid_out)
-            return [sse_event(chunk)]
+            return [self._event(chunk)]
         events = []
         if text or logprobs:
             laid_out = None if logprobs is None else chat_logprobs(logprobs)
             chunk = chat_completion_chunk(*args, content=text, include_usage=self.include_usage, logprobs=laid_out)
-            events.append(sse_event(chunk))
+            events.append(self._event(chunk))
         if finish is not None:
             chunk = chat_completion_chunk(*args, finish_reason=finish, include_usage=self.include_usage)
-            events.append(sse_event(chunk))
+            events.append(self._event(chunk))
         return events
 
     def end(self, final_usage: dict | None = None) -> list[str]:

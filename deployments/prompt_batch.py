@@ -1,12 +1,14 @@
-"""Several prompts in one /v1/completions request, as OpenAI allows: each prompt is a request of its own to the
-replicas (its own ReplicaStream, so each is routed, resumed and cancelled alone), and the answer holds one choice
-per prompt, indexed in prompt order, with the usage summed. Streamed, the chunks of all prompts interleave as
-they come, each carrying its choice's index; the stream ends once every choice has its finish reason (or with
-an error event), then `data: [DONE]`.
+"""Several choices in one answer: several prompts in one /v1/completions request, as OpenAI allows, and `n` (or
+`best_of`) choices per prompt, completions and chat alike. Each prompt is a request of its own to the replicas
+(its own ReplicaStream, so each is routed, resumed and cancelled alone) whose n sequences share the prompt's KV
+there; choice i * n + j is prompt i's sequence j, as OpenAI indexes them, and the usage counts each prompt once
+and sums the choices' tokens. With best_of > n (not streamed) a prompt's n sequences of highest cumulative
+logprob are its choices. Streamed, the chunks of all choices interleave as they come, each carrying its choice's
+index; the stream ends once every choice has its finish reason (or with an error event), then `data: [DONE]`.
 
 With `echo` each choice starts with its prompt (and, with logprobs, the prompt's logprobs), streamed as its
-first chunk. A prompt the engine refuses fails the whole request with a 400 that names it (`prompt.3: ...`). When the
-request ends early (an error, a client gone), every prompt's replica-side stream is cancelled.
+first chunk. A prompt the engine refuses fails the whole request with a 400 that names it (`prompt.3: ...`).
+When the request ends early (an error, a client gone), every prompt's replica-side stream is cancelled.
 """
 
 from __future__ import annotations
@@ -16,9 +18,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.openai_logprobs import CompletionLogprobs
 from deployments.openai_protocol import ProtocolError
-from deployments.openai_responses import SSE_DONE, completion_chunk, completion_response, sse_event, usage_chunk
+from deployments.openai_responses import (
+    SSE_DONE,
+    SSEEncoder,
+    chat_completion_response,
+    completion_response,
+    sse_event,
+    usage_chunk,
+)
 from deployments.stream_items import DeltaItem, ErrorItem, LogprobEntry, StartItem
 
 # An echoed prompt: its text and, with logprobs, its entries.
@@ -27,13 +35,14 @@ Echo = tuple[str, tuple[LogprobEntry, ...] | None]
 
 @dataclass
 class Choice:
-    """One prompt's completion as it was relayed (`logprobs` None: not asked for); `text` and `logprobs` start
-    with the echoed prompt, if any."""
+    """One choice (a prompt's sequence) as it was relayed (`logprobs` None: not asked for); `text` and
+    `logprobs` start with the echoed prompt, if any."""
 
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[LogprobEntry] | None = None
+    cumulative_logprob: float = 0.0
 
     @classmethod
     def start(cls, logprobs: bool, echo: Echo | None = None) -> Choice:
@@ -50,14 +59,22 @@ class Choice:
         self.finish_reason = item.finish_reason or self.finish_reason
         if self.logprobs is not None:
             self.logprobs.extend(item.logprobs or ())
+        if item.cumulative_logprob is not None:
+            self.cumulative_logprob = item.cumulative_logprob
 
 
-def element_error(error: ProtocolError, index: int) -> ProtocolError:
-    """A 4xx about the prompt (param `prompt` or none) names the prompt of the batch; others stay as they are."""
-    if error.status_code >= 500 or error.param not in (None, "prompt"):
+def element_error(error: ProtocolError, index: int | None) -> ProtocolError:
+    """A 4xx about the prompt (param `prompt` or none) names the prompt of the batch; others stay as they are (all
+    of them when `index` is None: a single prompt)."""
+    if index is None or error.status_code >= 500 or error.param not in (None, "prompt"):
         return error
     where = f"prompt.{index}"
     return ProtocolError(f"{where}: {error.message}", status_code=error.status_code, param=where, code=error.code)
+
+
+def _where(index: int, streams: list[Any]) -> int | None:
+    """The prompt index errors name: none when there is one prompt."""
+    return index if len(streams) > 1 else None
 
 
 async def start_all(streams: list[Any]) -> list[StartItem | ErrorItem]:
@@ -66,21 +83,36 @@ async def start_all(streams: list[Any]) -> list[StartItem | ErrorItem]:
     return [await s.start() for s in streams]
 
 
-async def _collect(stream: Any, index: int, to_error: Callable[[ErrorItem], ProtocolError], choice: Choice) -> Choice:
+async def _collect(
+    stream: Any, index: int | None, to_error: Callable[[ErrorItem], ProtocolError], choices: list[Choice]
+) -> list[Choice]:
     async for item in stream.items():
         if isinstance(item, ErrorItem):
             raise element_error(to_error(item), index)
-        choice.add(item)
-    return choice
+        choices[item.index].add(item)
+    return choices
+
+
+def best_of(choices: list[Choice], n: int) -> list[Choice]:
+    """The n choices of highest cumulative logprob, highest first (one prompt's best_of sequences)."""
+    return sorted(choices, key=lambda c: c.cumulative_logprob, reverse=True)[:n]
 
 
 async def collect_all(
-    streams: list[Any], to_error: Callable[[ErrorItem], ProtocolError], choices: list[Choice] | None = None
+    streams: list[Any],
+    to_error: Callable[[ErrorItem], ProtocolError],
+    sequences: int = 1,
+    n: int | None = None,
+    logprobs: bool = False,
+    echoes: list[Echo] | None = None,
 ) -> list[Choice]:
-    """Every prompt's whole completion, into `choices` (as started: logprobs, echo); the first failure (lowest
-    index) is raised once all have stopped, the others cancelled."""
-    choices = choices or [Choice() for _ in streams]
-    tasks = [asyncio.create_task(_collect(s, i, to_error, c)) for i, (s, c) in enumerate(zip(streams, choices))]
+    """Every choice's whole text, prompt by prompt (`sequences` per prompt sampled, its best `n` kept; each
+    started with its prompt's echo, if any); the first failure (lowest index) is raised once all have stopped,
+    the others cancelled."""
+    started = [
+        [Choice.start(logprobs, echoes[i] if echoes else None) for _ in range(sequences)] for i in range(len(streams))
+    ]
+    tasks = [asyncio.create_task(_collect(s, _where(i, streams), to_error, started[i])) for i, s in enumerate(streams)]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
@@ -92,7 +124,7 @@ async def collect_all(
     failed = next((t.exception() for t in tasks if not t.cancelled() and t.exception() is not None), None)
     if failed is not None:
         raise failed
-    return [t.result() for t in tasks]
+    return [c for t in tasks for c in best_of(t.result(), n or sequences)]
 
 
 def usage_of(prompt_tokens: list[int], choices: list[Choice]) -> dict[str, int]:
@@ -101,10 +133,11 @@ def usage_of(prompt_tokens: list[int], choices: list[Choice]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def batch_response(id: str, model: str, choices: list[Choice], usage: dict, created: int) -> dict:
-    """The `text_completion` object with one choice per prompt, in prompt order."""
+def batch_response(id: str, model: str, choices: list[Choice], usage: dict, created: int, chat: bool = False) -> dict:
+    """The `text_completion` (or `chat.completion`) object with its choices in index order."""
+    build = chat_completion_response if chat else completion_response
     bodies = [
-        completion_response(
+        build(
             id,
             model,
             "".join(c.text),
@@ -120,17 +153,6 @@ def batch_response(id: str, model: str, choices: list[Choice], usage: dict, crea
     return body
 
 
-def _chunk(
-    id: str, model: str, created: int, index: int, item: DeltaItem, include_usage: bool, offsets: CompletionLogprobs
-) -> str:
-    logprobs = None if item.logprobs is None else offsets.add(item.logprobs)
-    chunk = completion_chunk(
-        id, model, created, item.text, item.finish_reason, include_usage=include_usage, logprobs=logprobs
-    )
-    chunk["choices"][0]["index"] = index
-    return sse_event(chunk)
-
-
 async def relay_sse(
     streams: list[Any],
     prompt_tokens: list[int],
@@ -142,11 +164,14 @@ async def relay_sse(
     to_error: Callable[[ErrorItem], ProtocolError],
     on_error: Callable[[Exception], ProtocolError],
     on_usage: Callable[[dict], None] = lambda usage: None,
+    n: int = 1,
+    chat: bool = False,
     echoes: list[Echo] | None = None,
 ) -> AsyncIterator[str]:
-    """The batch as one SSE stream. `to_error` maps a replica's error item, `on_error` an unexpected failure
-    (it logs and returns the 5xx to send); `on_usage` gets the summed usage of a stream that completed; `echoes`
-    (one per prompt) are sent first. Closing this generator cancels every prompt's stream."""
+    """The choices (`n` per prompt) as one SSE stream. `to_error` maps a replica's error item, `on_error` an
+    unexpected failure (it logs and returns the 5xx to send); `on_usage` gets the summed usage of a stream that
+    completed; `echoes` (one per prompt) start each of the prompt's choices. Closing this generator cancels every
+    prompt's stream."""
     queue: asyncio.Queue[tuple[int, DeltaItem | ErrorItem | Exception | None]] = asyncio.Queue()
 
     async def pump(index: int, stream: Any) -> None:
@@ -159,11 +184,15 @@ async def relay_sse(
             queue.put_nowait((index, None))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    choices = [Choice() for _ in streams]
-    offsets = [CompletionLogprobs() for _ in streams]  # text offsets per choice
+    choices = [Choice() for _ in range(len(streams) * n)]
+    encoders = [SSEEncoder(id, model, chat, created, include_usage, index=i) for i in range(len(choices))]
     try:
-        for index, (text, logprobs) in enumerate(echoes or ()):
-            yield _chunk(id, model, created, index, DeltaItem(text, (), None, logprobs), include_usage, offsets[index])
+        for i, encoder in enumerate(encoders):
+            for event in encoder.start():
+                yield event
+            if echoes:
+                for event in encoder.piece(echoes[i // n][0], None, echoes[i // n][1]):
+                    yield event
         left = len(streams)
         while left:
             index, item = await queue.get()
@@ -175,16 +204,17 @@ async def relay_sse(
                 yield SSE_DONE
                 return
             if isinstance(item, ErrorItem):
-                yield sse_event(element_error(to_error(item), index).body())
+                yield sse_event(element_error(to_error(item), _where(index, streams)).body())
                 yield SSE_DONE
                 return
-            choices[index].add(item)
-            if item.text or item.finish_reason is not None or item.logprobs:
-                yield _chunk(id, model, created, index, item, include_usage, offsets[index])
+            choice = index * n + item.index
+            choices[choice].add(item)
+            for event in encoders[choice].piece(item.text, item.finish_reason, item.logprobs):
+                yield event
         usage = usage_of(prompt_tokens, choices)
         on_usage(usage)
         if include_usage:
-            yield sse_event(usage_chunk(id, model, created, usage, chat=False))
+            yield sse_event(usage_chunk(id, model, created, usage, chat=chat))
         yield SSE_DONE
     finally:
         for stream, task in zip(streams, tasks):

@@ -66,7 +66,7 @@ class ReplicaStream:
                 item = await self._resume()
                 if not isinstance(item, ErrorItem):
                     continue
-            if isinstance(item, ErrorItem) or item.finish_reason is not None:
+            if isinstance(item, ErrorItem) or item.ends_stream:
                 self._done = True
             if isinstance(item, DeltaItem):
                 self.progress.add(item)
@@ -86,7 +86,8 @@ class ReplicaStream:
     async def _resume(self) -> StartItem | ErrorItem:
         """Send the resumed request; its start item (the caller goes on reading deltas), or an error item."""
         self._stream.cancel()
-        if not self.progress.resumable() or self._deaths > MAX_REPLICA_DEATHS:
+        several = (self.request.get("params") or {}).get("n", 1) > 1  # n sequences: not resumed (resume.py has one)
+        if several or not self.progress.resumable() or self._deaths > MAX_REPLICA_DEATHS:
             return lost_item()
         self.progress.resumes += 1
         request = self.progress.resume_request(self.request)

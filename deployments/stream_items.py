@@ -41,13 +41,22 @@ class StartItem:
 
 @dataclass(frozen=True)
 class DeltaItem:
-    """New text and the tokens it came from (with their logprobs, one per token, when asked); the last delta
-    of a request has its finish reason."""
+    """New text and the tokens it came from (with their logprobs, one per token, when asked), of the request's
+    sequence `index` (n > 1: their deltas interleave); a sequence's last delta has its finish reason (and its
+    cumulative logprob, for best_of), and the stream ends with the delta after which no sequence runs (`more`
+    False)."""
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
     logprobs: tuple[LogprobEntry, ...] | None = None
+    index: int = 0
+    more: bool = False  # other sequences of the request still run (only with a finish reason)
+    cumulative_logprob: float | None = None  # with a finish reason
+
+    @property
+    def ends_stream(self) -> bool:
+        return self.finish_reason is not None and not self.more
 
 
 class ErrorKind(enum.Enum):

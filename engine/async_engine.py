@@ -127,7 +127,8 @@ class AsyncEngine:
         messages: list[dict] | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; `prompt` is an EngineRequest from `prepare`, or is prepared first. A bad
+        """Stream a request's outputs (with n > 1, those of its n sequences interleaved, each with its `index`, until
+        `all_finished`); `prompt` is an EngineRequest from `prepare`, or is prepared first. A bad
         request raises RequestError before the first output, a request that failed alone raises RequestFailed,
         one ended by an unrepairable fault EngineStepError. Leaving the iteration at any point (a client that
         went away) aborts the request, freeing its KV blocks."""
@@ -154,7 +155,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     done = True
                     raise item
-                done = item.finished
+                done = item.all_finished
                 yield item
         finally:
             if not done:  # the caller left (cancelled, closed the stream, or raised)
@@ -241,7 +242,7 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            if out.finished:
+            if out.all_finished:
                 del self._streams[out.request_id]
             item = out if out.error is None else RequestFailed(out.error)
             _deliver(stream.loop, stream.queue.put_nowait, item)
@@ -272,7 +273,7 @@ class AsyncEngine:
     def _end_orphaned_streams(self) -> None:
         """A stream whose request the engine no longer holds (it finished inside the step that failed, so its
         last output was lost) ends with an error rather than waiting forever."""
-        for rid in [rid for rid in self._streams if rid not in self.engine.requests]:
+        for rid in [rid for rid in self._streams if not self.engine.has_request(rid)]:
             stream = self._streams.pop(rid)
             _deliver(stream.loop, stream.queue.put_nowait, EngineStepError(STEP_FAILED))
 

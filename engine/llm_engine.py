@@ -26,7 +26,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,6 +67,11 @@ SOLO_TRIES = 2  # failed solo steps that make a sequence the culprit (one retry 
 log = logging.getLogger(__name__)
 
 
+def _seq_key(request_id: str, index: int) -> str:
+    """The engine's key of a request's sequence `index` (the first is the request id itself)."""
+    return request_id if index == 0 else f"{request_id}#{index}"
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -83,6 +88,9 @@ class RequestOutput:
     # after the first, in the request's first output only.
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # which of the request's n sequences (choices) this is
+    all_finished: bool = False  # every sequence of the request has finished (this one included)
+    cumulative_logprob: float = 0.0  # of this sequence's output tokens under the target (for best_of)
 
 
 @dataclass
@@ -95,6 +103,9 @@ class _Request:
     hidden: hidden_rows.PendingHidden | None = None  # for a proposer that reads the target's hidden rows
     controls: LogitsControls | None = None  # min_tokens, logit_bias, penalties (None: the request has none)
     prompt_logprobs_sent: bool = False
+    group: str = ""  # the caller's request id (its n sequences share it)
+    index: int = 0
+    pending: list[_Request] = field(default_factory=list)  # siblings forked once this one's prompt is prefilled
 
 
 class LLMEngine:
@@ -145,7 +156,8 @@ class LLMEngine:
             self.config = cfg = cfg.model_copy(update={"num_speculative_tokens": max_k})
         self.k_policy = self._make_k_policy(step_times)
         self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, _Request] = {}  # by sequence key (`_seq_key`), the n sequences of a request apart
+        self.groups: dict[str, list[str]] = {}  # caller's request id -> keys of its unfinished sequences
         self.spec = SpecCounters()
         self.num_failed_requests = 0  # requests ended with finish_reason "error"
         self._seq_ids = itertools.count()
@@ -155,6 +167,7 @@ class LLMEngine:
         self._held: list[Sequence] = []
         # The sequences the running step involves (blamed if it fails); None: all in the scheduler.
         self._in_step: list[Sequence] | None = []
+        self._ended: list[RequestOutput] = []  # see `_take_ended`
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -180,41 +193,64 @@ class LLMEngine:
         """Queue a request; `prompt` may be an EngineRequest from `prepare` (then nothing is encoded or checked
         again). RequestError (one line) for a request the engine cannot serve."""
         request = prompt if isinstance(prompt, EngineRequest) else self.prepare(prompt, params, messages=messages)
-        ids, params = list(request.prompt_token_ids), request.params
+        params = request.params
         request_id = request_id or f"req-{next(self._seq_ids)}"
-        if request_id in self.requests:
+        if request_id in self.groups or request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id}")
-        metrics = RequestMetrics()
-        seq = Sequence(next(self._seq_ids), request_id, ids, len(ids), params, metrics.arrival)
-        controller = self._make_controller() if self.proposer else None
-        self.requests[request_id] = _Request(
-            seq,
-            IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens),
-            None if params.greedy else make_generator(params.seed, self.device),
-            controller,
-            metrics,
-            controls=LogitsControls.for_request(
-                params, len(ids) if request.output_start is None else request.output_start, self.eos_token_ids
-            ),
-        )
+        if params.n > self.config.max_num_seqs:
+            raise RequestError(f"{params.n} sequences is more than the engine runs at once", param="n")
+        reqs = [self._new_request(request, request_id, i) for i in range(params.n)]
+        for req in reqs:
+            self.requests[req.seq.request_id] = req
+        self.groups[request_id] = [req.seq.request_id for req in reqs]
+        req = reqs[0]
+        req.pending, req.seq.num_pending_forks = reqs[1:], len(reqs) - 1
+        seq = req.seq
         if self._suspects:
             self._held.append(seq)
         else:
             self.scheduler.add(seq)
         return request_id
 
+    def _new_request(self, request: EngineRequest, group: str, index: int) -> _Request:
+        """Sequence `index` of a request: its own tokens, detokenizer, random stream (a seeded request's
+        sequence i > 0 seeds from the seed and i, so it repeats too) and speculation state."""
+        ids, params = list(request.prompt_token_ids), request.params
+        metrics = RequestMetrics()
+        seq = Sequence(next(self._seq_ids), _seq_key(group, index), ids, len(ids), params, metrics.arrival)
+        seed = params.seed if params.seed is None or index == 0 else hash((params.seed, index))
+        return _Request(
+            seq,
+            IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens),
+            None if params.greedy else make_generator(seed, self.device),
+            self._make_controller() if self.proposer else None,
+            metrics,
+            controls=LogitsControls.for_request(
+                params, len(ids) if request.output_start is None else request.output_start, self.eos_token_ids
+            ),
+            group=group,
+            index=index,
+        )
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether a request (any of its n sequences) is unfinished."""
+        return request_id in self.groups
+
     def abort(self, request_id: str) -> None:
-        """Cancel a request wherever it is (waiting, prefilling, decoding, held); its KV blocks go back with the
-        next step, or before this returns when no other request holds any. Unknown or finished requests are
-        ignored."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return
-        seq = req.seq
-        self.scheduler.finish(seq)
-        self._forget_isolated(seq)
-        if self.proposer:
-            self.proposer.release(seq.seq_id)
+        """Cancel a request (all its n sequences) wherever it is (waiting, prefilling, decoding, held); its KV
+        blocks go back with the next step, or before this returns when no other request holds any. A sequence's
+        key aborts its whole request. Unknown or finished requests are ignored."""
+        req = self.requests.get(request_id)
+        keys = self.groups.pop(req.group if req else request_id, [])
+        for key in keys:
+            req = self.requests.pop(key, None)
+            if req is None:
+                continue
+            seq = req.seq
+            self.scheduler.finish(seq)
+            self._forget_isolated(seq)
+            if self.proposer:
+                self.proposer.release(seq.seq_id)
 
     def reset_kv(self) -> None:
         """Every KV page is lost (rebuilt shards or block manager): unfinished requests are recomputed from
@@ -350,7 +386,7 @@ class LLMEngine:
             result = self.runner.execute_with_hidden(items)
             logits, hidden = result.logits, result.hidden
         self._in_step = []
-        outputs = self._postprocess(out.scheduled, items, drafts, logits, hidden)
+        outputs = self._postprocess(out.scheduled, items, drafts, logits, hidden) + self._take_ended()
         if self._suspects:
             self._after_isolated_step(outputs)
         return outputs
@@ -452,6 +488,12 @@ class LLMEngine:
                 continue
             rows = slice(row, row + item.num_logits - n_prompt)
             row += item.num_logits - n_prompt
+            for child in self._fork_pending(req):  # each samples its first token from the prompt's last row
+                try:
+                    outputs.append(self._accept(child, s, item, NO_DRAFT, logits[rows], greedy_rows[rows], h, now))
+                except Exception:  # noqa: BLE001 - this request's failure must not reach the others
+                    log.exception("request %s failed while its step output was processed", seq.request_id)
+                    outputs.append(self._fail(child, SEQUENCE_FAILED))
             try:
                 draft = drafts.get(seq.seq_id, NO_DRAFT)
                 outputs.append(self._accept(req, s, item, draft, logits[rows], greedy_rows[rows], h, now))
@@ -459,6 +501,19 @@ class LLMEngine:
                 log.exception("request %s failed while its step output was processed", seq.request_id)
                 outputs.append(self._fail(req, SEQUENCE_FAILED))
         return outputs
+
+    def _fork_pending(self, req: _Request) -> list[_Request]:
+        """The prompt of a request with n > 1 is prefilled once: its other sequences fork from its blocks (shared
+        by reference count, copied when written) with the KV computed so far, the hidden rows pending and the
+        prompt's logprobs."""
+        children, req.pending = req.pending, []
+        req.seq.num_pending_forks = 0
+        for child in children:
+            child.seq.prompt_logprobs = list(req.seq.prompt_logprobs)
+            if req.hidden is not None:
+                child.hidden = hidden_rows.PendingHidden(list(req.hidden.rows), req.hidden.end)
+            self.scheduler.fork(req.seq, child.seq)
+        return children
 
     def _accept(
         self,
@@ -526,13 +581,18 @@ class LLMEngine:
         self.spec.record(depth, accepted, len(verdict.tokens))
         if req.controller:
             req.controller.update(depth, accepted)
-        rows = logits[path] if seq.params.logprobs is not None else None  # emitted token i came from node path[i]
+        rows = logits[path] if self._scores_output(seq) else None  # emitted token i came from node path[i]
         return self._append(req, verdict.tokens, now, rows)
 
     def _score_prompt(self, seq: Sequence, start: int, rows: torch.Tensor) -> None:
         """Prompt logprobs of the tokens after positions start.. (a recompute overwrites what it scores again)."""
         scored = seq.token_ids[start + 1 : start + 1 + rows.shape[0]]
         seq.prompt_logprobs[start:] = token_logprobs(rows, scored, seq.params.prompt_logprobs or 0)
+
+    @staticmethod
+    def _scores_output(seq: Sequence) -> bool:
+        """Output tokens are scored for the logprobs asked, and for n > 1 (best_of ranks by their sum)."""
+        return seq.params.logprobs is not None or seq.params.n > 1
 
     def _append(self, req: _Request, emitted: list[int], now: float, rows: torch.Tensor | None) -> RequestOutput:
         """Append the emitted tokens up to a finish; `rows` (emitted token i scored by row i, raw logits) give
@@ -548,8 +608,11 @@ class LLMEngine:
                 seq.finish_reason = "length"
             if seq.finish_reason:
                 break
-        if params.logprobs is not None and rows is not None:
-            seq.output_logprobs.extend(token_logprobs(rows, new, params.logprobs))
+        if rows is not None and self._scores_output(seq):
+            scored = token_logprobs(rows, new, params.logprobs or 0)
+            seq.cumulative_logprob += sum(lp.logprob for lp in scored)
+            if params.logprobs is not None:
+                seq.output_logprobs.extend(scored)
         delta = req.detok.add(new)
         if req.detok.stopped:
             seq.finish_reason = "stop"
@@ -574,6 +637,7 @@ class LLMEngine:
             seq.finish_reason = "error"
         self.requests.pop(seq.request_id, None)
         self.scheduler.finish(seq)
+        self._close_in_group(req)
         if self.proposer:
             try:
                 self.proposer.release(seq.seq_id)
@@ -581,7 +645,18 @@ class LLMEngine:
                 log.exception("could not release the proposer state of request %s", seq.request_id)
         out = self._output(req, new, delta)
         out.error = error
+        for child in req.pending:  # siblings not forked yet end with it (an error ends the whole request anyway)
+            child.seq.finish_reason = seq.finish_reason
+            self._ended.append(self._finish(child, [], "", now, error))
+        req.pending = []
         return out
+
+    def _close_in_group(self, req: _Request) -> None:
+        keys = self.groups.get(req.group)
+        if keys is not None and req.seq.request_id in keys:
+            keys.remove(req.seq.request_id)
+            if not keys:
+                del self.groups[req.group]
 
     def _fail(self, req: _Request, message: str) -> RequestOutput:
         """End a request whose own processing failed."""
@@ -590,7 +665,7 @@ class LLMEngine:
     def _output(self, req: _Request, new: list[int], delta: str) -> RequestOutput:
         seq = req.seq
         out = RequestOutput(
-            seq.request_id,
+            req.group,
             seq.token_ids[: seq.num_prompt_tokens],
             seq.output_token_ids,
             req.detok.text,
@@ -599,6 +674,9 @@ class LLMEngine:
             seq.status is SeqStatus.FINISHED,
             seq.finish_reason,
             req.metrics,
+            index=req.index,
+            all_finished=req.group not in self.groups,
+            cumulative_logprob=seq.cumulative_logprob,
         )
         if seq.params.logprobs is not None:
             out.logprobs = seq.output_logprobs[len(seq.output_logprobs) - len(new) :]
@@ -612,7 +690,12 @@ class LLMEngine:
             return []
         req = self.requests[self.scheduler.waiting[0].request_id]
         req.seq.finish_reason = "length"
-        return [self._finish(req, [], req.detok.flush(), time.perf_counter())]
+        return [self._finish(req, [], req.detok.flush(), time.perf_counter()), *self._take_ended()]
+
+    def _take_ended(self) -> list[RequestOutput]:
+        """Outputs of unforked siblings that ended with their first sequence (see `_finish`)."""
+        ended, self._ended = self._ended, []
+        return ended
 
     # ---- recovery and isolation (see the module docstring) -----------------------------------------------
 
@@ -636,7 +719,7 @@ class LLMEngine:
             log.error("request %s broke %d solo forward steps; ending it", seq.request_id, seq.num_failed_steps)
             out = self._fail(self.requests[seq.request_id], BREAKS_FORWARD)
             self._test_next_suspect()
-            return [out]
+            return [out, *self._take_ended()]
         if any(r.seq.num_failed_steps > MAX_FAILED_STEPS for r in self.requests.values()):
             log.error("the forward keeps failing: running the %d request(s) in flight alone", len(self.requests))
             self._isolate()
@@ -662,7 +745,8 @@ class LLMEngine:
     def _after_isolated_step(self, outputs: list[RequestOutput]) -> None:
         """The suspect under test is cleared once it has sampled a token (or ended) in a step of its own."""
         seq = self._suspects[0]
-        if seq.status is not SeqStatus.FINISHED and not any(o.request_id == seq.request_id for o in outputs):
+        sampled = any(_seq_key(o.request_id, o.index) == seq.request_id for o in outputs)
+        if seq.status is not SeqStatus.FINISHED and not sampled:
             return  # still prefilling in chunks
         self._suspects.popleft()
         if seq.status is not SeqStatus.FINISHED:  # hold it back: its KV goes, it is recomputed afterwards
@@ -698,7 +782,7 @@ class LLMEngine:
                 ids.append(self.add_request(p, sp))
         final = {}
         for out in self.run():
-            if out.finished:
+            if out.finished and out.index == 0:
                 final[out.request_id] = out
         return [final[i] for i in ids]
 

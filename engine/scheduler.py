@@ -85,6 +85,14 @@ class Scheduler:
         """The sequence's KV is valid up to num_computed (rejected speculative slots are simply not counted)."""
         self.blocks.commit(seq.seq_id, seq.token_ids, seq.num_computed)
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Run `child` from `parent`'s prompt KV (shared blocks, copy-on-write): it has the parent's computed
+        tokens and runs right after it."""
+        child.status, child.num_computed = SeqStatus.RUNNING, parent.num_computed
+        child.first_scheduled = parent.first_scheduled
+        self.blocks.fork(parent.seq_id, child.seq_id, parent.num_computed)
+        self.running.insert(self.running.index(parent) + 1, child)
+
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or cancelled sequence and return its blocks (see `BlockTables.free`)."""
         seq.status = SeqStatus.FINISHED
@@ -143,13 +151,23 @@ class Scheduler:
             extend.append(Extend(seq.seq_id, seq.num_computed, end + slots, end))
             planned[seq.seq_id] = (seq, num_tokens, k)
             budget -= num_tokens + slots
-        admitting = []
+        admitting, seats = [], sum(1 + s.num_pending_forks for s in self.running)
         for seq in self.waiting:
-            if budget <= 0 or len(self.running) + len(admitting) >= self.max_num_seqs:
+            # a sequence with n > 1 is admitted with its siblings' seats (and a block each, see Admit.reserve)
+            if budget <= 0 or seats + 1 + seq.num_pending_forks > self.max_num_seqs:
                 break
             num_tokens = min(len(seq.token_ids), budget)
-            admit.append(Admit(seq.seq_id, list(seq.token_ids), num_tokens, not seq.wants_prompt_logits))
+            admit.append(
+                Admit(
+                    seq.seq_id,
+                    list(seq.token_ids),
+                    num_tokens,
+                    use_prefix_cache=not seq.wants_prompt_logits,
+                    reserve=seq.num_pending_forks,
+                )
+            )
             admitting.append(seq)
+            seats += 1 + seq.num_pending_forks
             budget -= num_tokens
         result = self.blocks.step(extend, admit)
 

@@ -36,6 +36,8 @@ class Sequence:
     # first (the first has no context to be scored in), filled chunk by chunk during the prefill.
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_pending_forks: int = 0  # sibling sequences (n > 1) to fork from its prompt's KV once prefilled
+    cumulative_logprob: float = 0.0  # sum of its output tokens' logprobs (kept with logprobs asked or n > 1)
 
     @property
     def num_uncomputed(self) -> int:
@@ -48,11 +50,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def cumulative_logprob(self) -> float:
-        """Sum of the output tokens' log-probabilities (only with params.logprobs set)."""
-        return sum(lp.logprob for lp in self.output_logprobs)
 
     @property
     def wants_prompt_logits(self) -> bool:

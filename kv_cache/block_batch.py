@@ -1,7 +1,7 @@
 """The block manager's batch protocol, the manager's side: one message per scheduler step, whatever the batch.
 
 The scheduler's side (`block_tables.py`) sends a `BlockStep` only when blocks change hands; the manager
-applies it in a fixed order (commit -> free -> extend -> admit), each sequence all or nothing, and answers
+applies it in a fixed order (fork -> commit -> free -> extend -> admit), each sequence all or nothing, and answers
 with one `BlockStepResult`: the slots granted, the table changes (only the tail that moved), the copy-on-write
 pairs and the sequences it had to preempt. Commits go first so that a finished sequence's full blocks are
 hashed before they are freed (a later prompt that repeats them is a prefix hit). Plain Python, no torch.
@@ -28,12 +28,23 @@ class Extend:
 @dataclass
 class Admit:
     """A waiting sequence: reuse its longest cached prefix (unless `use_prefix_cache` is false: it computes
-    every position), then feed up to `num_tokens` more tokens."""
+    every position), then feed up to `num_tokens` more tokens. Admitted only if `reserve` free blocks are left
+    after it (the children it will fork write their own last blocks)."""
 
     seq_id: int
     token_ids: list[int]
     num_tokens: int
     use_prefix_cache: bool = True
+    reserve: int = 0
+
+
+@dataclass
+class Fork:
+    """`child` shares `parent`'s blocks (copy-on-write), which hold the KV of the parent's first `num_tokens`."""
+
+    parent: int
+    child: int
+    num_tokens: int
 
 
 @dataclass
@@ -47,6 +58,7 @@ class Commit:
 
 @dataclass
 class BlockStep:
+    fork: list[Fork] = field(default_factory=list)  # first: the parents' tokens are the shared prefix still
     commit: list[Commit] = field(default_factory=list)
     free: list[int] = field(default_factory=list)
     extend: list[Extend] = field(default_factory=list)  # in priority order: the last ones are preempted first
@@ -85,6 +97,9 @@ class BatchedBlockManager:
 
     def step(self, request: BlockStep) -> BlockStepResult:
         bm = self.bm
+        for f in request.fork:
+            bm.fork(f.parent, f.child)
+            self.tokens[f.child] = self.tokens[f.parent][: f.num_tokens]
         for c in request.commit:
             tokens = self.tokens[c.seq_id]
             tokens.extend(c.new_tokens)
@@ -116,7 +131,7 @@ class BatchedBlockManager:
             cached = bm.allocate(a.seq_id, a.token_ids, lookup=a.use_prefix_cache)
             end = min(cached + a.num_tokens, len(a.token_ids))
             grant = self._grow(a.seq_id, cached, end, end, num_cached=cached)
-            if grant is None:
+            if grant is None or bm.num_free_blocks < a.reserve:
                 bm.free(a.seq_id)
                 break
             self.tokens[a.seq_id] = list(a.token_ids)

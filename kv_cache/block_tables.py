@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from kv_cache.block_batch import Admit, BlockService, BlockStep, BlockStepResult, Commit, Extend, Grant
+from kv_cache.block_batch import Admit, BlockService, BlockStep, BlockStepResult, Commit, Extend, Fork, Grant
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ class BlockTables:
         self._known: dict[int, int] = {}  # tokens the manager holds (or is about to) per sequence
         self._commits: dict[int, Commit] = {}  # waiting for the next call
         self._free: list[int] = []  # waiting for the next call
+        self._forks: list[Fork] = []  # waiting for the next call
+        self._shared: set[int] = set()  # forked sequences whose next write may copy a shared block first
 
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
         """KV is valid for token_ids[:num_computed] (a rollback is just a smaller count); sent with the next call."""
@@ -39,12 +41,21 @@ class BlockTables:
         c.num_computed = num_computed
         self._known[seq_id] = len(token_ids)
 
+    def fork(self, parent: int, child: int, num_tokens: int) -> None:
+        """`child` shares `parent`'s blocks, which hold the KV of its first `num_tokens`; sent with the next call.
+        Both sequences' next writes go through the manager (a shared partial block is copied first)."""
+        self.tables[child] = list(self.tables[parent])
+        self._known[child] = num_tokens
+        self._forks.append(Fork(parent, child, num_tokens))
+        self._shared.update((parent, child))
+
     def free(self, seq_id: int) -> None:
         """Return a sequence's blocks with the next step's call; at once if no other sequence holds any, since
         then no step may follow. A failure then keeps them pending (the next call or a reset settles them)."""
         if self.tables.pop(seq_id, None) is None:
             return
         del self._known[seq_id]
+        self._shared.discard(seq_id)
         self._free.append(seq_id)
         if not self.tables:
             try:
@@ -54,20 +65,22 @@ class BlockTables:
 
     def step(self, extend: list[Extend], admit: list[Admit]) -> BlockStepResult:
         """Slots for the running sequences (preempting from the back when short) and admissions, in one call or
-        none. (Copy-on-write needs a call too: a future fork must make its sequences' next writes grow.)"""
+        none. (Copy-on-write needs a call too: a forked sequence's next write may copy a shared block.)"""
         held = self.tables
-        if self._free or admit or any(e.num_slots > len(held[e.seq_id]) * self.block_size for e in extend):
+        grows = any(e.seq_id in self._shared or e.num_slots > len(held[e.seq_id]) * self.block_size for e in extend)
+        if self._free or self._forks or admit or grows:
             return self._call(BlockStep(extend=extend, admit=admit))
         grants = [Grant(e.seq_id, e.num_slots, 0, len(held[e.seq_id]), [], []) for e in extend]
         return BlockStepResult(grants, [], self.num_free_blocks)
 
     def _call(self, request: BlockStep) -> BlockStepResult:
-        request.commit, request.free = list(self._commits.values()), self._free
+        request.fork, request.commit, request.free = self._forks, list(self._commits.values()), self._free
         result = self.service.step(request)  # may raise: then nothing here has changed
-        self._commits, self._free = {}, []
+        self._forks, self._commits, self._free = [], {}, []
         self.num_free_blocks = result.num_free_blocks
         for seq_id in result.preempted:  # the manager has freed their blocks already
             del self.tables[seq_id], self._known[seq_id]
+            self._shared.discard(seq_id)
         admitted = {a.seq_id: len(a.token_ids) for a in request.admit}
         for g in result.granted:
             table = self.tables.setdefault(g.seq_id, [])
@@ -75,6 +88,7 @@ class BlockTables:
             table.extend(g.blocks)
             if g.seq_id in admitted:
                 self._known[g.seq_id] = admitted[g.seq_id]
+            self._shared.discard(g.seq_id)  # its write position holds a block of its own now
         return result
 
     def reset(self) -> None:
@@ -82,7 +96,8 @@ class BlockTables:
         restarted. The tables go first, so that whatever the manager does, nothing here refers to it."""
         self.tables.clear()
         self._known.clear()
-        self._commits, self._free = {}, []
+        self._forks, self._commits, self._free = [], {}, []
+        self._shared.clear()
         self.num_free_blocks = self.num_blocks - 1
         self.service.reset()
 

@@ -23,6 +23,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_N = 16  # sequences one request may sample from its prompt (`n`, or `best_of` at the API)
 
 
 class SamplingParams(BaseModel):
@@ -33,6 +34,7 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_tokens: int = Field(default=128, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_N, description="sequences sampled from the prompt, its KV shared")
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)
     top_k: int = Field(default=0, ge=0, description="0 = no top-k cut")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)

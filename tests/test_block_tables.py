@@ -49,3 +49,37 @@ def test_frees_that_could_not_be_sent_go_with_the_next_call_and_a_reset_empties_
     assert not manager.bm.has(1) and manager.bm.num_free_blocks == 14
     tables.reset()
     assert not tables.tables and tables.num_free_blocks == 15 and manager.bm.num_free_blocks == 15
+
+
+def test_a_fork_shares_the_prompt_blocks_and_each_first_write_copies_the_shared_partial_block():
+    manager = BatchedBlockManager(16, 4)
+    tables = BlockTables(manager, 16, 4)
+    prompt = list(range(6))  # a full block and a partial one
+    tables.step([], [Admit(1, prompt, 6, reserve=2)])
+    tables.commit(1, prompt + [100], 6)
+    tables.fork(1, 2, 6)
+    tables.fork(1, 3, 6)
+    tables.commit(2, prompt + [200], 6)
+    tables.commit(3, prompt + [300], 6)
+    assert tables.tables[2] == tables.tables[1] == tables.tables[3]
+    # inside held blocks, yet a call: the shared partial block is copied before anyone writes it
+    result = tables.step([Extend(s, 6, 7, 7) for s in (1, 2, 3)], [])
+    copies = [c for g in result.granted for c in g.copies]
+    assert len(copies) == 2 and len({t[1] for t in tables.tables.values()}) == 3
+    assert len({t[0] for t in tables.tables.values()}) == 1  # the full prompt block stays shared
+    assert manager.tokens[2] == prompt + [200] and manager.tokens[3] == prompt + [300]
+    manager.bm.check_invariants()
+    calls = []
+    manager.step = lambda request, step=manager.step: calls.append(request) or step(request)
+    tables.step([Extend(s, 7, 8, 8) for s in (1, 2, 3)], [])  # now each writes its own block: no call
+    assert calls == []
+    for s in (1, 2, 3):
+        tables.free(s)
+    assert manager.bm.num_free_blocks == 15
+
+
+def test_an_admission_that_leaves_no_room_for_its_forks_waits():
+    manager = BatchedBlockManager(4, 4)
+    tables = BlockTables(manager, 4, 4)
+    assert tables.step([], [Admit(1, list(range(8)), 8, reserve=2)]).granted == []
+    assert tables.step([], [Admit(1, list(range(8)), 8, reserve=1)]).granted[0].num_slots == 8

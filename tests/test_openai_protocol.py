@@ -116,9 +116,7 @@ def test_wrong_types_and_ranges_are_400_naming_the_field(field, value):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("n", 2),
         ("suffix", "end"),
-        ("best_of", 3),
     ],
 )
 def test_unsupported_options_are_refused_not_ignored(field, value):
@@ -133,6 +131,31 @@ def test_unsupported_options_are_refused_not_ignored(field, value):
 )
 def test_neutral_values_of_unsupported_options_pass(field, value):
     parse_request(CompletionRequest, {**COMPLETION, field: value})
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
+        ({"best_of": 17}, "best_of"),
+        ({"n": 3, "best_of": 2}, "best_of"),
+        ({"n": 1, "best_of": 2, "stream": True}, "best_of"),
+    ],
+)
+def test_n_and_best_of_bounds_are_400s(extra, param):
+    err = rejected(CompletionRequest, {**COMPLETION, **extra})
+    assert (err.status_code, err.param) == (400, param)
+
+
+def test_n_and_best_of_reach_the_engine_as_its_sequences():
+    assert "n" not in parse_request(CompletionRequest, COMPLETION).sampling_kwargs()  # n = 1: as before
+    assert parse_request(CompletionRequest, {**COMPLETION, "n": 3}).sampling_kwargs()["n"] == 3
+    req = parse_request(CompletionRequest, {**COMPLETION, "n": 2, "best_of": 5})
+    assert (req.n, req.sampling_kwargs()["n"]) == (2, 5)
+    assert parse_request(ChatCompletionRequest, {**CHAT, "n": 4}).sampling_kwargs()["n"] == 4
+    parse_request(CompletionRequest, {**COMPLETION, "n": 2, "best_of": 2, "stream": True})
+    assert rejected(ChatCompletionRequest, {**CHAT, "best_of": 2}).param == "best_of"  # completions only
 
 
 def test_missing_model_is_a_400():
@@ -378,7 +401,7 @@ def test_max_completion_tokens_wins_and_conflicts_are_refused():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("tools", [{"type": "function"}]), ("n", 3)],
+    [("tools", [{"type": "function"}])],
 )
 def test_chat_unsupported_options(field, value):
     assert rejected(ChatCompletionRequest, {**CHAT, field: value}).param == field
@@ -574,7 +597,8 @@ def test_openapi_document_describes_both_bodies_with_resolvable_refs():
         assert {"200", "400", "404"} <= set(post["responses"])
     completion = schemas["CompletionRequest"]["properties"]
     assert completion["model"]["enum"] == ["m"]
-    assert completion["n"]["enum"] == [1]  # options the engine cannot honour document their only values
+    # options the engine cannot honour document their only values
+    assert completion["suffix"]["enum"] == [None, ""]
     assert completion["seed"]["anyOf"][0]["maximum"] == 2**63 - 1
 
 

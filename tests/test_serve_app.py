@@ -395,3 +395,95 @@ def test_prompt_lists_carry_logprobs_and_echo_per_choice(client, tokenizer):
         for c in chunk.choices:
             tokens[c.index] += c.logprobs.tokens if c.logprobs else []
     assert tokens == [s.logprobs.tokens for s in singles]
+
+
+def sse_events(base_url: str, route: str, body: dict) -> list:
+    """The raw events of a stream, `[DONE]` included."""
+    with httpx.stream("POST", f"{base_url}{route}", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        return [
+            line.removeprefix("data: ") if line == "data: [DONE]" else json.loads(line.removeprefix("data: "))
+            for line in r.iter_lines()
+            if line.startswith("data: ")
+        ]
+
+
+def choice_text(events: list, index: int) -> str:
+    """Choice `index`'s text over a stream's chunks (completions or chat)."""
+    choices = [c["choices"][0] for c in events if isinstance(c, dict) and c["choices"]]
+    return "".join(c.get("text") or c.get("delta", {}).get("content") or "" for c in choices if c["index"] == index)
+
+
+def test_n_choices_share_one_prompt_and_are_never_cached(base_url, client):
+    prompt = "The three primary colours are"
+    single = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    before = stats(base_url)
+    for _ in range(3):
+        raw = client.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, n=3)
+        assert raw.headers["x-specserve-replica"] != "completion-cache"
+        out = raw.parse()
+        assert [c.index for c in out.choices] == [0, 1, 2]
+        assert [c.text for c in out.choices] == [single.choices[0].text] * 3
+        assert out.usage.prompt_tokens == single.usage.prompt_tokens  # counted once
+        assert out.usage.completion_tokens == 3 * single.usage.completion_tokens
+    after = stats(base_url)
+    assert after["completion_cache"]["hits"] == before["completion_cache"]["hits"]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=5, temperature=1.0, seed=5, n=3
+    )
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert all(c.message.role == "assistant" and c.finish_reason for c in chat.choices)
+    assert 3 <= chat.usage.completion_tokens <= 15
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_n_streams_each_choice_to_its_finish_then_usage_once(base_url, chat):
+    body = {"model": MODEL, "max_tokens": 5, "temperature": 1.0, "seed": 9, "n": 3, "stream": True}
+    body |= {"stream_options": {"include_usage": True}}
+    if chat:
+        route, body = "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": "Count to ten."}]}
+    else:
+        route, body = "/v1/completions", {**body, "prompt": "Count to ten: one, two,"}
+    events = sse_events(base_url, route, body)
+    assert events[-1] == "[DONE]"
+    chunks, usage = events[:-2], events[-2]["usage"]
+    assert all(len(c["choices"]) == 1 and c["usage"] is None for c in chunks)
+    finishes = [c["choices"][0] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(f["index"] for f in finishes) == [0, 1, 2]
+    tokens = usage["completion_tokens"]
+    assert 3 <= tokens <= 15 and usage["total_tokens"] == usage["prompt_tokens"] + tokens
+    again = sse_events(base_url, route, body)
+    assert [choice_text(again, i) for i in range(3)] == [choice_text(events, i) for i in range(3)]  # seeded
+
+
+def test_best_of_returns_the_most_likely_of_its_sequences(base_url, client):
+    prompt = "My favourite animal is the"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=1.0, seed=3, best_of=3, n=1)
+    assert [c.index for c in out.choices] == [0] and out.choices[0].finish_reason == "length"
+    three = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=1.0, seed=3, n=3)
+    assert out.choices[0].text in [c.text for c in three.choices]  # the same three sequences were sampled
+    body = {"model": MODEL, "prompt": prompt, "best_of": 3, "n": 1, "stream": True}
+    r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of", r.text
+
+
+def test_prompt_list_times_n_indexes_prompt_then_sample(client):
+    prompts = ["The capital of France is", "def cube(x):\n"]
+    singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0) for p in prompts]
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.text for c in out.choices] == [s.choices[0].text for s in singles for _ in range(2)]
+
+
+def test_n_choices_carry_their_own_logprobs_and_echo(client):
+    """n sequences of one prompt forked after its prefill: each choice has the prompt's echo and logprobs."""
+    prompt = "The capital of Spain is"
+    args = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 1, "echo": True}
+    single = client.completions.create(**args).choices[0]
+    out = client.completions.create(**args, n=2)
+    assert [c.text for c in out.choices] == [single.text] * 2
+    for c in out.choices:
+        assert c.logprobs.tokens == single.logprobs.tokens
+        assert c.logprobs.token_logprobs[0] is None
+        assert c.logprobs.token_logprobs[1:] == pytest.approx(single.logprobs.token_logprobs[1:], abs=1e-4)
