@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sampling.structured import StructuredOutput
+
 # Below this temperature a request is greedy. softmax(logits / T) differs from the argmax's point mass only
 # among tokens whose logits lie within about 100 * T of the maximum (any other token weighs under e^-100 of
 # the top one), and at T = 1e-5 that band is 1e-3 wide: near-ties that two correct forwards (batched or not,
@@ -45,6 +47,8 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False, description="1 = none")
     # token id -> bias added to its logit (ids are checked against the model's vocabulary by the engine)
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS_ENTRIES)
+    # what the output must match (sampling/structured.py); the engine compiles it once per distinct spec
+    structured: StructuredOutput | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
