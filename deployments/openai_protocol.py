@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from deployments.openai_structured import StructuredOutputFields
 from engine.tokenization import lone_surrogate
 from sampling.params import (
     MAX_LOGIT_BIAS_ENTRIES,
@@ -208,7 +209,7 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # accepted and ignored: chunks carry no obfuscation padding
 
 
-class _BaseRequest(BaseModel):
+class _BaseRequest(StructuredOutputFields):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -303,6 +304,7 @@ class _BaseRequest(BaseModel):
             "frequency_penalty": self.frequency_penalty or 0.0,
             "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
             "logit_bias": {int(k): b for k, b in (self.logit_bias or {}).items()},
+            **self.structured_kwargs(),
         }
 
 
@@ -408,12 +410,6 @@ class ChatMessage(BaseModel):
         return "\n".join(p.text for p in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(_BaseRequest):
     """POST /v1/chat/completions."""
 
@@ -421,7 +417,6 @@ class ChatCompletionRequest(_BaseRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     logprobs: bool | None = _only(None, False)
     top_logprobs: int | None = _only(None, 0)
-    response_format: ResponseFormat | None = None
     tools: list[dict] | None = _only(None, [])
     tool_choice: Literal["none"] | None = None
 
