@@ -53,7 +53,7 @@ class GrammarCompiler:
                 return hit
         try:
             compiled = self._compile(spec)
-        except RuntimeError as e:
+        except Exception as e:  # noqa: BLE001 - whatever the compiler refuses is the spec's problem (a 400)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GrammarError(_LOG_PREFIX.sub("", first)) from None
         with self._lock:
