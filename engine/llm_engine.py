@@ -185,6 +185,9 @@ class LLMEngine:
         seq = Sequence(next(self._seq_ids), request_id, ids, len(ids), params, metrics.arrival)
         controller = self._make_controller() if self.proposer else None
         output_start = len(ids) if request.output_start is None else request.output_start
+        grammar = None
+        if request.grammar is not None:  # a resumed request's grammar is past the output already streamed
+            grammar = GrammarState(request.grammar, self.arch.vocab_size, ids[output_start:])
         self.requests[request_id] = _Request(
             seq,
             IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens),
@@ -192,9 +195,7 @@ class LLMEngine:
             controller,
             metrics,
             controls=LogitsControls.for_request(params, output_start, self.eos_token_ids),
-            grammar=None
-            if request.grammar is None
-            else GrammarState(request.grammar, self.arch.vocab_size, ids[output_start:]),
+            grammar=grammar,
         )
         if self._suspects:
             self._held.append(seq)
