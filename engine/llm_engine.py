@@ -473,10 +473,11 @@ class LLMEngine:
         seq = req.seq
         if isinstance(draft, TokenTree):
             return self._accept_tree(req, item, draft, logits, argmax, hidden, now)
+        unprocessed = logits
         if req.controls is not None:
             logits = req.controls.apply(logits, seq.token_ids, draft.tokens)
         if req.grammar is not None:
-            logits = req.grammar.mask(logits, draft.tokens)
+            logits = req.grammar.mask(logits, draft.tokens, unprocessed)
         if req.controls is not None or req.grammar is not None:
             argmax = logits.argmax(-1).tolist() if seq.params.greedy else argmax
         if seq.params.greedy:

@@ -97,10 +97,14 @@ class GrammarState:
         self.matcher.rollback(n)
         return n
 
-    def mask(self, logits: torch.Tensor, draft: Sequence[int] = ()) -> torch.Tensor:
+    def mask(
+        self, logits: torch.Tensor, draft: Sequence[int] = (), unprocessed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[N, V] logits -> float32 logits (a new tensor) with what the grammar forbids at -inf; row i in the
         state after `draft[:i]`. Rows past a forbidden or final draft token are left as they are: no token is
-        emitted there (verification stops at that token)."""
+        emitted there (verification stops at that token). A row the grammar and the logits controls leave
+        without any token (min_tokens masking the end the grammar requires) takes the grammar's mask over
+        `unprocessed` (the logits before the controls): the grammar's end outranks min_tokens."""
         x = logits.float().clone()
         bitmask = xgr.allocate_token_bitmask(x.shape[0], self.vocab_size)  # all allowed
         n = 0
@@ -113,6 +117,12 @@ class GrammarState:
             n += 1
         self.matcher.rollback(n)
         xgr.apply_token_bitmask_inplace(x, bitmask, vocab_size=self.vocab_size)
+        if unprocessed is not None:
+            dead = ~torch.isfinite(x).any(-1)
+            if bool(dead.any()):
+                y = unprocessed.float().clone()
+                xgr.apply_token_bitmask_inplace(y, bitmask, vocab_size=self.vocab_size)
+                x[dead] = y[dead]
         return x
 
     def advance(self, tokens: Sequence[int]) -> None:

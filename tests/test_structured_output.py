@@ -97,6 +97,13 @@ def test_json_object_and_guided_choice_and_regex(plain):
         assert re.fullmatch(pattern, out.text) and out.finish_reason == "stop", out.text
 
 
+def test_the_grammars_end_outranks_min_tokens(plain):
+    spec = StructuredOutput(kind="choice", choices=("yes", "no"))
+    params = SamplingParams(max_tokens=8, min_tokens=6, structured=spec)
+    out = plain.generate([chat("Is the sky blue?")], params)[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop" and out.error is None
+
+
 @pytest.mark.parametrize(
     "spec, param, words",
     [
