@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from deployments.openai_structured import StructuredOutputFields
 from engine.tokenization import lone_surrogate
 from sampling.logprobs import MAX_LOGPROBS
 from sampling.params import (
@@ -206,7 +207,7 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # accepted and ignored: chunks carry no obfuscation padding
 
 
-class _BaseRequest(BaseModel):
+class _BaseRequest(StructuredOutputFields):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -303,6 +304,7 @@ class _BaseRequest(BaseModel):
             "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
             "logit_bias": {int(k): b for k, b in (self.logit_bias or {}).items()},
             **n,
+            **self.structured_kwargs(),
         }
 
     @property
@@ -437,12 +439,6 @@ class ChatMessage(BaseModel):
         return "\n".join(p.text for p in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(_BaseRequest):
     """POST /v1/chat/completions."""
 
@@ -452,7 +448,6 @@ class ChatCompletionRequest(_BaseRequest):
     top_logprobs: Annotated[int, Field(strict=True)] | None = Field(
         default=None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true"
     )
-    response_format: ResponseFormat | None = None
     tools: list[dict] | None = _only(None, [])
     tool_choice: Literal["none"] | None = None
 

@@ -44,6 +44,7 @@ from model.kv_pages import SlotMove
 from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from model.runner import ModelRunner, StepInput, context_length
 from sampling.controls import LogitsControls
+from sampling.grammar import GrammarCompiler, GrammarState
 from sampling.logprobs import TokenLogprob, token_logprobs
 from sampling.params import SamplingParams, describe_validation_error
 from sampling.sampler import make_generator, processed_probs
@@ -102,6 +103,7 @@ class _Request:
     metrics: RequestMetrics
     hidden: hidden_rows.PendingHidden | None = None  # for a proposer that reads the target's hidden rows
     controls: LogitsControls | None = None  # min_tokens, logit_bias, penalties (None: the request has none)
+    grammar: GrammarState | None = None  # structured output: the grammar's token masks (sampling/grammar.py)
     prompt_logprobs_sent: bool = False
     group: str = ""  # the caller's request id (its n sequences share it)
     index: int = 0
@@ -156,6 +158,7 @@ class LLMEngine:
             self.config = cfg = cfg.model_copy(update={"num_speculative_tokens": max_k})
         self.k_policy = self._make_k_policy(step_times)
         self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
+        self.grammars = GrammarCompiler(self.tokenizer, self.arch.vocab_size, self.eos_token_ids)
         self.requests: dict[str, _Request] = {}  # by sequence key (`_seq_key`), the n sequences of a request apart
         self.groups: dict[str, list[str]] = {}  # caller's request id -> keys of its unfinished sequences
         self.spec = SpecCounters()
@@ -180,7 +183,7 @@ class LLMEngine:
         fit_context: bool = False,
     ) -> EngineRequest:
         """Tokenize and check a request against this model (tokenization.py); safe on any thread."""
-        return prepare_request(self.tokenizer, self.limits, prompt, params, messages, fit_context)
+        return prepare_request(self.tokenizer, self.limits, prompt, params, messages, fit_context, self.grammars)
 
     def add_request(
         self,
@@ -219,15 +222,18 @@ class LLMEngine:
         metrics = RequestMetrics()
         seq = Sequence(next(self._seq_ids), _seq_key(group, index), ids, len(ids), params, metrics.arrival)
         seed = params.seed if params.seed is None or index == 0 else hash((params.seed, index))
+        output_start = len(ids) if request.output_start is None else request.output_start
+        grammar = None
+        if request.grammar is not None:  # a resumed request's grammar is past the output already streamed
+            grammar = GrammarState(request.grammar, self.arch.vocab_size, ids[output_start:])
         return _Request(
             seq,
             IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens),
             None if params.greedy else make_generator(seed, self.device),
             self._make_controller() if self.proposer else None,
             metrics,
-            controls=LogitsControls.for_request(
-                params, len(ids) if request.output_start is None else request.output_start, self.eos_token_ids
-            ),
+            controls=LogitsControls.for_request(params, output_start, self.eos_token_ids),
+            grammar=grammar,
             group=group,
             index=index,
         )
@@ -430,17 +436,33 @@ class LLMEngine:
         n = self.scheduler.num_candidates
         trees = self.proposer.propose_trees(reqs, n) if n > 1 else None
         if trees is None:
-            return {s.seq.seq_id: d for s, d in zip(decoding, self.proposer.propose(reqs))}
+            return {s.seq.seq_id: self._within_grammar(s.seq, d) for s, d in zip(decoding, self.proposer.propose(reqs))}
         drafts: dict[int, Draft | TokenTree] = {}
         for s, tree in zip(decoding, trees):
             n = min(len(tree), 1 + s.num_lookahead)
             if n < len(tree):  # parents come before their children: the first n nodes are a tree
                 tree = TokenTree(tree.tokens[:n], tree.parents[:n])
-            if tree.is_chain or self.requests[s.seq.request_id].controls is not None:
-                # logits controls score each row in its chain's context: a request with them verifies one path
+            req = self.requests[s.seq.request_id]
+            if tree.is_chain or req.controls is not None or req.grammar is not None:
+                # logits controls and grammars score each row in its chain's context: such a request verifies one
+                # path
                 tree = TokenTree.chain(tree.tokens[0], tree.path_tokens(tree.paths()[0])[1:])
-            drafts[s.seq.seq_id] = Draft(list(tree.tokens[1:])) if tree.is_chain else tree
+            drafts[s.seq.seq_id] = self._within_grammar(s.seq, Draft(list(tree.tokens[1:]))) if tree.is_chain else tree
         return drafts
+
+    def _within_grammar(self, seq: Sequence, draft: Draft) -> Draft:
+        """A structured-output request's draft ends where its grammar forbids a token: that token's target row
+        has p = 0 for it, so nothing after it could be accepted. A point-mass draft drops the token (its residual
+        is p itself); a sampled draft keeps it as its last, whose residual max(p - q, 0) keeps verification exact."""
+        grammar = self.requests[seq.request_id].grammar
+        if grammar is None or not draft.tokens:
+            return draft
+        n = grammar.allowed_prefix(draft.tokens)
+        if n == len(draft.tokens):
+            return draft
+        if draft.probs is None:
+            return Draft(draft.tokens[:n])
+        return Draft(draft.tokens[: n + 1], draft.probs[: n + 1])
 
     def _take_hidden(self, seq: Sequence) -> torch.Tensor | None:
         """Hand over the sequence's hidden rows since its last proposal."""
@@ -528,13 +550,17 @@ class LLMEngine:
     ) -> RequestOutput:
         """Verify the sequence's draft against its logits rows, keep the hidden rows of what was accepted, then
         append what was emitted. The logits controls process row i with draft tokens 0..i-1 in its context
-        (sampling/controls.py); emitted token i came from row i, whose raw logits give its logprobs."""
+        (sampling/controls.py), then a grammar masks row i in its state after those tokens (sampling/grammar.py);
+        emitted token i came from row i, whose raw logits give its logprobs."""
         seq = req.seq
         if isinstance(draft, TokenTree):
             return self._accept_tree(req, item, draft, logits, argmax, hidden, now)
         raw = logits
         if req.controls is not None:
             logits = req.controls.apply(logits, seq.token_ids, draft.tokens)
+        if req.grammar is not None:
+            logits = req.grammar.mask(logits, draft.tokens, raw)
+        if req.controls is not None or req.grammar is not None:
             argmax = logits.argmax(-1).tolist() if seq.params.greedy else argmax
         if seq.params.greedy:
             emitted = verify_greedy(argmax, draft.tokens)
@@ -613,6 +639,10 @@ class LLMEngine:
             seq.cumulative_logprob += sum(lp.logprob for lp in scored)
             if params.logprobs is not None:
                 seq.output_logprobs.extend(scored)
+        if req.grammar is not None:
+            req.grammar.advance(new)
+            if req.grammar.terminated and not seq.finish_reason:
+                seq.finish_reason = "stop"
         delta = req.detok.add(new)
         if req.detok.stopped:
             seq.finish_reason = "stop"

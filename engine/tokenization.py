@@ -22,6 +22,7 @@ from typing import Any
 import jinja2
 from pydantic import ValidationError
 
+from sampling.grammar import GrammarCompiler, GrammarError
 from sampling.params import SamplingParams, describe_validation_error, field_errors
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -110,6 +111,8 @@ class EngineRequest:
     # Where the output began, for the logits controls (penalties, min_tokens); None: after the prompt. A request
     # resumed on another replica carries the output already streamed at the end of its prompt.
     output_start: int | None = None
+    # The compiled grammar of `params.structured` (xgrammar's CompiledGrammar), None without one.
+    grammar: Any = None
 
 
 def sampling_params(params: SamplingParams | dict | None) -> SamplingParams:
@@ -138,12 +141,14 @@ def prepare_request(
     params: SamplingParams | dict | None = None,
     messages: list[dict] | None = None,
     fit_context: bool = False,
+    grammars: GrammarCompiler | None = None,
 ) -> EngineRequest:
     """Encode and check a request; RequestError (one line) for anything the engine cannot serve.
 
     `fit_context` is the OpenAI API's rule: `max_tokens` must fit the context left after the prompt, and a
     dict without one (or None) takes all of it. Without it a request simply ends with "length" when the
-    context is full.
+    context is full. A structured-output spec is compiled by `grammars` (each distinct spec once); one it cannot
+    compile is a RequestError naming the request field it came from.
     """
     fill = fit_context and isinstance(params, dict) and params.get("max_tokens") is None
     # Checked before tokenizing anything (a missing max_tokens stands for the whole context until it is known).
@@ -163,4 +168,17 @@ def prepare_request(
         raise RequestError(
             f"max_tokens={sp.max_tokens} plus the prompt's {n} tokens exceeds the model's context of {context} tokens"
         )
-    return EngineRequest(tuple(ids), sp)
+    return EngineRequest(tuple(ids), sp, grammar=compile_grammar(sp, grammars))
+
+
+def compile_grammar(params: SamplingParams, grammars: GrammarCompiler | None) -> Any:
+    """The compiled grammar of `params.structured` (None without one); RequestError naming the field."""
+    spec = params.structured
+    if spec is None:
+        return None
+    if grammars is None:
+        raise RequestError(f"{spec.param}: structured output is not available in this engine", spec.param)
+    try:
+        return grammars.compile(spec)
+    except GrammarError as e:
+        raise RequestError(f"{spec.param}: cannot compile the {spec.kind.replace('_', ' ')}: {e}", spec.param) from None

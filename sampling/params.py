@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sampling.logprobs import MAX_LOGPROBS
+from sampling.structured import StructuredOutput
 
 # Below this temperature a request is greedy. softmax(logits / T) differs from the argmax's point mass only
 # among tokens whose logits lie within about 100 * T of the maximum (any other token weighs under e^-100 of
@@ -52,6 +53,8 @@ class SamplingParams(BaseModel):
     # log-probabilities (sampling/logprobs.py): None = not computed; k = that many most likely tokens too
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="of each output token")
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="of each prompt token")
+    # what the output must match (sampling/structured.py); the engine compiles it once per distinct spec
+    structured: StructuredOutput | None = None
 
     @field_validator("stop", mode="before")
     @classmethod

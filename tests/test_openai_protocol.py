@@ -30,6 +30,7 @@ from deployments.openai_responses import (
 )
 from deployments.stream_items import LogprobEntry
 from sampling.params import SamplingParams
+from sampling.structured import StructuredOutput
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": "m", "prompt": "Once upon"}
@@ -441,9 +442,60 @@ def test_logprobs_reach_the_sampling_params():
 
 
 def test_chat_accepts_text_response_format_and_no_logprobs():
-    parse_request(ChatCompletionRequest, {**CHAT, "response_format": {"type": "text"}, "logprobs": False})
-    err = rejected(ChatCompletionRequest, {**CHAT, "response_format": {"type": "json_object"}})
+    req = parse_request(ChatCompletionRequest, {**CHAT, "response_format": {"type": "text"}, "logprobs": False})
+    assert "structured" not in req.sampling_kwargs()
+    err = rejected(ChatCompletionRequest, {**CHAT, "response_format": {"type": "yaml"}})
     assert err.param == "response_format.type"
+
+
+SCHEMA = {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize(
+    "fields, structured",
+    [
+        ({"response_format": {"type": "json_object"}}, {"kind": "json_object"}),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
+            {"kind": "json_schema", "spec": json.dumps(SCHEMA), "strict": True},
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": SCHEMA, "strict": False},
+                }
+            },
+            {"kind": "json_schema", "spec": json.dumps(SCHEMA), "strict": False},
+        ),
+        ({"guided_json": json.dumps(SCHEMA)}, {"kind": "json_schema", "spec": json.dumps(SCHEMA)}),
+        ({"guided_regex": "[0-9]+"}, {"kind": "regex", "spec": "[0-9]+"}),
+        ({"guided_choice": ["yes", "no"]}, {"kind": "choice", "choices": ["yes", "no"]}),
+    ],
+)
+def test_structured_output_fields_reach_the_sampling_params(fields, structured):
+    for model, body in ((ChatCompletionRequest, CHAT), (CompletionRequest, {"model": "m", "prompt": "x"})):
+        kwargs = parse_request(model, {**body, **fields}).sampling_kwargs()
+        got = SamplingParams(**{**kwargs, "max_tokens": 8}).structured
+        assert got == StructuredOutput(**structured)  # the schema's key order is kept (it orders the output)
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}}, None),
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+        ({"response_format": {"type": "json_object"}, "guided_json": {}}, "guided_json"),
+        ({"guided_json": "[1, 2]"}, "guided_json"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_choice": ["a", ""]}, "guided_choice.1"),
+        ({"guided_regex": ""}, "guided_regex"),
+    ],
+)
+def test_malformed_structured_output_fields_are_400s_naming_the_field(fields, param):
+    err = rejected(ChatCompletionRequest, {**CHAT, **fields})
+    assert err.param == (param or "response_format.json_schema.name"), err.message
 
 
 # ---- responses -------------------------------------------------------------------------------------------

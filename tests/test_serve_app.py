@@ -487,3 +487,27 @@ def test_n_choices_carry_their_own_logprobs_and_echo(client):
         assert c.logprobs.tokens == single.logprobs.tokens
         assert c.logprobs.token_logprobs[0] is None
         assert c.logprobs.token_logprobs[1:] == pytest.approx(single.logprobs.token_logprobs[1:], abs=1e-4)
+
+
+def test_json_schema_response_format_and_a_schema_that_does_not_compile(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    messages = [{"role": "user", "content": "Bob is 42. Give his name and age as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    out = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=32, temperature=0, response_format=fmt
+    )
+    assert out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+    choice = client.completions.create(
+        model=MODEL, prompt="Is the sky blue? Answer:", max_tokens=4, extra_body={"guided_choice": ["yes", "no"]}
+    )
+    assert choice.choices[0].text in ("yes", "no")
+    bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "frobnicate"}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, response_format=bad)
+    assert err.value.param == "response_format" and "frobnicate" in err.value.message
