@@ -52,7 +52,7 @@ def _unpermute_rows(data: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def packed_types(gguf: Path) -> Counter[str]:
-    """How many matrices of each GGGML type the file holds, by type name (e.g. {"Q4_1": 210, "Q8_0": 1})."""
+    """How many matrices of each GGML type the file holds, by type name (e.g. {"Q4_1": 210, "Q8_0": 1})."""
     from gguf import GGUFReader
 
     return Counter(t.tensor_type.name for t in GGUFReader(str(gguf)).tensors if hf_name(t.name) is not None)

@@ -52,7 +52,9 @@ class StepOutput:
     hidden: torch.Tensor | None = None
 
 
-def packed_weights(config: EngineConfig, model: str | None, arch: ModelArch, num_layers: int | None):
+def packed_weights(
+    config: EngineConfig, model: str | None, arch: ModelArch, num_layers: int | None
+) -> dict[str, PackedWeight] | None:
     """The quantized matrices to run packed for `config.weights` (None: float32 weights). auto packs a quantized
     GGUF on CPU in float32 when the kernels build; packed insists (and fails without the kernels)."""
     if config.weights == "fp32":
