@@ -16,6 +16,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model folder or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--weights",
+        choices=["auto", "fp32", "packed"],
+        default="auto",
+        help="a quantized GGUF's linear layers kept in their blocks (packed) or dequantized (fp32); auto = packed "
+        "on CPU in float32",
+    )
     p.add_argument("--speculator", choices=["none", "ngram", "suffix", "draft", "mlp", "eagle"], default="none")
     p.add_argument("--speculator-model", default=None, help="mlp/eagle: the drafter folder `specserve distill` wrote")
     p.add_argument("--candidates", type=int, default=1, help="candidate paths verified per step (1 = one chain)")
@@ -44,6 +51,7 @@ def _config(args: argparse.Namespace):
         model=args.model,
         dtype=args.dtype,
         device=args.device,
+        weights=args.weights,
         speculator=args.speculator,
         speculator_model=args.speculator_model,
         num_speculative_tokens=args.k,

@@ -19,6 +19,11 @@ class EngineConfig(BaseModel):
     cpu_kernels: bool = Field(
         default=True, description="on CPU, build and use the C++ kernels (in-place paged attention, small matmuls)"
     )
+    weights: Literal["auto", "fp32", "packed"] = Field(
+        default="auto",
+        description="linear layers of a quantized GGUF (Q4_0, Q4_1, Q8_0) kept in their blocks and run by the C++ "
+        'kernels ("packed", float32 on CPU only), or dequantized to float32 ("fp32"); auto = packed where it can',
+    )
     block_size: int = Field(default=16, ge=1, le=1024)
     kv_cache_gib: float = Field(default=1.0, gt=0)
     enable_prefix_caching: bool = True
@@ -52,6 +57,8 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
+        if self.weights == "packed" and (self.device != "cpu" or self.dtype != "float32" or not self.cpu_kernels):
+            raise ValueError("weights: packed runs on device cpu with dtype float32 and cpu_kernels on")
         if self.ngram_min > self.ngram_max:
             raise ValueError("ngram_min must be <= ngram_max")
         learned = self.speculator in ("mlp", "eagle")

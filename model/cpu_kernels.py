@@ -1,5 +1,6 @@
 """The C++ CPU kernels: paged attention reading K/V in place (`model.attention.cpu`), the small-batch
-matmul of decode and verification steps (`model.parallel.linear`) and the decoder layer's fused element-wise
+matmul of decode and verification steps (`model.parallel.linear`), the same over weights kept in their GGUF
+blocks (`model.quant`) and the decoder layer's fused element-wise
 ops (RMSNorm with the residual add, RoPE, the MLP's silu * up; `model.decoder`).
 
 They are compiled once with the local compiler (about a minute; `scripts/setup.sh` does it ahead) into
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).parent / "csrc" / f
-    for f in ("bindings.cpp", "paged_attention.cpp", "small_matmul.cpp", "fused_ops.cpp")
+    for f in ("bindings.cpp", "paged_attention.cpp", "small_matmul.cpp", "fused_ops.cpp", "quant_matmul.cpp")
 ]
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]

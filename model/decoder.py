@@ -17,6 +17,7 @@ from model.attention.paged import AttentionBackend, AttnMetadata
 from model.kv_pages import KVPages
 from model.loader import ModelArch, ModelLoadError, iter_weights, rope_cos_sin
 from model.parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear, VocabParallelEmbedding
+from model.quant import PackedWeight
 
 
 class RMSNorm(nn.Module):
@@ -149,9 +150,39 @@ class CausalLM(nn.Module):
                 module.small_matmul = kernels.small_matmul
             if hasattr(module, "fused"):
                 module.fused = kernels
+            if hasattr(module, "kernels"):
+                module.kernels = kernels
 
-    def load(self, folder: Path, max_len: int) -> None:
-        """Load this rank's slices of the checkpoint; layers beyond num_layers are skipped (truncated drafts)."""
+    def use_packed(self, packed: dict[str, PackedWeight]) -> list[str]:
+        """Run the linear layers (and the LM head) on the checkpoint matrices `packed` holds in GGUF blocks
+        (`model.gguf_weights.read_packed`); a layer with a matrix missing there keeps its float32 weight. Returns
+        the names of the matrices in use, packed. Needs `use_cpu_kernels` before a forward."""
+        used: list[str] = []
+
+        def take(names: list[str]) -> list[PackedWeight] | None:
+            if not all(n in packed for n in names):
+                return None
+            used.extend(names)
+            return [packed[n] for n in names]
+
+        for i, layer in enumerate(self.layers):
+            attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            if parts := take([f"{attn}.{p}_proj.weight" for p in "qkv"]):
+                layer.qkv.use_packed(parts)
+            if parts := take([f"{attn}.o_proj.weight"]):
+                layer.o_proj.use_packed(parts[0])
+            if parts := take([f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"]):
+                layer.gate_up.use_packed(parts)
+            if parts := take([f"{mlp}.down_proj.weight"]):
+                layer.down.use_packed(parts[0])
+        head = "model.embed_tokens.weight" if self.arch.tie_word_embeddings else "lm_head.weight"
+        if parts := take([head]):
+            self.lm_head.use_packed(parts[0])
+        return used
+
+    def load(self, folder: Path, max_len: int, packed: dict[str, PackedWeight] | None = None) -> None:
+        """Load this rank's slices of the checkpoint; layers beyond num_layers are skipped (truncated drafts).
+        With `packed`, the matrices it holds run in their GGUF blocks (`use_packed`)."""
         cos, sin = rope_cos_sin(folder, max_len)
         self.cos, self.sin = cos.to(self.embed.weight), sin.to(self.embed.weight)
         n_layers = len(self.layers)
@@ -198,6 +229,8 @@ class CausalLM(nn.Module):
         missing = needed - seen
         if missing:
             raise ModelLoadError(f"checkpoint in {folder} lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
+        if packed:
+            self.use_packed(packed)
         for module in self.modules():
             if module is not self and hasattr(module, "finalize"):
                 module.finalize()

@@ -61,8 +61,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPECSERVE_CACHE", Path.home() / ".cache" / "specserve"))
 
 
-def resolve_model(model: str | None) -> Path:
-    """The Hugging Face folder to load `model` from (None = the default model), converting a GGUF once."""
+def model_source(model: str | None) -> Path:
+    """The Hugging Face folder or the .gguf file that `model` names (None = the default model)."""
     path = default_model_path() if model is None else Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path not found: {path}")
@@ -75,7 +75,13 @@ def resolve_model(model: str | None) -> Path:
         path = ggufs[0]
     if path.suffix != ".gguf":
         raise ModelLoadError(f"not a model folder or .gguf file: {path}")
-    return _gguf_to_folder(path)
+    return path
+
+
+def resolve_model(model: str | None) -> Path:
+    """The Hugging Face folder to load `model` from (None = the default model), converting a GGUF once."""
+    path = model_source(model)
+    return path if path.is_dir() else _gguf_to_folder(path)
 
 
 def _gguf_to_folder(gguf: Path) -> Path:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.cpu_kernels import SMALL_MATMUL_MAX_ROWS
+from model.quant import PackedWeight
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, b
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
+def project(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer's x W^T (+ bias): through its packed GGUF weight when it has one (`use_packed`), else
+    through `linear` on its float32 weight."""
+    if layer.quant is not None:
+        return layer.quant.matmul(x, layer.kernels, bias)
+    return linear(x, layer.weight, layer.packed, bias, layer.small_matmul)
+
+
+def drop_float_weight(layer: nn.Module) -> None:
+    """Free a layer's float32 weight once a packed one replaces it (no reader is left)."""
+    layer.weight = nn.Parameter(layer.weight.new_empty(0, layer.weight.shape[1]), requires_grad=False)
+
+
 def _rows(weight, start: int, size: int) -> torch.Tensor:
     """Read rows [start, start+size) of a lazily loaded tensor (safetensors slice or tensor)."""
     return weight[start : start + size]
@@ -120,6 +134,8 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None
         self.small_matmul = None  # set by CausalLM.use_cpu_kernels
+        self.quant: PackedWeight | None = None  # the GGUF blocks, set by use_packed
+        self.kernels = None  # set by CausalLM.use_cpu_kernels
 
     def load_part(self, index: int, tensor, param: str = "weight") -> None:
         """Copy this rank's rows of fused part `index` (a weight or a bias) from the full checkpoint tensor."""
@@ -128,10 +144,16 @@ class ColumnParallelLinear(nn.Module):
         getattr(self, param)[offset : offset + size].copy_(_rows(tensor, self.part_starts[index], size))
 
     def finalize(self) -> None:
-        self.packed = cpu_packed(self.weight)
+        self.packed = cpu_packed(self.weight) if self.quant is None else None
+
+    def use_packed(self, parts: list[PackedWeight]) -> None:
+        """Run on the full checkpoint's fused parts in GGUF blocks, this rank's rows of each."""
+        local = [p.rows(start, size) for p, start, size in zip(parts, self.part_starts, self.local_parts)]
+        self.quant = PackedWeight.cat_rows(local)
+        drop_float_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed, self.bias, self.small_matmul)
+        return project(self, x, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -147,15 +169,22 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
         self.packed: torch.Tensor | None = None
         self.small_matmul = None  # set by CausalLM.use_cpu_kernels
+        self.quant: PackedWeight | None = None  # the GGUF blocks, set by use_packed
+        self.kernels = None  # set by CausalLM.use_cpu_kernels
 
     def finalize(self) -> None:
-        self.packed = cpu_packed(self.weight)
+        self.packed = cpu_packed(self.weight) if self.quant is None else None
 
     def load(self, weight) -> None:
         self.weight.copy_(weight[:, self.in_start : self.in_start + self.local_in])
 
+    def use_packed(self, weight: PackedWeight) -> None:
+        """Run on this rank's input features of the full checkpoint matrix in GGUF blocks (whole blocks)."""
+        self.quant = weight.columns(self.in_start, self.local_in)
+        drop_float_weight(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(linear(x, self.weight, self.packed, small=self.small_matmul))
+        return self.tp.all_reduce(project(self, x))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -170,9 +199,21 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.local_vocab, hidden), requires_grad=False)
         self.packed: torch.Tensor | None = None
         self.small_matmul = None  # set by CausalLM.use_cpu_kernels
+        self.quant: PackedWeight | None = None  # the LM head in GGUF blocks, set by use_packed
+        self.kernels = None  # set by CausalLM.use_cpu_kernels
 
     def finalize(self) -> None:
-        self.packed = cpu_packed(self.weight)
+        self.packed = cpu_packed(self.weight) if self.quant is None else None
+
+    def use_packed(self, weight: PackedWeight) -> None:
+        """Compute logits on this rank's vocabulary rows in GGUF blocks (zero rows pad the last rank, as the
+        float32 table does). The float32 table stays for the token lookup, which reads a few rows a step."""
+        n = min(self.local_vocab, self.vocab_size - self.vocab_start)
+        local = weight.rows(self.vocab_start, n)
+        if n < self.local_vocab:
+            pad = local.data.new_zeros(self.local_vocab - n, local.row_bytes)  # zero scales: zero weights
+            local = PackedWeight(local.qtype, torch.cat([local.data, pad]), self.local_vocab, local.in_features)
+        self.quant = local
 
     def load(self, weight) -> None:
         n = min(self.local_vocab, self.vocab_size - self.vocab_start)
@@ -187,5 +228,5 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = linear(hidden, self.weight, self.packed, small=self.small_matmul)
+        out = project(self, hidden)
         return self.tp.all_gather_last(out)[..., : self.vocab_size]

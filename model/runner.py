@@ -20,9 +20,11 @@ from model.attention.tree import tree_depths
 from model.config import EngineConfig
 from model.cpu_kernels import load_kernels
 from model.decoder import CausalLM
+from model.gguf_weights import is_quantized, read_packed
 from model.kv_pages import KVPages, SlotMove, path_slots
-from model.loader import ModelArch, ModelLoadError, load_arch, resolve_model
+from model.loader import ModelArch, ModelLoadError, load_arch, model_source, resolve_model
 from model.parallel import ParallelContext, rank_kv_cache_bytes
+from model.quant import PackedWeight
 
 
 @dataclass
@@ -50,6 +52,26 @@ class StepOutput:
     hidden: torch.Tensor | None = None
 
 
+def packed_weights(
+    config: EngineConfig, model: str | None, arch: ModelArch, num_layers: int | None
+) -> dict[str, PackedWeight] | None:
+    """The quantized matrices to run packed for `config.weights` (None: float32 weights). auto packs a quantized
+    GGUF on CPU in float32 when the kernels build; packed insists (and fails without the kernels)."""
+    if config.weights == "fp32":
+        return None
+    source = model_source(model)
+    if config.weights == "auto":
+        usable = config.device == "cpu" and config.dtype == "float32" and config.cpu_kernels
+        if not (usable and source.suffix == ".gguf" and is_quantized(source)) or load_kernels(required=False) is None:
+            return None
+    elif source.suffix != ".gguf":
+        raise ModelLoadError(f"weights: packed needs a quantized .gguf model, not the folder {source}")
+    packed = read_packed(source, arch, num_layers)
+    if not packed:
+        raise ModelLoadError(f"weights: packed, but {source.name} has no Q4_0 / Q4_1 / Q8_0 matrices")
+    return packed
+
+
 def context_length(config: EngineConfig, arch: ModelArch) -> int:
     """The context the engine serves (prompt + output): `config.max_model_len`, capped at the model's own."""
     return min(config.max_model_len or arch.max_model_len, arch.max_model_len)
@@ -70,12 +92,16 @@ class ModelRunner:
         num_layers: int | None = None,
         attention_backend: str = "auto",
         cpu_kernels: bool = True,
+        packed: dict[str, PackedWeight] | None = None,
     ):
         self.tp = tp or ParallelContext()
         self.device, self.dtype, self.block_size = device, dtype, block_size
+        if packed and (device.type != "cpu" or dtype != torch.float32 or not cpu_kernels):
+            raise ValueError("packed weights run on CPU in float32 with the CPU kernels")
         with torch.device(device):
             self.model = CausalLM(arch, self.tp, num_layers).to(dtype)
-        self.model.load(folder, max_model_len)
+        self.model.load(folder, max_model_len, packed)
+        self.packed = bool(packed)  # whether the linear layers run on GGUF blocks
         layer = self.model.layers[0]
         n_layers = len(self.model.layers)
         num_blocks = KVPages.blocks_for_budget(
@@ -86,7 +112,7 @@ class ModelRunner:
         self.kv = KVPages(n_layers, num_blocks, block_size, layer.num_kv_heads, arch.head_dim, dtype, device)
         kernels = None
         if device.type == "cpu" and cpu_kernels:
-            kernels = load_kernels(required=attention_backend == "cpu")
+            kernels = load_kernels(required=attention_backend == "cpu" or bool(packed))
         self.backend = make_backend(attention_backend, block_size, device, kernels)
         if kernels is not None and dtype == torch.float32:
             self.model.use_cpu_kernels(kernels)
@@ -112,10 +138,11 @@ class ModelRunner:
         folder = resolve_model(config.model)
         arch = load_arch(folder)
         max_model_len = context_length(config, arch)
-        kv_cache_gib, num_layers = config.kv_cache_gib, None
+        kv_cache_gib, num_layers, model = config.kv_cache_gib, None, config.model
         if draft:
             target_vocab_size = arch.vocab_size
-            folder = resolve_model(config.draft_model or config.model)
+            model = config.draft_model or config.model
+            folder = resolve_model(model)
             arch = load_arch(folder)
             if arch.vocab_size != target_vocab_size:
                 raise ModelLoadError(f"draft vocab {arch.vocab_size} != target vocab {target_vocab_size}")
@@ -134,6 +161,7 @@ class ModelRunner:
             num_layers=num_layers,
             attention_backend=config.attention_backend,
             cpu_kernels=config.cpu_kernels,
+            packed=packed_weights(config, model, arch, num_layers),
         )
 
     @property

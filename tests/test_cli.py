@@ -71,6 +71,7 @@ def test_bench_and_hf_agree_on_greedy_tokens(prompt_file, tmp_path):
         (["bench", "--prompts", "/no/such/file.jsonl"], "No such file"),
         (["generate", "hi", "--max-tokens", "0"], "max_tokens"),
         (["generate", "hi", "--model", "/no/model"], "model path not found"),
+        (["generate", "hi", "--weights", "packed", "--dtype", "bfloat16"], "weights: packed runs on device cpu"),
     ],
 )
 def test_errors_are_one_line(argv, message, capsys):

@@ -1,0 +1,88 @@
+"""Packed GGUF weights against float32 weights: plain decoding, one request at a time; prints one JSON object.
+
+    flock /tmp/specserve-cpu.lock .venv/bin/python scripts/bench_packed.py [--prompts 6] [--max-tokens 128]
+
+Both engines load the default model (or `--model`, a quantized GGUF), `weights: fp32` and `weights: packed`,
+and run the same HumanEval chat prompts greedily with ignore_eos, interleaved prompt by prompt as A-B-B-A, so
+drift of the machine's speed weighs on both alike. Decode rates leave out each request's prefill (time to
+first token). Bytes read per step are the matrices a decode step multiplies (linear layers and the LM head, in
+their stored form: float32 or GGUF blocks); GB/s is that times decode steps per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from pathlib import Path
+
+from cli.bench import print_report
+from engine.llm_engine import LLMEngine
+from model.config import EngineConfig
+from sampling.params import SamplingParams
+
+HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval.jsonl.gz"  # as tests/conftest.py
+
+
+def weight_bytes(engine: LLMEngine) -> int:
+    """Bytes of the matrices one decode step reads: each linear layer's packed blocks or float32 weight."""
+    total = 0
+    for module in engine.runner.model.modules():
+        if hasattr(module, "quant"):
+            total += module.quant.nbytes if module.quant is not None else module.weight.numel() * 4
+    return total
+
+
+def prompts(path: Path, n: int) -> list[list[dict]]:
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f][:n]
+    return [[{"role": "user", "content": f"Complete this function:\n{r['prompt']}"}] for r in rows]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompts", type=int, default=6)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--humaneval", type=Path, default=HUMANEVAL)
+    p.add_argument("--json", default=None, help="also write the report here")
+    args = p.parse_args()
+    common = dict(model=args.model, kv_cache_gib=0.25, max_model_len=2048)
+    engines = {w: LLMEngine(EngineConfig(weights=w, **common)) for w in ("fp32", "packed")}
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    for engine in engines.values():  # warm up outside the measured runs
+        engine.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4, ignore_eos=True))
+    sums = {w: {"tokens": 0, "decode_tokens": 0, "latency_s": 0.0, "decode_s": 0.0} for w in engines}
+    same = True
+    for chat in prompts(args.humaneval, args.prompts):
+        outs = {}
+        for w in ("fp32", "packed", "packed", "fp32"):
+            out = engines[w].generate([chat], params)[0]
+            s, m = sums[w], out.metrics
+            s["tokens"] += len(out.output_token_ids)
+            s["decode_tokens"] += len(out.output_token_ids) - 1
+            s["latency_s"] += m.latency
+            s["decode_s"] += m.latency - m.ttft
+            outs.setdefault(w, out.output_token_ids)
+        same &= outs["fp32"] == outs["packed"]
+    report = {"prompts": args.prompts, "max_tokens": args.max_tokens, "identical_tokens": same}
+    for w, engine in engines.items():
+        s, nbytes = sums[w], weight_bytes(engine)
+        steps_per_s = s["decode_tokens"] / s["decode_s"]
+        report[w] = {
+            "output_tokens_per_s": round(s["tokens"] / s["latency_s"], 2),
+            "decode_tokens_per_s": round(steps_per_s, 2),
+            "weight_bytes_per_step": nbytes,
+            "weight_gb_per_s": round(nbytes * steps_per_s / 1e9, 2),
+        }
+    report["ratio_output_tokens_per_s"] = round(
+        report["packed"]["output_tokens_per_s"] / report["fp32"]["output_tokens_per_s"], 3
+    )
+    report["ratio_decode_tokens_per_s"] = round(
+        report["packed"]["decode_tokens_per_s"] / report["fp32"]["decode_tokens_per_s"], 3
+    )
+    print_report(report, args.json)
+
+
+if __name__ == "__main__":
+    main()
