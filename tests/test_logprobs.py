@@ -111,3 +111,24 @@ def test_speculation_reports_the_logprobs_of_plain_decoding(make_engine, plain, 
     assert tokens == plain[0]
     assert_close(logprobs, plain[1])
     assert_close(prompt_logprobs, plain[2])
+
+
+@pytest.fixture(scope="module")
+def mlp_model(mlp_drafter) -> dict:
+    return {"speculator": "mlp", "speculator_model": str(mlp_drafter)}
+
+
+@pytest.mark.parametrize("speculator", ["suffix", "draft", "mlp"])
+def test_every_speculator_reports_the_logprobs_of_plain_decoding(make_engine, plain, speculator, request):
+    """The suffix tree, the layer-truncated draft model and the MLP speculator: accepted or rejected, each
+    emitted token's logprobs are those of plain decoding."""
+    config = request.getfixturevalue("mlp_model") if speculator == "mlp" else {"speculator": speculator}
+    if speculator == "draft":
+        config["draft_num_layers"] = 8
+    engine = make_engine(**BASE, num_speculative_tokens=3, **config)
+    drafted = engine.spec.drafted
+    tokens, logprobs, prompt_logprobs = run(engine)
+    assert engine.spec.drafted > drafted, "nothing was drafted: the test checks nothing"
+    assert tokens == plain[0]
+    assert_close(logprobs, plain[1])
+    assert_close(prompt_logprobs, plain[2])
