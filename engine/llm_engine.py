@@ -4,19 +4,7 @@ A step schedules a mixed batch (prefill chunks, decodes), asks the proposer for 
 sequences, verifies everything in ONE target forward over the paged cache, then accepts, commits the KV of
 accepted tokens (rejected slots are simply overwritten later) and streams text.
 
-Failures, the rule: one request never takes another down.
-- After the forward, each sequence is postprocessed on its own (probabilities, verification, appending
-  tokens, detokenization, stop checks). An exception there ends THAT request: its output says
-  `finish_reason="error"` with a one-line `error` (the details go to the log), its KV and proposer state are
-  freed, and every other sequence's output of the step is delivered as usual.
-- A step that raises before that (block-manager call, proposer, forward) cannot be pinned on one request.
-  `step` raises; the driver repairs the actors, then calls `recover`: the failure is counted against every
-  sequence the step involved, and all requests in flight are recomputed from their tokens so far.
-- A sequence that took part in more than MAX_FAILED_STEPS failed steps without sampling a token in between
-  may be breaking the forward itself. Then the requests in flight are isolated: they run one at a time, the
-  others held back without KV, each until it has sampled a token alone. A sequence whose solo steps fail
-  SOLO_TRIES times is the culprit and ends alone (finish_reason "error"); the others go back to batching.
-  Requests that arrive meanwhile wait with the held ones.
+Failures: one request never takes another down (engine/recovery.py says how).
 """
 
 from __future__ import annotations
@@ -26,7 +14,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +22,8 @@ from pydantic import ValidationError
 from engine import hidden_rows
 from engine.detokenizer import IncrementalDetokenizer
 from engine.metrics import RequestMetrics, SpecCounters
+from engine.recovery import SEQUENCE_FAILED, Recovery
+from engine.request_state import RequestOutput, RequestState, seq_key
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import SeqStatus, Sequence
 from engine.tokenization import EngineRequest, ModelLimits, RequestError, prepare_request
@@ -45,7 +34,7 @@ from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from model.runner import ModelRunner, StepInput, context_length
 from sampling.controls import LogitsControls
 from sampling.grammar import GrammarCompiler, GrammarState
-from sampling.logprobs import TokenLogprob, token_logprobs
+from sampling.logprobs import token_logprobs
 from sampling.params import SamplingParams, describe_validation_error
 from sampling.sampler import make_generator, processed_probs
 from speculator.backoff import KController
@@ -59,58 +48,10 @@ from speculator.verify import verify_greedy, verify_sampled
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NO_DRAFT = Draft([])
-# One-line reasons for a request the engine ended (the exception itself goes to the log).
-SEQUENCE_FAILED = "the engine failed while producing this request's tokens; the request was ended"
-BREAKS_FORWARD = "this request made the model's forward pass fail repeatedly; the request was ended"
-MAX_FAILED_STEPS = 2  # failed steps (each repaired and recomputed) a sequence may take part in before isolation
-SOLO_TRIES = 2  # failed solo steps that make a sequence the culprit (one retry after a repair)
-
 log = logging.getLogger(__name__)
 
 
-def _seq_key(request_id: str, index: int) -> str:
-    """The engine's key of a request's sequence `index` (the first is the request id itself)."""
-    return request_id if index == 0 else f"{request_id}#{index}"
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    text: str
-    delta: str  # text that became visible in this step
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None  # "stop", "length", or "error" (then `error` says why, in one line)
-    metrics: RequestMetrics
-    error: str | None = None
-    # With params.logprobs: one per token of new_token_ids. With params.prompt_logprobs: one per prompt token
-    # after the first, in the request's first output only.
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob] | None = None
-    index: int = 0  # which of the request's n sequences (choices) this is
-    all_finished: bool = False  # every sequence of the request has finished (this one included)
-    cumulative_logprob: float = 0.0  # of this sequence's output tokens under the target (for best_of)
-
-
-@dataclass
-class _Request:
-    seq: Sequence
-    detok: IncrementalDetokenizer
-    generator: torch.Generator | None
-    controller: KController | CostKController | None
-    metrics: RequestMetrics
-    hidden: hidden_rows.PendingHidden | None = None  # for a proposer that reads the target's hidden rows
-    controls: LogitsControls | None = None  # min_tokens, logit_bias, penalties (None: the request has none)
-    grammar: GrammarState | None = None  # structured output: the grammar's token masks (sampling/grammar.py)
-    prompt_logprobs_sent: bool = False
-    group: str = ""  # the caller's request id (its n sequences share it)
-    index: int = 0
-    pending: list[_Request] = field(default_factory=list)  # siblings forked once this one's prompt is prefilled
-
-
-class LLMEngine:
+class LLMEngine(Recovery):
     def __init__(
         self,
         config: EngineConfig | None = None,
@@ -159,7 +100,7 @@ class LLMEngine:
         self.k_policy = self._make_k_policy(step_times)
         self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
         self.grammars = GrammarCompiler(self.tokenizer, self.arch.vocab_size, self.eos_token_ids)
-        self.requests: dict[str, _Request] = {}  # by sequence key (`_seq_key`), the n sequences of a request apart
+        self.requests: dict[str, RequestState] = {}  # by sequence key (`seq_key`), the n sequences of a request apart
         self.groups: dict[str, list[str]] = {}  # caller's request id -> keys of its unfinished sequences
         self.spec = SpecCounters()
         self.num_failed_requests = 0  # requests ended with finish_reason "error"
@@ -215,18 +156,18 @@ class LLMEngine:
             self.scheduler.add(seq)
         return request_id
 
-    def _new_request(self, request: EngineRequest, group: str, index: int) -> _Request:
+    def _new_request(self, request: EngineRequest, group: str, index: int) -> RequestState:
         """Sequence `index` of a request: its own tokens, detokenizer, random stream (a seeded request's
         sequence i > 0 seeds from the seed and i, so it repeats too) and speculation state."""
         ids, params = list(request.prompt_token_ids), request.params
         metrics = RequestMetrics()
-        seq = Sequence(next(self._seq_ids), _seq_key(group, index), ids, len(ids), params, metrics.arrival)
+        seq = Sequence(next(self._seq_ids), seq_key(group, index), ids, len(ids), params, metrics.arrival)
         seed = params.seed if params.seed is None or index == 0 else hash((params.seed, index))
         output_start = len(ids) if request.output_start is None else request.output_start
         grammar = None
         if request.grammar is not None:  # a resumed request's grammar is past the output already streamed
             grammar = GrammarState(request.grammar, self.arch.vocab_size, ids[output_start:])
-        return _Request(
+        return RequestState(
             seq,
             IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens),
             None if params.greedy else make_generator(seed, self.device),
@@ -333,7 +274,7 @@ class LLMEngine:
             controller.patience = 1 << 30
         return controller
 
-    def _next_k(self, req: _Request) -> int:
+    def _next_k(self, req: RequestState) -> int:
         """The sequence's k for its next step; the cost model weighs it against the rest of the batch: the rows
         the other running sequences verify (a decode row and its k, or a prefill chunk) and the tokens they are
         expected to emit."""
@@ -470,7 +411,7 @@ class LLMEngine:
         pending, req.hidden = req.hidden, None
         return hidden_rows.take(pending, len(seq.token_ids))
 
-    def _keep_hidden(self, req: _Request, item: StepInput, rows: torch.Tensor, num_valid: int) -> None:
+    def _keep_hidden(self, req: RequestState, item: StepInput, rows: torch.Tensor, num_valid: int) -> None:
         req.hidden = hidden_rows.keep(req.hidden, self._hidden_rows, item, rows, num_valid)
 
     def _postprocess(
@@ -524,7 +465,7 @@ class LLMEngine:
                 outputs.append(self._fail(req, SEQUENCE_FAILED))
         return outputs
 
-    def _fork_pending(self, req: _Request) -> list[_Request]:
+    def _fork_pending(self, req: RequestState) -> list[RequestState]:
         """The prompt of a request with n > 1 is prefilled once: its other sequences fork from its blocks (shared
         by reference count, copied when written) with the KV computed so far, the hidden rows pending and the
         prompt's logprobs."""
@@ -539,7 +480,7 @@ class LLMEngine:
 
     def _accept(
         self,
-        req: _Request,
+        req: RequestState,
         s: ScheduledSeq,
         item: StepInput,
         draft: Draft | TokenTree,
@@ -580,7 +521,7 @@ class LLMEngine:
 
     def _accept_tree(
         self,
-        req: _Request,
+        req: RequestState,
         item: StepInput,
         tree: TokenTree,
         logits: torch.Tensor,
@@ -620,7 +561,7 @@ class LLMEngine:
         """Output tokens are scored for the logprobs asked, and for n > 1 (best_of ranks by their sum)."""
         return seq.params.logprobs is not None or seq.params.n > 1
 
-    def _append(self, req: _Request, emitted: list[int], now: float, rows: torch.Tensor | None) -> RequestOutput:
+    def _append(self, req: RequestState, emitted: list[int], now: float, rows: torch.Tensor | None) -> RequestOutput:
         """Append the emitted tokens up to a finish; `rows` (emitted token i scored by row i, raw logits) give
         their logprobs when the request asks for them."""
         seq, params = req.seq, req.seq.params
@@ -656,7 +597,9 @@ class LLMEngine:
             seq.spec_k = self._next_k(req)
         return self._output(req, new, delta)
 
-    def _finish(self, req: _Request, new: list[int], delta: str, now: float, error: str | None = None) -> RequestOutput:
+    def _finish(
+        self, req: RequestState, new: list[int], delta: str, now: float, error: str | None = None
+    ) -> RequestOutput:
         """End a request: its KV and proposer state go, its last output is returned. With `error` (one line) it
         ends with finish_reason "error"; tolerant of a half-done step (the request may have finished already)."""
         seq = req.seq
@@ -681,18 +624,18 @@ class LLMEngine:
         req.pending = []
         return out
 
-    def _close_in_group(self, req: _Request) -> None:
+    def _close_in_group(self, req: RequestState) -> None:
         keys = self.groups.get(req.group)
         if keys is not None and req.seq.request_id in keys:
             keys.remove(req.seq.request_id)
             if not keys:
                 del self.groups[req.group]
 
-    def _fail(self, req: _Request, message: str) -> RequestOutput:
+    def _fail(self, req: RequestState, message: str) -> RequestOutput:
         """End a request whose own processing failed."""
         return self._finish(req, [], "", time.perf_counter(), message)
 
-    def _output(self, req: _Request, new: list[int], delta: str) -> RequestOutput:
+    def _output(self, req: RequestState, new: list[int], delta: str) -> RequestOutput:
         seq = req.seq
         out = RequestOutput(
             req.group,
@@ -726,76 +669,6 @@ class LLMEngine:
         """Outputs of unforked siblings that ended with their first sequence (see `_finish`)."""
         ended, self._ended = self._ended, []
         return ended
-
-    # ---- recovery and isolation (see the module docstring) -----------------------------------------------
-
-    @property
-    def isolating(self) -> bool:
-        return bool(self._suspects)
-
-    def recover(self) -> list[RequestOutput]:
-        """After `step` raised and the driver repaired what was broken: blame the step's sequences, recompute
-        every request in flight, and isolate or end a request that keeps breaking the forward. Returns the
-        outputs of the requests it ended (finish_reason "error")."""
-        blamed = self._in_step if self._in_step is not None else [*self.scheduler.running, *self.scheduler.waiting]
-        for seq in blamed:
-            seq.num_failed_steps += 1
-        self._in_step = []
-        self.reset_kv()
-        if self._suspects:
-            if self._suspects[0].num_failed_steps < SOLO_TRIES:
-                return []
-            seq = self._suspects.popleft()
-            log.error("request %s broke %d solo forward steps; ending it", seq.request_id, seq.num_failed_steps)
-            out = self._fail(self.requests[seq.request_id], BREAKS_FORWARD)
-            self._test_next_suspect()
-            return [out, *self._take_ended()]
-        if any(r.seq.num_failed_steps > MAX_FAILED_STEPS for r in self.requests.values()):
-            log.error("the forward keeps failing: running the %d request(s) in flight alone", len(self.requests))
-            self._isolate()
-        return []
-
-    def _isolate(self) -> None:
-        """Every sequence is waiting and holds no KV (after reset_kv): make them all suspects."""
-        for req in self.requests.values():
-            req.seq.num_failed_steps = 0
-        self._suspects.extend(self.scheduler.waiting)
-        self.scheduler.waiting.clear()
-        self._test_next_suspect()
-
-    def _test_next_suspect(self) -> None:
-        """Schedule the next suspect alone; with none left, the held sequences go back in arrival order."""
-        if self._suspects:
-            self.scheduler.add(self._suspects[0])
-            return
-        for seq in sorted(self._held, key=lambda s: s.arrival):
-            self.scheduler.add(seq)
-        self._held.clear()
-
-    def _after_isolated_step(self, outputs: list[RequestOutput]) -> None:
-        """The suspect under test is cleared once it has sampled a token (or ended) in a step of its own."""
-        seq = self._suspects[0]
-        sampled = any(_seq_key(o.request_id, o.index) == seq.request_id for o in outputs)
-        if seq.status is not SeqStatus.FINISHED and not sampled:
-            return  # still prefilling in chunks
-        self._suspects.popleft()
-        if seq.status is not SeqStatus.FINISHED:  # hold it back: its KV goes, it is recomputed afterwards
-            self.scheduler.finish(seq)
-            if self.proposer:
-                self.proposer.release(seq.seq_id)
-            seq.status, seq.num_computed = SeqStatus.WAITING, 0
-            self._held.append(seq)
-        self._test_next_suspect()
-
-    def _forget_isolated(self, seq: Sequence) -> None:
-        """An aborted sequence leaves the isolation queues (the head's place goes to the next suspect)."""
-        if seq in self._held:
-            self._held.remove(seq)
-        elif self._suspects and self._suspects[0] is seq:
-            self._suspects.popleft()
-            self._test_next_suspect()
-        elif seq in self._suspects:
-            self._suspects.remove(seq)
 
     # ---- conveniences ---------------------------------------------------------------------------------
 

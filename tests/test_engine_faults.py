@@ -10,7 +10,8 @@ import pytest
 
 import engine.llm_engine as llm_engine
 from engine.async_engine import AsyncEngine, RequestFailed
-from engine.llm_engine import BREAKS_FORWARD, SEQUENCE_FAILED, LLMEngine
+from engine.llm_engine import LLMEngine
+from engine.recovery import BREAKS_FORWARD, SEQUENCE_FAILED
 from sampling.params import SamplingParams
 
 PROMPTS = ["hi", "The three primary colours are", "def add(a, b):\n    return", "Once upon a time,"]
