@@ -23,7 +23,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="a quantized GGUF's linear layers kept in their blocks (packed) or dequantized (fp32); auto = packed "
         "on CPU in float32",
     )
-    p.add_argument("--speculator", choices=["none", "ngram", "suffix", "draft", "mlp", "eagle"], default="none")
+    p.add_argument("--speculator", choices=["none", "ngram", "suffix", "draft", "mlp", "eagle", "auto"], default="none")
+    p.add_argument("--plan", default=None, help="auto: the plan `specserve profile` wrote (default: ngram for all)")
     p.add_argument("--speculator-model", default=None, help="mlp/eagle: the drafter folder `specserve distill` wrote")
     p.add_argument("--candidates", type=int, default=1, help="candidate paths verified per step (1 = one chain)")
     p.add_argument("--k", type=int, default=4, help="max speculative tokens per step")
@@ -54,6 +55,7 @@ def _config(args: argparse.Namespace):
         weights=args.weights,
         speculator=args.speculator,
         speculator_model=args.speculator_model,
+        plan=args.plan,
         num_speculative_tokens=args.k,
         num_candidates=args.candidates,
         draft_model=args.draft_model,
@@ -149,6 +151,25 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from cli.profile import ProfileOptions, run
+    from model.config import EngineConfig
+
+    options = ProfileOptions(
+        limit=args.limit,
+        max_tokens=args.max_tokens,
+        k=args.k,
+        classes=args.classes,
+        class_rules=args.class_rules,
+        drafters=tuple(filter(None, args.drafters.split(","))),
+        speculator_models=tuple(args.speculator_model),
+    )
+    base = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, kv_cache_gib=args.kv_cache_gib)
+    plan = run(args.prompts, args.out, base, options, log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps({"out": args.out, "classes": [c.model_dump() for c in plan.classes]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--device", default="cpu")
     dist.add_argument("--kv-cache-gib", type=float, default=1.0)
     dist.set_defaults(func=_distill)
+    prof = sub.add_parser("profile", help="measure drafters per workload class; write the plan of --speculator auto")
+    prof.add_argument("--prompts", required=True, help="JSONL: {prompt} | {messages} | {turns}, optional id")
+    prof.add_argument("--out", required=True, help="the plan (JSON)")
+    prof.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    prof.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt and drafter")
+    prof.add_argument("--k", type=int, default=4, help="the most draft tokens per step a plan may choose")
+    prof.add_argument("--classes", type=int, default=None, help="k-means classes (default: 2..4 by silhouette)")
+    prof.add_argument("--class-rules", default=None, help="JSON list of {name, regex} instead of k-means")
+    prof.add_argument("--drafters", default="ngram,suffix,draft", help="drafters without a folder to measure")
+    prof.add_argument(
+        "--speculator-model", action="append", default=[], help="a learned drafter's folder ([mlp=|eagle=]DIR)"
+    )
+    prof.add_argument("--model", default=None, help="HF model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    prof.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    prof.add_argument("--device", default="cpu")
+    prof.add_argument("--kv-cache-gib", type=float, default=0.5)
+    prof.set_defaults(func=_profile)
     return parser
 
 

@@ -27,6 +27,7 @@ from engine.request_state import RequestOutput, RequestState, seq_key
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import SeqStatus, Sequence
 from engine.tokenization import EngineRequest, ModelLimits, RequestError, prepare_request
+from engine.workload_routing import Route, WorkloadRouter
 from kv_cache.block_batch import BatchedBlockManager, BlockService
 from model.config import EngineConfig
 from model.kv_pages import SlotMove
@@ -38,13 +39,16 @@ from sampling.logprobs import token_logprobs
 from sampling.params import SamplingParams, describe_validation_error
 from sampling.sampler import make_generator, processed_probs
 from speculator.backoff import KController
-from speculator.cost_model import StepTimes, measure_step_times
+from speculator.cost_model import SeqAcceptance, StepTimes, measure_step_times
 from speculator.factory import make_proposer
 from speculator.k_policy import CostKController, CostPolicy, cached_step_times
+from speculator.plan import NONE, read_plan
 from speculator.proposer import Draft, DraftRequest, Proposer
+from speculator.routed import RoutedProposer
 from speculator.token_tree import TokenTree
 from speculator.tree_verify import verify_tree_greedy, verify_tree_sampled
 from speculator.verify import verify_greedy, verify_sampled
+from speculator.workload_class import embedding_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NO_DRAFT = Draft([])
@@ -98,6 +102,7 @@ class LLMEngine(Recovery):
         if max_k and max_k < cfg.num_speculative_tokens:  # no lookahead slot for a token that cannot come
             self.config = cfg = cfg.model_copy(update={"num_speculative_tokens": max_k})
         self.k_policy = self._make_k_policy(step_times)
+        self.router = self._make_router()
         self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
         self.grammars = GrammarCompiler(self.tokenizer, self.arch.vocab_size, self.eos_token_ids)
         self.requests: dict[str, RequestState] = {}  # by sequence key (`seq_key`), the n sequences of a request apart
@@ -164,6 +169,7 @@ class LLMEngine(Recovery):
         seq = Sequence(next(self._seq_ids), seq_key(group, index), ids, len(ids), params, metrics.arrival)
         seed = params.seed if params.seed is None or index == 0 else hash((params.seed, index))
         output_start = len(ids) if request.output_start is None else request.output_start
+        route = self.router.route(ids) if self.router else None
         grammar = None
         if request.grammar is not None:  # a resumed request's grammar is past the output already streamed
             grammar = GrammarState(request.grammar, self.arch.vocab_size, ids[output_start:])
@@ -171,12 +177,13 @@ class LLMEngine(Recovery):
             seq,
             IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens),
             None if params.greedy else make_generator(seed, self.device),
-            self._make_controller() if self.proposer else None,
+            self._make_controller(route) if self.proposer and (route is None or route.drafter != NONE) else None,
             metrics,
             controls=LogitsControls.for_request(params, output_start, self.eos_token_ids),
             grammar=grammar,
             group=group,
             index=index,
+            drafter=route.drafter if route else None,
         )
 
     def has_request(self, request_id: str) -> bool:
@@ -266,10 +273,34 @@ class LLMEngine(Recovery):
         self.proposer.propose = policy.timed(self.proposer.propose)  # the drafter's cost, from its proposals
         return policy
 
-    def _make_controller(self) -> KController | CostKController:
+    def _make_router(self) -> WorkloadRouter | None:
+        """`speculator: auto`: classifies each request (engine/workload_routing.py) for the routed proposer."""
+        if self.config.speculator != "auto" or not isinstance(self.proposer, RoutedProposer):
+            return None
+        plan = read_plan(self.config.plan) if self.config.plan else None
+        model = getattr(self.runner, "model", None)
+
+        def table() -> torch.Tensor:
+            if model is not None:
+                return model.embed.weight.detach()[: self.arch.vocab_size].float()
+            return embedding_table(self.folder)
+
+        return WorkloadRouter(plan, self.config.num_speculative_tokens, table, self.tokenizer.decode)
+
+    def _make_controller(self, route: Route | None = None) -> KController | CostKController:
+        """A sequence's k controller; with `route` (speculator auto) starting from its class's k, and under the
+        cost model from its class's measured acceptance."""
         if self.k_policy:
-            return self.k_policy.controller()
-        controller = KController(self.config.num_speculative_tokens)
+            controller = self.k_policy.controller()
+            if route is not None and route.alphas:
+                controller.acceptance = SeqAcceptance(
+                    by_candidates={1: list(route.alphas)}, tries={1: [1] * len(route.alphas)}
+                )
+            return controller
+        if route is not None:
+            controller = KController(self.config.num_speculative_tokens, k=route.k)
+        else:
+            controller = KController(self.config.num_speculative_tokens)
         if not self.config.adaptive_k:
             controller.patience = 1 << 30
         return controller
@@ -371,6 +402,7 @@ class LLMEngine(Recovery):
                 s.seq.params,
                 self._take_hidden(s.seq),
                 self.requests[s.seq.request_id].controls,
+                self.requests[s.seq.request_id].drafter,
             )
             for s in decoding
         ]
@@ -412,6 +444,8 @@ class LLMEngine(Recovery):
         return hidden_rows.take(pending, len(seq.token_ids))
 
     def _keep_hidden(self, req: RequestState, item: StepInput, rows: torch.Tensor, num_valid: int) -> None:
+        if self.router and not self.proposer.reads_hidden(req.drafter):  # its class's drafter reads no rows
+            return
         req.hidden = hidden_rows.keep(req.hidden, self._hidden_rows, item, rows, num_valid)
 
     def _postprocess(

@@ -61,3 +61,4 @@ class RequestState:
     group: str = ""  # the caller's request id (its n sequences share it)
     index: int = 0
     pending: list[RequestState] = field(default_factory=list)  # siblings forked once this one's prompt is prefilled
+    drafter: str | None = None  # speculator auto: its workload class's drafter ("none": it never drafts)

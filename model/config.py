@@ -30,9 +30,12 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=16)
     max_model_len: int | None = Field(default=None, ge=16, description="None = the model's context length")
-    speculator: Literal["none", "ngram", "suffix", "draft", "mlp", "eagle"] = Field(
-        default="none", description="mlp/eagle: a learned drafter read from speculator_model"
+    speculator: Literal["none", "ngram", "suffix", "draft", "mlp", "eagle", "auto"] = Field(
+        default="none",
+        description="mlp/eagle: a learned drafter read from speculator_model; auto: per workload class, the drafter "
+        "and k of `plan` (without a plan: ngram for every request)",
     )
+    plan: str | None = Field(default=None, description="speculator auto: the plan `specserve profile` wrote")
     speculator_model: str | None = Field(
         default=None, description="the learned drafter's folder (`specserve distill` writes one); mlp/eagle only"
     )
@@ -66,6 +69,8 @@ class EngineConfig(BaseModel):
             raise ValueError(f"speculator_model: required for speculator '{self.speculator}' (a drafter folder)")
         if self.speculator_model and not learned:
             raise ValueError(f"speculator_model: only read by speculator 'mlp' or 'eagle', not '{self.speculator}'")
+        if self.plan and self.speculator != "auto":
+            raise ValueError(f"plan: only read by speculator 'auto', not '{self.speculator}'")
         if self.speculator == "draft" and self.draft_model is None and self.draft_num_layers is None:
             # The target itself is no draft: default to a layer-truncated copy of it.
             self.draft_num_layers = 4

@@ -15,7 +15,9 @@ from speculator.eagle_proposer import EagleProposer
 from speculator.mlp_checkpoint import read_config
 from speculator.mlp_proposer import MLPProposer
 from speculator.ngram import NgramProposer
+from speculator.plan import WorkloadPlan, read_plan
 from speculator.proposer import HiddenRows, Proposer
+from speculator.routed import RoutedProposer
 from speculator.suffix import SuffixProposer
 
 
@@ -27,6 +29,8 @@ def make_proposer(
     own model) or, in a process without one (the draft worker), from a one-layer load of the target's weights.
     A drafter folder that does not fit the target is a one-line ValueError."""
     device = device if device is not None else config.device
+    if config.speculator == "auto":
+        return make_routed_proposer(config, read_plan(config.plan) if config.plan else None, device, target)
     if config.speculator == "ngram":
         return NgramProposer(config.ngram_min, config.ngram_max)
     if config.speculator == "suffix":
@@ -53,6 +57,20 @@ def make_proposer(
             raise ValueError(str(e)) from None
         return EagleProposer(head)
     return None
+
+
+def make_routed_proposer(
+    config: EngineConfig, plan: WorkloadPlan | None, device: torch.device | str, target: CausalLM | None
+) -> RoutedProposer:
+    """`speculator: auto`: every drafter the plan's classes use, built as `make_proposer` builds it alone (n-gram
+    for every request without a plan, or when no class drafts)."""
+    names = plan.drafters_used() if plan else []
+    proposers = {}
+    for name in names or ["ngram"]:
+        folder = plan.drafter_models.get(name) if plan else None
+        one = EngineConfig(**{**config.model_dump(), "speculator": name, "plan": None, "speculator_model": folder})
+        proposers[name] = make_proposer(one, device=device, target=target)
+    return RoutedProposer(proposers, default=names[0] if names else "ngram")
 
 
 def proposer_traits(config: EngineConfig) -> tuple[HiddenRows, int | None]:

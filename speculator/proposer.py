@@ -39,6 +39,7 @@ class DraftRequest:
     # None for a proposer with hidden_rows "none", or when the engine has no row for it (then: no draft).
     hidden: torch.Tensor | None = None
     controls: LogitsControls | None = None  # a sampling drafter processes its logits by the same rules
+    drafter: str | None = None  # speculator auto: the drafter of the request's workload class (routed.py)
 
 
 @dataclass

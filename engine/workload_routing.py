@@ -1,0 +1,51 @@
+"""`speculator: auto`: a request's workload class from its prompt token ids, and that class's drafter and
+starting k (speculator/plan.py). Without a plan every request starts with the cheapest drafter, n-gram lookup."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from speculator.plan import NONE, WorkloadPlan, alphas_from_survival
+from speculator.workload_class import PromptClassifier
+
+
+@dataclass(frozen=True)
+class Route:
+    workload_class: str | None
+    drafter: str  # "none": the request never drafts
+    k: int  # the k it starts from (the k policy adapts it live)
+    alphas: list[float] | None = None  # the class's measured acceptance by position, a cost-model prior
+
+
+class WorkloadRouter:
+    def __init__(
+        self,
+        plan: WorkloadPlan | None,
+        k_max: int,
+        table: Callable[[], torch.Tensor],
+        decode: Callable[[list[int]], str],
+        default: str = "ngram",
+    ):
+        self.plan = plan
+        self.k_max = k_max
+        self.default = default
+        self.classifier = None
+        if plan is not None:
+            needs_table = plan.classifier.kind == "kmeans"
+            self.classifier = PromptClassifier(plan.classifier, table() if needs_table else None, decode)
+
+    def route(self, token_ids: list[int]) -> Route:
+        if self.classifier is None:
+            return Route(None, self.default, self.k_max)
+        name = self.classifier.classify(token_ids)
+        choice = self.plan.choice(name)
+        if choice.drafter == NONE or choice.k == 0:
+            return Route(name, NONE, 0)
+        acceptance = (
+            self.plan.drafters[choice.drafter].by_class.get(name) if choice.drafter in self.plan.drafters else None
+        )
+        alphas = alphas_from_survival(acceptance.survival)[: self.k_max] if acceptance else None
+        return Route(name, choice.drafter, min(choice.k, self.k_max), alphas)
