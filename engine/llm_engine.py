@@ -27,7 +27,7 @@ from engine.request_state import RequestOutput, RequestState, seq_key
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import SeqStatus, Sequence
 from engine.tokenization import EngineRequest, ModelLimits, RequestError, prepare_request
-from engine.workload_routing import Route, WorkloadRouter
+from engine.workload_routing import Route, make_router
 from kv_cache.block_batch import BatchedBlockManager, BlockService
 from model.config import EngineConfig
 from model.kv_pages import SlotMove
@@ -42,13 +42,11 @@ from speculator.backoff import KController
 from speculator.cost_model import SeqAcceptance, StepTimes, measure_step_times
 from speculator.factory import make_proposer
 from speculator.k_policy import CostKController, CostPolicy, cached_step_times
-from speculator.plan import NONE, read_plan
+from speculator.plan import NONE
 from speculator.proposer import Draft, DraftRequest, Proposer
-from speculator.routed import RoutedProposer
 from speculator.token_tree import TokenTree
 from speculator.tree_verify import verify_tree_greedy, verify_tree_sampled
 from speculator.verify import verify_greedy, verify_sampled
-from speculator.workload_class import embedding_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NO_DRAFT = Draft([])
@@ -102,7 +100,7 @@ class LLMEngine(Recovery):
         if max_k and max_k < cfg.num_speculative_tokens:  # no lookahead slot for a token that cannot come
             self.config = cfg = cfg.model_copy(update={"num_speculative_tokens": max_k})
         self.k_policy = self._make_k_policy(step_times)
-        self.router = self._make_router()
+        self.router = make_router(cfg, self.proposer, self.runner, self.folder, self.arch.vocab_size, self.tokenizer)
         self.eos_token_ids = eos_token_ids(self.folder, self.tokenizer)
         self.grammars = GrammarCompiler(self.tokenizer, self.arch.vocab_size, self.eos_token_ids)
         self.requests: dict[str, RequestState] = {}  # by sequence key (`seq_key`), the n sequences of a request apart
@@ -272,20 +270,6 @@ class LLMEngine(Recovery):
         policy = CostPolicy(step, cfg.num_speculative_tokens)
         self.proposer.propose = policy.timed(self.proposer.propose)  # the drafter's cost, from its proposals
         return policy
-
-    def _make_router(self) -> WorkloadRouter | None:
-        """`speculator: auto`: classifies each request (engine/workload_routing.py) for the routed proposer."""
-        if self.config.speculator != "auto" or not isinstance(self.proposer, RoutedProposer):
-            return None
-        plan = read_plan(self.config.plan) if self.config.plan else None
-        model = getattr(self.runner, "model", None)
-
-        def table() -> torch.Tensor:
-            if model is not None:
-                return model.embed.weight.detach()[: self.arch.vocab_size].float()
-            return embedding_table(self.folder)
-
-        return WorkloadRouter(plan, self.config.num_speculative_tokens, table, self.tokenizer.decode)
 
     def _make_controller(self, route: Route | None = None) -> KController | CostKController:
         """A sequence's k controller; with `route` (speculator auto) starting from its class's k, and under the

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from speculator.plan import NONE, WorkloadPlan, alphas_from_survival
-from speculator.workload_class import PromptClassifier
+from model.config import EngineConfig
+from speculator.plan import NONE, WorkloadPlan, alphas_from_survival, read_plan
+from speculator.proposer import Proposer
+from speculator.routed import RoutedProposer
+from speculator.workload_class import PromptClassifier, embedding_table
 
 
 @dataclass(frozen=True)
@@ -49,3 +54,21 @@ class WorkloadRouter:
         )
         alphas = alphas_from_survival(acceptance.survival)[: self.k_max] if acceptance else None
         return Route(name, choice.drafter, min(choice.k, self.k_max), alphas)
+
+
+def make_router(
+    config: EngineConfig, proposer: Proposer | None, runner: Any, folder: Path, vocab_size: int, tokenizer: Any
+) -> WorkloadRouter | None:
+    """The engine's router under `speculator: auto` (None otherwise): the embedding table is the loaded target's,
+    or read from its weights where the runner holds no model (tensor-parallel shards)."""
+    if config.speculator != "auto" or not isinstance(proposer, RoutedProposer):
+        return None
+    plan = read_plan(config.plan) if config.plan else None
+    model = getattr(runner, "model", None)
+
+    def table() -> torch.Tensor:
+        if model is not None:
+            return model.embed.weight.detach()[:vocab_size].float()
+        return embedding_table(folder)
+
+    return WorkloadRouter(plan, config.num_speculative_tokens, table, tokenizer.decode, proposer.default)

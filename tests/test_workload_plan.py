@@ -113,3 +113,11 @@ def test_kmeans_is_deterministic_and_picks_the_obvious_k():
     assert len(spec.names) == 3
     assert fit_kmeans(x) == (spec, labels)
     assert [len(set(labels[i * 6 : i * 6 + 6])) for i in range(3)] == [1, 1, 1]
+
+
+def test_a_plan_is_only_read_by_speculator_auto():
+    from model.config import EngineConfig
+
+    with pytest.raises(ValueError, match="only read by speculator 'auto'"):
+        EngineConfig(speculator="ngram", plan="plan.json")
+    assert EngineConfig(speculator="auto").plan is None  # no plan: n-gram for every request
