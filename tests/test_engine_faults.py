@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-import engine.llm_engine as llm_engine
+import engine.acceptance as acceptance
 from engine.async_engine import AsyncEngine, RequestFailed
 from engine.llm_engine import LLMEngine
 from engine.recovery import BREAKS_FORWARD, SEQUENCE_FAILED
@@ -84,14 +84,14 @@ def test_extreme_sampling_values_through_the_async_engine(make_engine):
 
 def fail_processing_for_seed(monkeypatch, seed: int) -> None:
     """Make computing the probabilities of requests with this seed raise, as a numerical bug would."""
-    real = llm_engine.processed_probs
+    real = acceptance.processed_probs
 
     def flaky(logits, params):
         if params.seed == seed:
             raise FloatingPointError("probability tensor contains either inf, nan or element < 0")
         return real(logits, params)
 
-    monkeypatch.setattr(llm_engine, "processed_probs", flaky)
+    monkeypatch.setattr(acceptance, "processed_probs", flaky)
 
 
 def stream_all(aeng: AsyncEngine, prompts: list, params: list[SamplingParams]) -> list:
