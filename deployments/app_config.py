@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from model.config import EngineConfig
 from sampling.params import describe_validation_error
+from speculator.adaptation import AdaptationConfig
 
 DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -171,6 +172,7 @@ class AppConfig(_Strict):
     target: TargetSettings = Field(default_factory=TargetSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     draft_worker: DraftWorkerSettings = Field(default_factory=DraftWorkerSettings)
+    adaptation: AdaptationConfig = Field(default_factory=AdaptationConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:
@@ -178,6 +180,8 @@ class AppConfig(_Strict):
             self.served_model_name = served_name_for(self.engine.model)
         if self.draft_worker.enabled and self.engine.speculator not in ("draft", "mlp", "eagle"):
             raise ValueError("draft_worker.enabled: needs engine.speculator 'draft', 'mlp' or 'eagle'")
+        if self.adaptation.enabled and (self.engine.speculator != "auto" or self.draft_worker.enabled):
+            raise ValueError("adaptation.enabled: needs engine.speculator 'auto' with the drafters in the replica")
         if self.engine.device.startswith("cuda") and self.target.shard_resources.num_gpus <= 0:
             raise ValueError("target.shard_resources.num_gpus: must be > 0 when engine.device is cuda")
         return self

@@ -106,6 +106,7 @@ class LLMServer:
             self.replica_id = "local"
         self.metrics = EngineMetrics(self.config.engine.speculator)
         self._publisher = Every(METRICS_PERIOD_S, lambda: self.metrics.publish(self.engine.stats()))
+        self._adapter = self._make_adaptation()
 
     def _make_engine(self) -> LLMEngine:
         self.runner = self._make_runner()
@@ -115,6 +116,8 @@ class LLMServer:
             proposer=self.draft,
             make_block_manager=self._make_block_manager if self.config.target.block_manager_actor else None,
         )
+        if self.config.adaptation.enabled:
+            engine.log_traffic(self.config.adaptation.records_per_class)
         # A step end to end (kernels, block manager actor, shards) before the replica reports ready.
         engine.generate(["Hi"], SamplingParams(max_tokens=1))
         return engine
@@ -153,6 +156,26 @@ class LLMServer:
         )
         # The replica serves at once; speculation starts when the drafter has loaded.
         return RemoteDraftProposer.for_config(actor, self.config.engine)
+
+    def _make_adaptation(self) -> Every | None:
+        """The replica's side of the adaptive loop (deployments/adaptation_agent.py), when enabled."""
+        adaptation = self.config.adaptation
+        if not adaptation.enabled:
+            return None
+        from deployments.adaptation_agent import AdaptationAgent
+        from deployments.optimizer_actor import get_or_create_optimizer
+
+        try:
+            app = serve.get_replica_context().app_name
+        except RayServeException:  # constructed outside Serve
+            app = "local"
+        agent = AdaptationAgent(
+            self.engine,
+            self.config.engine,
+            adaptation,
+            lambda: get_or_create_optimizer(app, self.config.engine, adaptation),
+        )
+        return Every(adaptation.report_interval_s, agent.tick, name="adaptation")
 
     def _repair(self, error: Exception) -> bool:
         """After a failed step: rebuild the shard group if dead. True = go on (the engine then recomputes the
@@ -325,8 +348,9 @@ class LLMServer:
         if self._shut_down:
             return
         self._shut_down = True
-        if getattr(self, "_publisher", None) is not None:
-            self._publisher.stop()
+        for thread in (getattr(self, "_publisher", None), getattr(self, "_adapter", None)):
+            if thread is not None:
+                thread.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -35,6 +35,8 @@ from typing import Any
 from engine.llm_engine import LLMEngine, RequestOutput
 from engine.tokenization import EngineRequest
 from sampling.params import SamplingParams
+from speculator.adaptation import TrafficRecord
+from speculator.proposer import Proposer
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +177,17 @@ class AsyncEngine:
         """A racy but cheap snapshot for routing and metrics: the engine's counters (`LLMEngine.stats`) and this
         loop's."""
         return {**self.engine.stats(), "num_step_errors": self.num_step_errors, "num_recoveries": self.num_recoveries}
+
+    def install_drafter(self, workload_class: str, name: str, proposer: Proposer, version: str) -> None:
+        """Swap a class's drafter before the next step (`LLMEngine.install_drafter`)."""
+        self.engine.install_drafter(workload_class, name, proposer, version)
+
+    def restore_drafter(self, workload_class: str) -> None:
+        self.engine.restore_drafter(workload_class)
+
+    def take_traffic(self) -> list[TrafficRecord]:
+        """The sequences the engine logged since the last call (`LLMEngine.log_traffic`)."""
+        return self.engine.take_traffic()
 
     @property
     def alive(self) -> bool:

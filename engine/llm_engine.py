@@ -22,13 +22,16 @@ from pydantic import ValidationError
 from engine import hidden_rows
 from engine.acceptance import Acceptance
 from engine.detokenizer import IncrementalDetokenizer
+from engine.drafter_swap import DrafterSwap
+from engine.k_choice import SpeculationLength
 from engine.metrics import RequestMetrics, SpecCounters
 from engine.recovery import SEQUENCE_FAILED, Recovery
 from engine.request_state import RequestOutput, RequestState, seq_key
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import SeqStatus, Sequence
 from engine.tokenization import EngineRequest, ModelLimits, RequestError, prepare_request
-from engine.workload_routing import Route, make_router
+from engine.traffic_log import TrafficLog
+from engine.workload_routing import make_router
 from kv_cache.block_batch import BatchedBlockManager, BlockService
 from model.config import EngineConfig
 from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
@@ -37,10 +40,9 @@ from sampling.controls import LogitsControls
 from sampling.grammar import GrammarCompiler, GrammarState
 from sampling.params import SamplingParams, describe_validation_error
 from sampling.sampler import make_generator
-from speculator.backoff import KController
-from speculator.cost_model import SeqAcceptance, StepTimes, measure_step_times
+from speculator.adaptation import TrafficRecord
+from speculator.cost_model import StepTimes
 from speculator.factory import make_proposer
-from speculator.k_policy import CostKController, CostPolicy, cached_step_times
 from speculator.plan import NONE
 from speculator.proposer import Draft, DraftRequest, Proposer
 from speculator.token_tree import TokenTree
@@ -50,7 +52,7 @@ NO_DRAFT = Draft([])
 log = logging.getLogger(__name__)
 
 
-class LLMEngine(Acceptance, Recovery):
+class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
     def __init__(
         self,
         config: EngineConfig | None = None,
@@ -103,6 +105,9 @@ class LLMEngine(Acceptance, Recovery):
         self.requests: dict[str, RequestState] = {}  # by sequence key (`seq_key`), the n sequences of a request apart
         self.groups: dict[str, list[str]] = {}  # caller's request id -> keys of its unfinished sequences
         self.spec = SpecCounters()
+        self.drafter_versions: dict[str, str] = {}  # drafter name -> version (swapped drafters)
+        self._swaps = deque()  # drafters to swap in before the next step (engine/drafter_swap.py)
+        self.traffic: TrafficLog | None = None  # adaptation: finished sequences, for retraining
         self.num_failed_requests = 0  # requests ended with finish_reason "error"
         self._seq_ids = itertools.count()
         # Isolation (see the module docstring): the head suspect is the only sequence in the scheduler; the
@@ -179,6 +184,7 @@ class LLMEngine(Acceptance, Recovery):
             group=group,
             index=index,
             drafter=route.drafter if route else None,
+            workload_class=route.workload_class if route else None,
         )
 
     def has_request(self, request_id: str) -> bool:
@@ -247,62 +253,15 @@ class LLMEngine(Acceptance, Recovery):
             "prefix_hit_tokens": self.scheduler.num_prefix_hit_tokens,
         }
 
-    # ---- speculation length (speculator/k_policy.py, speculator/backoff.py) ------------------------------
+    # ---- adaptation (speculator/adaptation.py) ----------------------------------------------------------
 
-    def _make_k_policy(self, step: StepTimes | None) -> CostPolicy | None:
-        """The speculation cost model, over the target's step time by rows measured here once per process
-        (before any request); None (the backoff controller) when not asked for or when the runner cannot be
-        timed here (e.g. tensor-parallel shards)."""
-        cfg = self.config
-        if not (self.proposer and cfg.adaptive_k and cfg.k_policy == "cost" and isinstance(self.runner, ModelRunner)):
-            return None
-        key = (str(self.folder), cfg.dtype, str(self.runner.device), cfg.attention_backend, cfg.cpu_kernels)
-        context = min(128, self.max_model_len - 8)
-        try:
-            step = step or cached_step_times(key, lambda: measure_step_times(self.runner, context=context))
-        except ValueError as e:  # a KV pool too small to time a batch: keep the backoff
-            log.warning("speculation cost model off (%s); backing k off on misses instead", e)
-            return None
-        log.info("target step seconds by verified rows: %s", dict(zip(step.rows, step.seconds)))
-        policy = CostPolicy(step, cfg.num_speculative_tokens)
-        self.proposer.propose = policy.timed(self.proposer.propose)  # the drafter's cost, from its proposals
-        return policy
+    def log_traffic(self, max_records: int) -> None:
+        """Keep the newest `max_records` finished sequences (prompt + output ids, workload class) for retraining."""
+        self.traffic = TrafficLog(max_records)
 
-    def _make_controller(self, route: Route | None = None) -> KController | CostKController:
-        """A sequence's k controller; with `route` (speculator auto) starting from its class's k, and under the
-        cost model from its class's measured acceptance."""
-        if self.k_policy:
-            controller = self.k_policy.controller()
-            if route is not None and route.alphas:
-                controller.acceptance = SeqAcceptance(
-                    by_candidates={1: list(route.alphas)}, tries={1: [1] * len(route.alphas)}
-                )
-            return controller
-        if route is not None:
-            controller = KController(self.config.num_speculative_tokens, k=route.k)
-        else:
-            controller = KController(self.config.num_speculative_tokens)
-        if not self.config.adaptive_k:
-            controller.patience = 1 << 30
-        return controller
-
-    def _next_k(self, req: RequestState) -> int:
-        """The sequence's k for its next step; the cost model weighs it against the rest of the batch: the rows
-        the other running sequences verify (a decode row and its k, or a prefill chunk) and the tokens they are
-        expected to emit."""
-        if not isinstance(req.controller, CostKController):
-            return req.controller.next_k()
-        rows, tokens = 0, 0.0
-        for seq in self.scheduler.running:
-            other = self.requests.get(seq.request_id)
-            if seq is req.seq or other is None:
-                continue
-            if seq.is_decoding:
-                rows += 1 + seq.spec_k
-                tokens += other.controller.tokens if isinstance(other.controller, CostKController) else 1.0
-            else:
-                rows += min(seq.num_uncomputed, self.config.max_num_batched_tokens)
-        return req.controller.next_k(rows, tokens)
+    def take_traffic(self) -> list[TrafficRecord]:
+        """The sequences logged since the last call (none unless `log_traffic` was called)."""
+        return self.traffic.take() if self.traffic is not None else []
 
     # ---- the step -------------------------------------------------------------------------------------
 
@@ -310,6 +269,8 @@ class LLMEngine(Acceptance, Recovery):
         """Schedule, propose, run the one forward, postprocess each sequence. Raises only when the step fails
         as a whole (see the module docstring); a failure of one sequence ends that request alone."""
         self._in_step = None  # schedule() failing blames every sequence in the scheduler (see `recover`)
+        if self._swaps:
+            self._apply_swaps()
         out = self.scheduler.schedule()
         self._in_step = [s.seq for s in out.scheduled]
         if self.proposer:
@@ -505,6 +466,8 @@ class LLMEngine(Acceptance, Recovery):
             self.num_failed_requests += 1
             seq.finish_reason = "error"
         self.requests.pop(seq.request_id, None)
+        if self.traffic is not None and error is None and req.workload_class is not None:
+            self.traffic.add(TrafficRecord(req.workload_class, list(seq.token_ids), seq.num_prompt_tokens))
         self.scheduler.finish(seq)
         self._close_in_group(req)
         if self.proposer:

@@ -62,3 +62,4 @@ class RequestState:
     index: int = 0
     pending: list[RequestState] = field(default_factory=list)  # siblings forked once this one's prompt is prefilled
     drafter: str | None = None  # speculator auto: its workload class's drafter ("none": it never drafts)
+    workload_class: str | None = None  # speculator auto: the class its prompt was put in

@@ -16,6 +16,8 @@ from speculator.proposer import Proposer
 from speculator.routed import RoutedProposer
 from speculator.workload_class import PromptClassifier, embedding_table
 
+DEFAULT_CLASS = "default"  # the one class of an engine without a classifier (no plan)
+
 
 @dataclass(frozen=True)
 class Route:
@@ -38,14 +40,24 @@ class WorkloadRouter:
         self.k_max = k_max
         self.default = default
         self.classifier = None
+        self.assigned: dict[str, str] = {}  # class -> drafter swapped in live (adaptation), over the plan's
         if plan is not None:
             needs_table = plan.classifier.kind == "kmeans"
             self.classifier = PromptClassifier(plan.classifier, table() if needs_table else None, decode)
 
+    def assign(self, workload_class: str, drafter: str | None) -> None:
+        """Route the class's new requests to `drafter` from now on; None = back to the plan's choice."""
+        if drafter is None:
+            self.assigned.pop(workload_class, None)
+        else:
+            self.assigned[workload_class] = drafter
+
     def route(self, token_ids: list[int]) -> Route:
+        name = self.classifier.classify(token_ids) if self.classifier is not None else DEFAULT_CLASS
+        if name in self.assigned:
+            return Route(name, self.assigned[name], self.k_max)
         if self.classifier is None:
-            return Route(None, self.default, self.k_max)
-        name = self.classifier.classify(token_ids)
+            return Route(name, self.default, self.k_max)
         choice = self.plan.choice(name)
         if choice.drafter == NONE or choice.k == 0:
             return Route(name, NONE, 0)

@@ -19,8 +19,21 @@ class RoutedProposer(Proposer):
         self.default = default
         # The engine hands over the most any drafter reads: "all" rows serve a "last" reader too (it reads the
         # newest of them).
-        self.hidden_rows = max((p.hidden_rows for p in proposers.values()), key=_HIDDEN_ORDER.index, default="none")
+        self._update_hidden_rows()
         self.owner: dict[int, str] = {}  # seq id -> the drafter holding its state
+
+    def _update_hidden_rows(self) -> None:
+        self.hidden_rows = max(
+            (p.hidden_rows for p in self.proposers.values()), key=_HIDDEN_ORDER.index, default="none"
+        )
+
+    def install(self, name: str, proposer: Proposer) -> None:
+        """Add a drafter, or replace the one called `name` (its sequences' state is dropped: they draft with the
+        new one from their next step, from the rows it is handed then)."""
+        for seq_id in [s for s, owner in self.owner.items() if owner == name]:
+            self.release(seq_id)
+        self.proposers[name] = proposer
+        self._update_hidden_rows()
 
     def reads_hidden(self, drafter: str | None) -> bool:
         p = self.proposers.get(drafter or self.default)

@@ -1,0 +1,168 @@
+"""The adaptive loop's core without Ray: replay scoring, retraining on logged traffic with the default model,
+the held-out judgement (a worse candidate is not released), rollback, state across a restart, and drafters swapped
+into a running engine between steps with outputs unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from deployments.optimizer_actor import make_trainer
+from model.config import EngineConfig
+from sampling.params import SamplingParams
+from speculator.adaptation import AdaptationConfig, ClassSignal, Optimizer, TrafficRecord
+from speculator.cost_model import StepTimes
+from speculator.distill import DistillOptions, DistillRecord
+from speculator.mlp_proposer import MLPProposer
+from speculator.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
+from speculator.plan import build_plan
+from speculator.proposer import Draft, DraftRequest, Proposer
+from speculator.replay import replay
+from speculator.workload_class import ClassRule, rules_spec
+from tests.conftest import humaneval_prompts
+
+CONFIG = {"kv_cache_gib": 0.25, "max_model_len": 1024}
+
+
+class Oracle(Proposer):
+    """Proposes the recorded continuation itself, `right` tokens of it, then a wrong one."""
+
+    def __init__(self, truth: list[int], right: int):
+        self.truth, self.right = truth, right
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        r = requests[0]
+        n = len(r.token_ids)
+        tokens = self.truth[n : n + self.right] + [-1]
+        return [Draft(tokens[: r.k])]
+
+
+def test_replay_counts_tokens_per_step_as_verification_emits_them():
+    tokens = list(range(100, 130))  # 5 prompt tokens, 25 output tokens
+    rec = DistillRecord(tokens, torch.zeros(26, 4), hidden_start=4, output_start=5)
+    never = replay(Oracle(tokens, 0), [rec], k=4)
+    assert never.tokens_per_step == 1.0 and never.steps == 24  # the first output token comes from the prefill
+    two = replay(Oracle(tokens, 2), [rec], k=4)
+    assert two.steps == 8 and two.tokens_per_step == pytest.approx(24 / 8)
+    assert two.acceptance_by_position() == [1.0, 1.0, 0.0, 0.0]
+    always = replay(Oracle(tokens, 10), [rec], k=4)
+    assert always.tokens_per_step == pytest.approx(24 / 5)  # 5 steps: 5 + 5 + 5 + 5 + 4
+
+
+@pytest.fixture(scope="module")
+def traffic(make_engine) -> list[TrafficRecord]:
+    """The target's greedy answers to 32 HumanEval prompts, logged as one class's traffic."""
+    engine = make_engine(**CONFIG)
+    outs = engine.generate(humaneval_prompts(32), SamplingParams(max_tokens=40, ignore_eos=True))
+    return [TrafficRecord("code", o.prompt_token_ids + o.output_token_ids, len(o.prompt_token_ids)) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def plan_path(tmp_path_factory) -> str:
+    """A plan whose class "code" (prompts with "def ") does not draft: nothing paid when it was profiled."""
+    plan = build_plan(rules_spec([ClassRule(name="code", regex="def ")]), StepTimes((1, 2), (0.01, 0.0101)), {}, 4)
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    path.write_text(plan.model_dump_json())
+    return str(path)
+
+
+def optimizer(make_engine, store: Path, plan: str | None, **over) -> Optimizer:
+    engine = make_engine(**CONFIG)
+    config = AdaptationConfig(
+        enabled=True,
+        store_dir=str(store),
+        min_records=16,
+        retrain_cooldown_s=0,
+        distill=DistillOptions(n_predict=3, draft_vocab=1024, epochs=12, batch_size=32, lr=3e-3),
+        **over,
+    )
+
+    def runner():
+        engine.reset_kv()  # the teacher-forced pass writes pages freely: no request is in flight here
+        return engine.runner
+
+    target = EngineConfig(**CONFIG, speculator="auto", plan=plan)
+    return Optimizer(config, make_trainer(target, config, runner))
+
+
+@pytest.fixture(scope="module")
+def released(make_engine, traffic, plan_path, tmp_path_factory):
+    """The class "code" retrained from its traffic, as the optimizer does on drift."""
+    opt = optimizer(make_engine, tmp_path_factory.mktemp("store"), plan_path)
+    opt.add_traffic(traffic)
+    assert opt.due() is None  # nothing drifted yet
+    opt.observe([ClassSignal("code", 0, 1.0, 20, drifted=True)])
+    assert opt.due() == "code"
+    return opt, opt.retrain("code")
+
+
+def test_retrained_drafter_beats_no_drafting_on_held_out_traffic_and_is_released(make_engine, released, plan_path):
+    opt, release = released
+    # the plan has no drafter for the class: the live baseline is plain decoding, one token per step
+    assert release.baseline == 1.0 and release.heldout_records == 8 and release.train_records == 24
+    assert release.status == "live" and release.score > 1.05, release
+    assert set(opt.assignments()) == {"code"}
+    drafter = MLPProposer.load(opt.folder(release), target_hidden_size=576, target_vocab_size=49152)
+    assert drafter.max_k == 3
+    # a restarted optimizer finds its releases in the store
+    again = optimizer(make_engine, opt.store, plan_path)
+    assert again.assignments()["code"].version == release.version
+    # live acceptance at its level before the swap keeps it; falling well below rolls it back
+    assert again.observe([ClassSignal("code", release.version, 0.9, 20, drifted=False)]) == []
+    assert again.observe([ClassSignal("code", release.version, 0.5, 20, drifted=False)]) == ["code"]
+    assert again.assignments() == {}  # 0.5 < 1.0 * (1 - 0.2): back to the plan's choice
+    assert [r.status for r in again.state.releases] == ["rolled_back"]
+
+
+def test_a_candidate_worse_than_the_live_drafter_is_not_released(make_engine, traffic, tmp_path):
+    """An untrained speculator (random weights) against n-gram lookup, the router's drafter without a plan."""
+    opt = optimizer(make_engine, tmp_path, None)
+    opt.trainer = opt.trainer.__class__(**{**opt.trainer.__dict__, "distill": lambda records: untrained()})
+    live = opt.trainer.live_proposer("code", None)
+    assert type(live).__name__ == "NgramProposer"
+    opt.add_traffic(traffic)
+    opt.observe([ClassSignal("code", 0, 1.0, 20, drifted=True)])
+    release = opt.retrain("code")
+    assert release.status == "rejected" and release.score <= release.baseline, release
+    assert opt.assignments() == {} and not any(tmp_path.glob("code-v*"))
+
+
+def untrained() -> MLPSpeculator:
+    torch.manual_seed(0)
+    return MLPSpeculator(MLPSpeculatorConfig(emb_dim=576, inner_dim=64, vocab_size=49152, n_predict=3)).eval()
+
+
+def test_a_drafter_swapped_into_a_running_engine_keeps_outputs_and_takes_over(make_engine, released, plan_path):
+    """Requests in flight (of a class that did not draft) switch to the new drafter between steps; every output
+    equals plain greedy decoding; the swapped drafter's counts carry its version; the engine logged its traffic."""
+    opt, release = released
+    prompts = humaneval_prompts(6)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    engine = make_engine(**CONFIG)
+    engine.reset_kv()  # retraining ran teacher-forced passes over its pages
+    plain = [o.output_token_ids for o in engine.generate(prompts, params)]
+    auto = make_engine(**CONFIG, speculator="auto", plan=plan_path)
+    auto.log_traffic(64)
+    ids = [auto.add_request(p, params) for p in prompts]
+    outputs: dict[str, list[int]] = {i: [] for i in ids}
+    steps = 0
+    while auto.has_unfinished():
+        if steps == 3:  # mid-flight: every request has its prompt prefilled and a few tokens out
+            proposer = MLPProposer.load(opt.folder(release), target_hidden_size=576, target_vocab_size=49152)
+            auto.install_drafter("code", "mlp:code", proposer, str(release.version))
+        for out in auto.step():
+            outputs[out.request_id] += out.new_token_ids
+        steps += 1
+    assert [outputs[i] for i in ids] == plain
+    snapshot = auto.spec_snapshot()
+    swapped = [v for key, v in snapshot.items() if key.drafter == "mlp:code"]
+    assert swapped and swapped[0].drafted > 0 and key_version(snapshot, "mlp:code") == str(release.version)
+    logged = auto.take_traffic()
+    assert len(logged) == 6 and all(r.workload_class == "code" for r in logged)
+    assert sorted(r.token_ids[r.output_start :] for r in logged) == sorted(plain)
+
+
+def key_version(snapshot, drafter: str) -> str:
+    return next(key.version for key in snapshot if key.drafter == drafter)
