@@ -105,7 +105,11 @@ class LLMServer:
         except RayServeException:  # constructed outside Serve
             self.replica_id = "local"
         self.metrics = EngineMetrics(self.config.engine.speculator)
-        self._publisher = Every(METRICS_PERIOD_S, lambda: self.metrics.publish(self.engine.stats()))
+        self._publisher = Every(METRICS_PERIOD_S, self._publish_metrics)
+
+    def _publish_metrics(self) -> None:
+        self.metrics.publish(self.engine.stats())
+        self.metrics.publish_spec(self.engine.spec_snapshot())
 
     def _make_engine(self) -> LLMEngine:
         self.runner = self._make_runner()
