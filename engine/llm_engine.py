@@ -44,6 +44,7 @@ from speculator.factory import make_proposer
 from speculator.k_policy import CostKController, CostPolicy, cached_step_times
 from speculator.plan import NONE
 from speculator.proposer import Draft, DraftRequest, Proposer
+from speculator.routed import RoutedProposer
 from speculator.token_tree import TokenTree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -105,7 +106,8 @@ class LLMEngine(Acceptance, Recovery):
         self.groups: dict[str, list[str]] = {}  # caller's request id -> keys of its unfinished sequences
         self.spec = SpecCounters()
         self.monitor = SpecMonitor()  # speculation by workload class, drafter and version (spec_snapshot)
-        drafters = getattr(self.proposer, "proposers", None) or ([cfg.speculator] if self.proposer else [])
+        routed = isinstance(self.proposer, RoutedProposer)
+        drafters = list(self.proposer.proposers) if routed else [cfg.speculator] if self.proposer else []
         self.drafter_versions: dict[str, str] = {name: FIRST_VERSION for name in drafters}
         self.num_failed_requests = 0  # requests ended with finish_reason "error"
         self._seq_ids = itertools.count()
