@@ -105,8 +105,12 @@ class LLMServer:
         except RayServeException:  # constructed outside Serve
             self.replica_id = "local"
         self.metrics = EngineMetrics(self.config.engine.speculator)
-        self._publisher = Every(METRICS_PERIOD_S, lambda: self.metrics.publish(self.engine.stats()))
+        self._publisher = Every(METRICS_PERIOD_S, self._publish_metrics)
         self._adapter = self._make_adaptation()
+
+    def _publish_metrics(self) -> None:
+        self.metrics.publish(self.engine.stats())
+        self.metrics.publish_spec(self.engine.spec_snapshot())
 
     def _make_engine(self) -> LLMEngine:
         self.runner = self._make_runner()
@@ -322,6 +326,19 @@ class LLMServer:
             out["block_manager"] = {"error": str(e)}
         if self.draft is not None:
             out["draft_worker"] = self.draft.stats()
+        out["speculation"] = [
+            {
+                "class": key.workload_class,
+                "drafter": key.drafter,
+                "version": key.version,
+                "requests": s.requests,
+                "acceptance_rate": round(s.total.acceptance_rate, 4),
+                "window_requests": s.window_requests,
+                "window_tokens_per_step": round(s.window_tokens_per_step, 4),
+                "window_acceptance_by_position": [round(x, 4) for x in s.window_acceptance_by_position()],
+            }
+            for key, s in self.engine.spec_snapshot().items()
+        ]
         return out
 
     def record_routing_stats(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import httpx
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from engine.metrics import RequestMetrics
+from engine.spec_monitor import DEFAULT_CLASS, FIRST_VERSION, SpecKey, SpecStats
 
 log = logging.getLogger("ray.serve")
 
@@ -29,8 +30,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Request-level latencies (TTFT, queue time, end to end) and per-token gaps, in seconds.
 LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0]
 TOKEN_GAP_BUCKETS_S = [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0]
-# Labels of the speculation counters that are constant for now (one speculator class and version per app).
-SPEC_CLASS, SPEC_VERSION = "default", "0"
+SPEC_LABELS = ("class", "speculator", "version")  # speculator: the drafter (engine/spec_monitor.py's key)
 
 
 def _start_at_zero(counter: Counter, tags: dict[str, str] | None = None) -> None:
@@ -69,10 +69,10 @@ class IngressMetrics:
 
 class EngineMetrics:
     """Recorded by a target replica: token counts per request, latency histograms per finished request, and the
-    engine's own counters (`LLMEngine.stats()`); `publish` runs every few seconds on a thread of its own."""
+    engine's own counters (`LLMEngine.stats()`) and its speculation by class, drafter and version
+    (`LLMEngine.spec_snapshot()`); `publish` and `publish_spec` run every few seconds on a thread of their own."""
 
     def __init__(self, speculator: str) -> None:
-        self._spec_tags = {"speculator": speculator, "class": SPEC_CLASS, "version": SPEC_VERSION}
         self._gauges = {
             "num_running": Gauge("specserve_running_sequences", "sequences in the running batch"),
             "num_waiting": Gauge("specserve_waiting_sequences", "sequences waiting for a batch slot or KV blocks"),
@@ -80,7 +80,6 @@ class EngineMetrics:
             "kv_free": Gauge("specserve_kv_blocks_free", "KV cache blocks free"),
             "hit_rate": Gauge("specserve_prefix_cache_hit_rate", "share of prompt tokens found in the prefix cache"),
         }
-        spec = ("speculator", "class", "version")
         # engine stats key -> counter fed with its increase since the last publish
         self._counters = {
             "num_preemptions": Counter("specserve_preemptions", "sequences preempted (recomputed later)"),
@@ -90,12 +89,30 @@ class EngineMetrics:
             "prefix_hit_tokens": Counter(
                 "specserve_prefix_cache_hit_tokens", "prompt tokens whose KV the prefix cache held on admission"
             ),
-            "spec_drafted": Counter("specserve_spec_draft_tokens", "draft tokens proposed for verification", spec),
-            "spec_accepted": Counter("specserve_spec_accepted_tokens", "draft tokens the target accepted", spec),
         }
-        for key, counter in self._counters.items():
-            _start_at_zero(counter, self._spec_tags if key.startswith("spec_") else None)
+        for counter in self._counters.values():
+            _start_at_zero(counter)
         self._last: dict[str, int] = {}
+        self._spec_drafted = Counter(
+            "specserve_spec_draft_tokens", "draft tokens proposed for verification", SPEC_LABELS
+        )
+        self._spec_accepted = Counter("specserve_spec_accepted_tokens", "draft tokens the target accepted", SPEC_LABELS)
+        self._spec_version = Gauge(
+            "specserve_speculator_version", "version of the drafter in use, by class", ("class", "speculator")
+        )
+        self._spec_by_position = Gauge(
+            "specserve_spec_acceptance_by_position",
+            "acceptance of draft position j over the recent requests",
+            (*SPEC_LABELS, "position"),
+        )
+        self._spec_tokens_per_step = Gauge(
+            "specserve_spec_tokens_per_step", "tokens per verification step over the recent requests", SPEC_LABELS
+        )
+        self._spec_last: dict[SpecKey, tuple[int, int]] = {}  # drafted, accepted as last published
+        if speculator != "auto":  # without classes every request drafts with the configured speculator
+            tags = {"class": DEFAULT_CLASS, "speculator": speculator, "version": FIRST_VERSION}
+            _start_at_zero(self._spec_drafted, tags)
+            _start_at_zero(self._spec_accepted, tags)
         self._prompt_tokens = Counter("specserve_prompt_tokens", "prompt tokens prefilled (a resume: with its output)")
         self._generation_tokens = Counter("specserve_generation_tokens", "tokens generated")
         _start_at_zero(self._prompt_tokens)
@@ -141,7 +158,37 @@ class EngineMetrics:
             delta = now - self._last.get(key, 0)
             self._last[key] = now
             if delta > 0:
-                counter.inc(delta, tags=self._spec_tags if key.startswith("spec_") else None)
+                counter.inc(delta)
+
+    def publish_spec(self, snapshot: Mapping[SpecKey, SpecStats]) -> None:
+        """Speculation counters by class, drafter and version advance by their increase since last time; the
+        window's tokens per step and acceptance by position are gauges; per class and drafter its latest version
+        (a version that is not a number shows as NaN)."""
+        latest: dict[tuple[str, str], SpecStats] = {}
+        for key, stats in snapshot.items():
+            tags = {"class": key.workload_class, "speculator": key.drafter, "version": key.version}
+            drafted, accepted = self._spec_last.get(key, (0, 0))
+            if stats.total.drafted > drafted:
+                self._spec_drafted.inc(stats.total.drafted - drafted, tags=tags)
+            if stats.total.accepted > accepted:
+                self._spec_accepted.inc(stats.total.accepted - accepted, tags=tags)
+            self._spec_last[key] = (stats.total.drafted, stats.total.accepted)
+            if stats.window.steps:
+                self._spec_tokens_per_step.set(stats.window_tokens_per_step, tags=tags)
+            for j, rate in enumerate(stats.window_acceptance_by_position()):
+                self._spec_by_position.set(rate, tags={**tags, "position": str(j)})
+            pair = (key.workload_class, key.drafter)
+            if pair not in latest or stats.order > latest[pair].order:
+                latest[pair] = stats
+        for (workload_class, drafter), stats in latest.items():
+            self._spec_version.set(_as_number(stats.key.version), tags={"class": workload_class, "speculator": drafter})
+
+
+def _as_number(version: str) -> float:
+    try:
+        return float(version)
+    except ValueError:
+        return float("nan")
 
 
 class Every:

@@ -12,6 +12,7 @@ from engine import hidden_rows
 from engine.request_state import RequestOutput, RequestState
 from engine.scheduler import ScheduledSeq
 from engine.sequence import Sequence
+from engine.spec_monitor import FIRST_VERSION, SpecKey, SpecMonitor
 from model.kv_pages import SlotMove
 from model.runner import StepInput
 from sampling.logprobs import token_logprobs
@@ -31,6 +32,8 @@ class Acceptance:
 
     scheduler: Scheduler
     spec: SpecCounters
+    monitor: SpecMonitor
+    drafter_versions: dict[str, str]
     eos_token_ids: set[int]
     max_model_len: int
     runner: Any  # moves the accepted path's KV slots in place (ModelRunner.move_slots)
@@ -78,11 +81,24 @@ class Acceptance:
         if hidden is not None:
             self._keep_hidden(req, item, hidden, s.num_tokens + accepted)
         if s.num_lookahead or draft.tokens:
-            req.metrics.spec.record(len(draft.tokens), accepted, len(emitted))
-            self.spec.record(len(draft.tokens), accepted, len(emitted))
-            if req.controller:
-                req.controller.update(len(draft.tokens), accepted)
+            self._record_step(req, len(draft.tokens), accepted, len(emitted))
         return self._append(req, emitted, now, raw)
+
+    def _record_step(self, req: RequestState, drafted: int, accepted: int, emitted: int) -> None:
+        """A verification step counted for the request, the engine and the monitor (under its drafter's version
+        now: a swap mid-request labels the steps after it), and told to the k controller."""
+        req.metrics.spec.record(drafted, accepted, emitted)
+        self.spec.record(drafted, accepted, emitted)
+        track = req.spec_track
+        if track is not None:
+            key = track.series.key
+            version = self.drafter_versions.get(key.drafter, FIRST_VERSION)
+            if version != key.version:
+                req.drafter_version = version
+                req.spec_track = track = self.monitor.move(track, SpecKey(key.workload_class, key.drafter, version))
+            self.monitor.record(track, drafted, accepted, emitted)
+        if req.controller:
+            req.controller.update(drafted, accepted)
 
     def _accept_tree(
         self,
@@ -109,10 +125,7 @@ class Acceptance:
         if hidden is not None:
             self._keep_hidden(req, *hidden_rows.along_path(item, tree.path_tokens(path), hidden, path), len(path))
         depth = int(tree.depths.max())
-        req.metrics.spec.record(depth, accepted, len(verdict.tokens))
-        self.spec.record(depth, accepted, len(verdict.tokens))
-        if req.controller:
-            req.controller.update(depth, accepted)
+        self._record_step(req, depth, accepted, len(verdict.tokens))
         rows = logits[path] if self._scores_output(seq) else None  # emitted token i came from node path[i]
         return self._append(req, verdict.tokens, now, rows)
 

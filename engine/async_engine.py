@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.llm_engine import LLMEngine, RequestOutput
+from engine.spec_monitor import SpecKey, SpecStats
 from engine.tokenization import EngineRequest
 from sampling.params import SamplingParams
 from speculator.adaptation import TrafficRecord
@@ -172,6 +173,10 @@ class AsyncEngine:
     def block_manager_stats(self) -> dict[str, Any]:
         """The block manager's own counters (`LLMEngine.block_manager_stats`; may raise while it is repaired)."""
         return self.engine.block_manager_stats()
+
+    def spec_snapshot(self) -> dict[SpecKey, SpecStats]:
+        """The engine's speculation by workload class, drafter and version (safe from any thread)."""
+        return self.engine.spec_snapshot()
 
     def stats(self) -> dict[str, Any]:
         """A racy but cheap snapshot for routing and metrics: the engine's counters (`LLMEngine.stats`) and this

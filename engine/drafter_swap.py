@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.spec_monitor import FIRST_VERSION, SpecKey, SpecMonitor
 from speculator.plan import NONE
 from speculator.proposer import Proposer
 from speculator.routed import RoutedProposer
@@ -36,6 +37,7 @@ class DrafterSwap:
     router: WorkloadRouter | None
     requests: dict[str, RequestState]
     drafter_versions: dict[str, str]
+    monitor: SpecMonitor
     _swaps: deque[Swap]
 
     def install_drafter(self, workload_class: str, name: str, proposer: Proposer, version: str) -> None:
@@ -65,5 +67,9 @@ class DrafterSwap:
                 self.proposer.release(req.seq.seq_id)
                 req.hidden = None
                 req.drafter = drafter
+                req.drafter_version = self.drafter_versions.get(drafter, FIRST_VERSION)
+                if req.spec_track is not None:  # its steps from here on count under the new drafter
+                    key = SpecKey(swap.workload_class, drafter, req.drafter_version)
+                    req.spec_track = self.monitor.move(req.spec_track, key)
                 if req.controller is None and drafter != NONE:
                     req.controller = self._make_controller()

@@ -29,6 +29,7 @@ from engine.recovery import SEQUENCE_FAILED, Recovery
 from engine.request_state import RequestOutput, RequestState, seq_key
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import SeqStatus, Sequence
+from engine.spec_monitor import DEFAULT_CLASS, FIRST_VERSION, SpecKey, SpecMonitor, SpecStats
 from engine.tokenization import EngineRequest, ModelLimits, RequestError, prepare_request
 from engine.traffic_log import TrafficLog
 from engine.workload_routing import make_router
@@ -45,6 +46,7 @@ from speculator.cost_model import StepTimes
 from speculator.factory import make_proposer
 from speculator.plan import NONE
 from speculator.proposer import Draft, DraftRequest, Proposer
+from speculator.routed import RoutedProposer
 from speculator.token_tree import TokenTree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -105,7 +107,10 @@ class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
         self.requests: dict[str, RequestState] = {}  # by sequence key (`seq_key`), the n sequences of a request apart
         self.groups: dict[str, list[str]] = {}  # caller's request id -> keys of its unfinished sequences
         self.spec = SpecCounters()
-        self.drafter_versions: dict[str, str] = {}  # drafter name -> version (swapped drafters)
+        self.monitor = SpecMonitor()  # speculation by workload class, drafter and version (spec_snapshot)
+        routed = isinstance(self.proposer, RoutedProposer)
+        drafters = list(self.proposer.proposers) if routed else [cfg.speculator] if self.proposer else []
+        self.drafter_versions: dict[str, str] = {name: FIRST_VERSION for name in drafters}
         self._swaps = deque()  # drafters to swap in before the next step (engine/drafter_swap.py)
         self.traffic: TrafficLog | None = None  # adaptation: finished sequences, for retraining
         self.num_failed_requests = 0  # requests ended with finish_reason "error"
@@ -173,6 +178,10 @@ class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
         grammar = None
         if request.grammar is not None:  # a resumed request's grammar is past the output already streamed
             grammar = GrammarState(request.grammar, self.arch.vocab_size, ids[output_start:])
+        drafter = route.drafter if route else (self.config.speculator if self.proposer else NONE)
+        version = self.drafter_versions.get(drafter, FIRST_VERSION)
+        workload_class = route.workload_class if route else None
+        track = self.monitor.track(SpecKey(workload_class or DEFAULT_CLASS, drafter, version))
         return RequestState(
             seq,
             IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens),
@@ -184,7 +193,9 @@ class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
             group=group,
             index=index,
             drafter=route.drafter if route else None,
-            workload_class=route.workload_class if route else None,
+            workload_class=workload_class,
+            drafter_version=version,
+            spec_track=track,
         )
 
     def has_request(self, request_id: str) -> bool:
@@ -252,6 +263,16 @@ class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
             "prefix_queried_tokens": self.scheduler.num_prefix_queried_tokens,
             "prefix_hit_tokens": self.scheduler.num_prefix_hit_tokens,
         }
+
+    def spec_snapshot(self) -> dict[SpecKey, SpecStats]:
+        """Speculation by workload class, drafter and version, cumulative and over recent requests; safe to read
+        from another thread (engine/spec_monitor.py)."""
+        return self.monitor.snapshot()
+
+    def set_drafter_version(self, drafter: str, version: str) -> None:
+        """Label what `drafter` drafts from now on (its next step of every request) with `version`, e.g. after the
+        drafter was swapped for a retrained one."""
+        self.drafter_versions[drafter] = str(version)
 
     # ---- adaptation (speculator/adaptation.py) ----------------------------------------------------------
 
@@ -462,6 +483,9 @@ class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
         seq = req.seq
         req.metrics.finished = now
         req.metrics.scheduled = seq.first_scheduled
+        track, req.spec_track = req.spec_track, None  # its stretch enters the monitor's window once
+        if track is not None:
+            self.monitor.finish(track)
         if error is not None:
             self.num_failed_requests += 1
             seq.finish_reason = "error"

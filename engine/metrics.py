@@ -28,6 +28,23 @@ class SpecCounters:
             for j in range(n):
                 counts[j] += 1
 
+    def add(self, other: SpecCounters) -> None:
+        """Another's counts added to these, position by position (a window's sum over its requests)."""
+        self.steps += other.steps
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.emitted += other.emitted
+        pairs = ((self.drafted_per_pos, other.drafted_per_pos), (self.accepted_per_pos, other.accepted_per_pos))
+        for counts, more in pairs:
+            if len(counts) < len(more):
+                counts.extend([0] * (len(more) - len(counts)))
+            for j, n in enumerate(more):
+                counts[j] += n
+
+    def copy(self) -> SpecCounters:
+        per_pos = {"accepted_per_pos": list(self.accepted_per_pos), "drafted_per_pos": list(self.drafted_per_pos)}
+        return SpecCounters(self.steps, self.drafted, self.accepted, self.emitted, **per_pos)
+
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
@@ -37,7 +54,9 @@ class SpecCounters:
         return self.emitted / self.steps if self.steps else 0.0
 
     def acceptance_by_position(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_pos, self.drafted_per_pos)]
+        """Every drafted position's, those never accepted included (at 0)."""
+        accepted = self.accepted_per_pos + [0] * (len(self.drafted_per_pos) - len(self.accepted_per_pos))
+        return [a / d if d else 0.0 for a, d in zip(accepted, self.drafted_per_pos)]
 
     def as_dict(self) -> dict:
         return {

@@ -10,13 +10,12 @@ from typing import Any
 
 import torch
 
+from engine.spec_monitor import DEFAULT_CLASS
 from model.config import EngineConfig
 from speculator.plan import NONE, WorkloadPlan, alphas_from_survival, read_plan
 from speculator.proposer import Proposer
 from speculator.routed import RoutedProposer
 from speculator.workload_class import PromptClassifier, embedding_table
-
-DEFAULT_CLASS = "default"  # the one class of an engine without a classifier (no plan)
 
 
 @dataclass(frozen=True)

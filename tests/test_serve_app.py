@@ -199,6 +199,9 @@ METRIC_FAMILIES = {
     "ray_specserve_e2e_latency_seconds": "histogram",
     "ray_specserve_spec_draft_tokens": "counter",
     "ray_specserve_spec_accepted_tokens": "counter",
+    "ray_specserve_speculator_version": "gauge",
+    "ray_specserve_spec_acceptance_by_position": "gauge",
+    "ray_specserve_spec_tokens_per_step": "gauge",
 }
 
 
@@ -222,7 +225,9 @@ def test_metrics_hold_every_family_after_traffic(base_url, client):
         missing = {n for n in METRIC_FAMILIES if n not in families or not families[n].samples}
         # earlier tests' traffic may already fill every family: wait for this test's own effects too
         engine_done = not missing and sum(
-            s.value for s in families["ray_specserve_prefix_cache_hit_tokens"].samples if not s.name.endswith("_created")
+            s.value
+            for s in families["ray_specserve_prefix_cache_hit_tokens"].samples
+            if not s.name.endswith("_created")
         )
         routes = set() if missing else {s.labels.get("route") for s in families["ray_specserve_requests"].samples}
         if (engine_done and {"completions", "chat"} <= routes) or time.time() > deadline:

@@ -95,18 +95,52 @@ def test_engine_counters_are_published_as_increases_and_latencies_per_finished_r
     m._counters = {k: FakeCounter() for k in m._counters}
     for name in ("_ttft", "_itl", "_queue", "_e2e"):
         setattr(m, name, FakeHistogram())
-    m.publish({**STATS, "spec_drafted": 10, "spec_accepted": 4, "num_preemptions": 0})
-    m.publish({**STATS, "spec_drafted": 25, "spec_accepted": 4, "num_preemptions": 1})
-    tags = {"speculator": "ngram", "class": "default", "version": "0"}
-    assert m._counters["spec_drafted"].calls == [(10, tags), (15, tags)]
-    assert m._counters["spec_accepted"].calls == [(4, tags)]  # no increase, no call
-    assert m._counters["num_preemptions"].calls == [(1, None)]
+    m.publish({**STATS, "prefix_hit_tokens": 10, "num_preemptions": 0})
+    m.publish({**STATS, "prefix_hit_tokens": 25, "num_preemptions": 1})
+    assert m._counters["prefix_hit_tokens"].calls == [(10, None), (15, None)]
+    assert m._counters["num_preemptions"].calls == [(1, None)]  # no increase, no call
 
     r = RequestMetrics(arrival=0.0, scheduled=0.25, first_token=0.5, finished=2.0, inter_token=[0.1, 0.2, 0.3])
     m.request_ended(4, r)
     m.request_ended(3, RequestMetrics())  # aborted: no latencies
     assert m._ttft.values == [0.5] and m._queue.values == [0.25] and m._e2e.values == [2.0]
     assert m._itl.values == [0.1, 0.2, 0.3]
+
+
+class FakeGauge:
+    def __init__(self):
+        self.values = {}
+
+    def set(self, value, tags=None):
+        self.values[tuple(sorted((tags or {}).items()))] = value
+
+
+def test_speculation_is_published_by_class_drafter_and_version():
+    from engine.spec_monitor import SpecKey, SpecMonitor
+
+    m = EngineMetrics("auto")
+    for name in ("_spec_drafted", "_spec_accepted"):
+        setattr(m, name, FakeCounter())
+    for name in ("_spec_version", "_spec_by_position", "_spec_tokens_per_step"):
+        setattr(m, name, FakeGauge())
+    monitor = SpecMonitor()
+    code0 = monitor.track(SpecKey("code", "ngram", "0"))
+    monitor.record(code0, 3, 2, 3)
+    monitor.finish(code0)
+    m.publish_spec(monitor.snapshot())
+    code1 = monitor.track(SpecKey("code", "ngram", "1"))
+    monitor.record(code1, 2, 0, 1)
+    monitor.finish(code1)
+    m.publish_spec(monitor.snapshot())
+    v0 = {"class": "code", "speculator": "ngram", "version": "0"}
+    v1 = {**v0, "version": "1"}
+    assert m._spec_drafted.calls == [(3, v0), (2, v1)]  # each series by its own increase, once
+    assert m._spec_accepted.calls == [(2, v0)]
+    assert m._spec_version.values == {(("class", "code"), ("speculator", "ngram")): 1.0}
+    by_pos = {dict(k)["version"] + dict(k)["position"]: v for k, v in m._spec_by_position.values.items()}
+    assert by_pos == {"00": 1.0, "01": 1.0, "02": 0.0, "10": 0.0, "11": 0.0}
+    per_step = {dict(k)["version"]: v for k, v in m._spec_tokens_per_step.values.items()}
+    assert per_step == {"0": 3.0, "1": 1.0}
 
 
 def test_router_setting_picks_ours_or_rays():
