@@ -35,7 +35,8 @@ def draw(before: WorkloadPlan, after: WorkloadPlan, path: str | Path) -> None:
         ax.set(
             title=f"{name}: acceptance by position", xlabel="draft position", ylabel="accepted share", ylim=(0, 1.02)
         )
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     ax = axes[0][-1]
     width = 0.38
     for offset, (label, plan) in zip((-width / 2, width / 2), (("before", before), ("after", after))):
