@@ -76,13 +76,32 @@ def run(
     engine_config: EngineConfig,
 ) -> dict:
     """The whole command; returns the report it wrote."""
+    specs = load_prompts(prompts, limit)
+    digest = hashlib.sha256(Path(prompts).read_bytes()).hexdigest()
+    return distill_prompts(
+        specs, out_dir, kind=kind, max_tokens=max_tokens, options=options, engine_config=engine_config,
+        source=str(prompts), source_sha256=digest,
+    )  # fmt: skip
+
+
+def distill_prompts(
+    specs: list[PromptSpec],
+    out_dir: str | Path,
+    *,
+    kind: str,
+    max_tokens: int,
+    options: DistillOptions,
+    engine_config: EngineConfig,
+    source: str,
+    source_sha256: str,
+) -> dict:
+    """A drafter distilled on `specs` (drawn from the prompt file `source`) written to `out_dir` with its
+    report.json; returns the report."""
     if kind not in ("mlp", "eagle"):
         raise ValueError(f"--kind {kind}: expected mlp or eagle")
-    t_start = time.perf_counter()
-    specs = load_prompts(prompts, limit)
     if len(specs) < 2:
-        raise ValueError(f"{prompts}: distillation needs at least 2 prompts")
-    digest = hashlib.sha256(Path(prompts).read_bytes()).hexdigest()
+        raise ValueError(f"{source}: distillation needs at least 2 prompts")
+    t_start = time.perf_counter()
     engine = LLMEngine(engine_config)
     t0 = time.perf_counter()
     sequences, skipped = generate(engine, specs, max_tokens)
@@ -109,8 +128,8 @@ def run(
     metrics = asdict(result.metrics)
     report = {
         "kind": kind,
-        "prompts": str(prompts),
-        "prompts_sha256": digest,
+        "prompts": source,
+        "prompts_sha256": source_sha256,
         "num_prompts": len(sequences),
         "skipped_prompts": skipped,
         "max_tokens": max_tokens,

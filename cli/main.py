@@ -170,6 +170,34 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt(args: argparse.Namespace) -> int:
+    from cli.adapt import AdaptOptions, run
+    from cli.profile import ProfileOptions
+    from model.config import EngineConfig
+    from speculator.distill import DistillOptions
+
+    profile = ProfileOptions(
+        limit=args.limit,
+        max_tokens=args.max_tokens,
+        k=args.k,
+        classes=args.classes,
+        class_rules=args.class_rules,
+        drafters=tuple(filter(None, args.drafters.split(","))),
+    )
+    distill = DistillOptions(
+        n_predict=args.n_predict or args.k, draft_vocab=args.draft_vocab, epochs=args.epochs, batch_size=args.batch_size
+    )
+    options = AdaptOptions(kind=args.kind, target_speedup=args.target_speedup, min_prompts=args.min_prompts)
+    base = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, kv_cache_gib=args.kv_cache_gib)
+    report = run(args.prompts, args.out, base, profile, distill, options, log=lambda line: print(line, file=sys.stderr))
+    classes = [
+        {"name": c.name, "before": c.before.drafter, "after": c.after.drafter, "speedup": c.after.expected_speedup}
+        for c in report.classes
+    ]
+    print(json.dumps({"out": args.out, "classes": classes, "wall_s": report.wall_s}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +257,31 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", default="cpu")
     prof.add_argument("--kv-cache-gib", type=float, default=0.5)
     prof.set_defaults(func=_profile)
+    adapt = sub.add_parser(
+        "adapt", help="profile, distill a drafter for each class short of a target speedup, profile again"
+    )
+    adapt.add_argument("--prompts", required=True, help="JSONL: {prompt} | {messages} | {turns}, optional id")
+    adapt.add_argument("--out", required=True, help="folder: plan-before.json, drafters/, plan.json, adapt.json/png")
+    adapt.add_argument("--kind", choices=["mlp", "eagle"], default="mlp", help="the drafter distilled per class")
+    adapt.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    adapt.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt (profile and distill)")
+    adapt.add_argument("--k", type=int, default=4, help="the most draft tokens per step a plan may choose")
+    adapt.add_argument("--classes", type=int, default=None, help="k-means classes (default: 2..4 by silhouette)")
+    adapt.add_argument("--class-rules", default=None, help="JSON list of {name, regex} instead of k-means")
+    adapt.add_argument("--drafters", default="ngram,suffix,draft", help="drafters without training to profile")
+    adapt.add_argument(
+        "--target-speedup", type=float, default=1.5, help="distill for classes expected below it (large: every class)"
+    )
+    adapt.add_argument("--min-prompts", type=int, default=2, help="classes with fewer prompts are not distilled")
+    adapt.add_argument("--epochs", type=int, default=4)
+    adapt.add_argument("--draft-vocab", type=int, default=8192, help="predict over the K most frequent tokens; 0 = all")
+    adapt.add_argument("--n-predict", type=int, default=None, help="tokens the drafter proposes (default: --k)")
+    adapt.add_argument("--batch-size", type=int, default=256)
+    adapt.add_argument("--model", default=None, help="HF model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    adapt.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    adapt.add_argument("--device", default="cpu")
+    adapt.add_argument("--kv-cache-gib", type=float, default=0.5)
+    adapt.set_defaults(func=_adapt)
     return parser
 
 

@@ -13,22 +13,22 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from cli.bench import warm
-from cli.prompts import load_prompts
+from cli.prompts import PromptSpec, load_prompts
 from engine.llm_engine import LLMEngine
 from engine.metrics import SpecCounters
 from engine.tokenization import encode_prompt
 from model.config import EngineConfig
 from sampling.params import SamplingParams
-from speculator.cost_model import measure_step_times
+from speculator.cost_model import StepTimes, measure_step_times
 from speculator.eagle import EagleLoadError, read_eagle_config
 from speculator.plan import Acceptance, DrafterProfile, WorkloadPlan, build_plan
-from speculator.workload_class import PromptClassifier, fit_kmeans, mean_embedding, read_rules
+from speculator.workload_class import ClassifierSpec, PromptClassifier, fit_kmeans, mean_embedding, read_rules
 
 BASE_DRAFTERS = ("ngram", "suffix", "draft")
 
@@ -102,12 +102,40 @@ def measure_drafter(
     return DrafterProfile(seconds_per_token=clock[0] / max(1, clock[1]), by_class=by_class)
 
 
-def profile(prompts_path: str, base: EngineConfig, options: ProfileOptions, log=print) -> WorkloadPlan:
+@dataclass
+class ProfiledPrompts:
+    """What every drafter is measured against: the prompts (token ids) and their classes, and the target's step
+    time by verified rows."""
+
+    specs: list[PromptSpec]
+    prompts: list[list[int]]
+    labels: list[str]
+    classifier: ClassifierSpec
+    step: StepTimes
+
+    def counts(self) -> dict[str, int]:
+        return {name: self.labels.count(name) for name in self.classifier.names}
+
+    def of_class(self, name: str) -> ProfiledPrompts:
+        keep = [i for i, label in enumerate(self.labels) if label == name]
+        return replace(
+            self,
+            specs=[self.specs[i] for i in keep],
+            prompts=[self.prompts[i] for i in keep],
+            labels=[name] * len(keep),
+        )
+
+
+def plain_config(base: EngineConfig) -> EngineConfig:
+    return base.model_copy(update={"speculator": "none", "speculator_model": None, "plan": None})
+
+
+def prepare(prompts_path: str, base: EngineConfig, options: ProfileOptions, log=print) -> ProfiledPrompts:
+    """Load and classify the prompts (k-means fitted on them, or the rules) and time the target's steps."""
     specs = load_prompts(prompts_path, options.limit)
     if not specs:
         raise ValueError(f"{prompts_path}: no prompts")
-    base = base.model_copy(update={"speculator": "none", "speculator_model": None, "plan": None})
-    plain = LLMEngine(base)
+    plain = LLMEngine(plain_config(base))
     context = min(128, plain.max_model_len - options.k - 9)
     step = measure_step_times(plain.runner, rows=tuple(range(1, options.k + 2)), context=context)
     log(f"target step seconds by rows: {dict(zip(step.rows, [round(s, 5) for s in step.seconds]))}")
@@ -122,17 +150,28 @@ def profile(prompts_path: str, base: EngineConfig, options: ProfileOptions, log=
         features = torch.stack([mean_embedding(table, ids, center) for ids in prompts])
         spec, idx = fit_kmeans(features, options.classes)
         labels = [spec.names[i] for i in idx]
-    counts = {name: labels.count(name) for name in spec.names}
-    log(f"classes: {counts}")
     del plain
     gc.collect()
-    candidates = [(name, None) for name in options.drafters] + [learned_kind(m) for m in options.speculator_models]
+    profiled = ProfiledPrompts(specs, prompts, labels, spec, step)
+    log(f"classes: {profiled.counts()}")
+    return profiled
+
+
+def measure_candidates(
+    base: EngineConfig,
+    profiled: ProfiledPrompts,
+    candidates: list[tuple[str, str, str | None]],
+    options: ProfileOptions,
+    log=print,
+) -> tuple[dict[str, DrafterProfile], dict[str, str]]:
+    """Each candidate (plan name, drafter kind, folder or None) on the prompts: its profile by plan name, and the
+    learned ones' folders by plan name."""
     drafters, models = {}, {}
-    for name, folder in candidates:
+    for name, kind, folder in candidates:
         config = EngineConfig(
             **{
-                **base.model_dump(),
-                "speculator": name,
+                **plain_config(base).model_dump(),
+                "speculator": kind,
                 "speculator_model": folder,
                 "num_speculative_tokens": options.k,
                 "adaptive_k": False,
@@ -140,14 +179,29 @@ def profile(prompts_path: str, base: EngineConfig, options: ProfileOptions, log=
                 "num_candidates": 1,
             }
         )
-        drafters[name] = measure_drafter(config, prompts, labels, options.max_tokens)
+        drafters[name] = measure_drafter(config, profiled.prompts, profiled.labels, options.max_tokens)
         if folder:
             models[name] = str(Path(folder).resolve())
         log(f"{name}: {drafters[name].model_dump_json()}")
-    return build_plan(spec, step, drafters, options.k, counts, models)
+    return drafters, models
+
+
+def candidates_of(options: ProfileOptions) -> list[tuple[str, str, str | None]]:
+    learned = [learned_kind(m) for m in options.speculator_models]
+    return [(name, name, None) for name in options.drafters] + [(kind, kind, folder) for kind, folder in learned]
+
+
+def profile(prompts_path: str, base: EngineConfig, options: ProfileOptions, log=print) -> WorkloadPlan:
+    profiled = prepare(prompts_path, base, options, log)
+    drafters, models = measure_candidates(base, profiled, candidates_of(options), options, log)
+    return build_plan(profiled.classifier, profiled.step, drafters, options.k, profiled.counts(), models)
+
+
+def write_plan(plan: WorkloadPlan, out: str | Path) -> None:
+    Path(out).write_text(json.dumps(plan.model_dump(), indent=1) + "\n")
 
 
 def run(prompts_path: str, out: str, base: EngineConfig, options: ProfileOptions, log=print) -> WorkloadPlan:
     plan = profile(prompts_path, base, options, log)
-    Path(out).write_text(json.dumps(plan.model_dump(), indent=1) + "\n")
+    write_plan(plan, out)
     return plan

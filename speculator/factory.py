@@ -15,7 +15,7 @@ from speculator.eagle_proposer import EagleProposer
 from speculator.mlp_checkpoint import read_config
 from speculator.mlp_proposer import MLPProposer
 from speculator.ngram import NgramProposer
-from speculator.plan import WorkloadPlan, read_plan
+from speculator.plan import WorkloadPlan, drafter_kind, read_plan
 from speculator.proposer import HiddenRows, Proposer
 from speculator.routed import RoutedProposer
 from speculator.suffix import SuffixProposer
@@ -63,12 +63,14 @@ def make_routed_proposer(
     config: EngineConfig, plan: WorkloadPlan | None, device: torch.device | str, target: CausalLM | None
 ) -> RoutedProposer:
     """`speculator: auto`: every drafter the plan's classes use, built as `make_proposer` builds it alone (n-gram
-    for every request without a plan, or when no class drafts)."""
+    for every request without a plan, or when no class drafts); a per-class learned drafter ("mlp:class0") is its
+    kind over its own folder."""
     names = plan.drafters_used() if plan else []
     proposers = {}
     for name in names or ["ngram"]:
         folder = plan.drafter_models.get(name) if plan else None
-        one = EngineConfig(**{**config.model_dump(), "speculator": name, "plan": None, "speculator_model": folder})
+        kind = drafter_kind(name)
+        one = EngineConfig(**{**config.model_dump(), "speculator": kind, "plan": None, "speculator_model": folder})
         proposers[name] = make_proposer(one, device=device, target=target)
     return RoutedProposer(proposers, default=names[0] if names else "ngram")
 

@@ -21,6 +21,13 @@ from speculator.workload_class import ClassifierSpec
 
 NONE = "none"
 DRAFTERS = ("ngram", "suffix", "draft", "mlp", "eagle")
+LEARNED = ("mlp", "eagle")
+
+
+def drafter_kind(name: str) -> str:
+    """The drafter a plan name stands for: the name itself, or KIND of "KIND:LABEL", a learned drafter of its own
+    folder (`specserve adapt` distills one per class, e.g. "mlp:class0")."""
+    return name.split(":", 1)[0]
 
 
 class _Strict(BaseModel):
@@ -60,7 +67,7 @@ class StepProfile(_Strict):
 class WorkloadPlan(_Strict):
     classifier: ClassifierSpec
     classes: list[ClassChoice]
-    drafter_models: dict[str, str] = Field(default_factory=dict)  # mlp / eagle: the drafter's folder
+    drafter_models: dict[str, str] = Field(default_factory=dict)  # mlp / eagle / KIND:LABEL: the drafter's folder
     step_times: StepProfile
     drafters: dict[str, DrafterProfile] = Field(default_factory=dict)
 
@@ -77,7 +84,11 @@ def read_plan(path: str | Path) -> WorkloadPlan:
         plan = WorkloadPlan.model_validate_json(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a workload plan ({str(e).splitlines()[0]})") from None
-    unknown = [d for d in plan.drafters_used() if d not in DRAFTERS]
+    unknown = [
+        d
+        for d in plan.drafters_used()
+        if d not in DRAFTERS and not (drafter_kind(d) in LEARNED and d in plan.drafter_models)
+    ]
     if unknown or set(c.name for c in plan.classes) - set(plan.classifier.names):
         raise ValueError(f"{path}: unknown drafters {unknown} or classes the classifier does not name")
     return plan
