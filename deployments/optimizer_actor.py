@@ -37,7 +37,7 @@ from speculator.distill_data import teacher_forced_records
 from speculator.factory import make_proposer
 from speculator.mlp_checkpoint import save_speculator
 from speculator.mlp_proposer import MLPProposer
-from speculator.plan import NONE, read_plan
+from speculator.plan import NONE, drafter_kind, read_plan
 from speculator.proposer import Proposer
 
 log = logging.getLogger("ray.serve")
@@ -75,7 +75,7 @@ def make_trainer(engine: EngineConfig, config: AdaptationConfig, runner: Any) ->
         if name == NONE:
             return None
         folder = plan.drafter_models.get(name) if plan else None
-        one = engine.model_copy(update={"speculator": name, "plan": None, "speculator_model": folder})
+        one = engine.model_copy(update={"speculator": drafter_kind(name), "plan": None, "speculator_model": folder})
         return make_proposer(one, device="cpu")
 
     return Trainer(

@@ -158,7 +158,7 @@ def test_a_drafter_swapped_into_a_running_engine_keeps_outputs_and_takes_over(ma
     assert [outputs[i] for i in ids] == plain
     snapshot = auto.spec_snapshot()
     swapped = [v for key, v in snapshot.items() if key.drafter == "mlp:code"]
-    assert swapped and swapped[0].drafted > 0 and key_version(snapshot, "mlp:code") == str(release.version)
+    assert swapped and swapped[0].total.drafted > 0 and key_version(snapshot, "mlp:code") == str(release.version)
     logged = auto.take_traffic()
     assert len(logged) == 6 and all(r.workload_class == "code" for r in logged)
     assert sorted(r.token_ids[r.output_start :] for r in logged) == sorted(plain)
