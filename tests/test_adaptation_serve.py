@@ -129,7 +129,12 @@ def test_chat_traffic_drifts_retrains_and_swaps_in_a_better_drafter(base_url, ch
     release = releases[-1]
     assert release["status"] == "live" and release["score"] > release["baseline"], releases
     version = str(release["version"])
-    wait_for(lambda: any(s["version"] == version for s in speculation(base_url)), 60, "the swap")
+
+    def swapped() -> bool:  # a class's row for the new version appears with its first request
+        run(True)
+        return any(s["version"] == version for s in speculation(base_url))
+
+    wait_for(swapped, 120, "the swap")
     run(True, rounds=2)  # chat again, on the new drafter
     rows = {(s["drafter"], s["version"]): s for s in speculation(base_url) if s["class"] == "any"}
     before, after = rows[("ngram", "0")], rows[("mlp:any", version)]
