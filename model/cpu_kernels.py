@@ -46,6 +46,7 @@ SOURCES = [
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 SMALL_MATMUL_MAX_ROWS = 16  # kMaxRows in small_matmul.cpp; above it oneDNN's GEMM is as fast or faster
+QUANT_MATMUL_MAX_ROWS = 64  # kMaxRows in quant_matmul.cpp; above it a whole-matrix dequantize + GEMM
 LOCK_FILE = "build.lock"
 BUILD_PREFIX = "build-"  # temporary build folders inside the cache, removed by the next builder if abandoned
 
@@ -75,7 +76,8 @@ def build_key(sources: Sequence[Path], cflags: Sequence[str], ldflags: Sequence[
     import torch
 
     h = hashlib.sha256()
-    for source in sources:
+    headers = sorted({h for s in sources for h in Path(s).parent.glob("*.h")})  # included, so part of the build
+    for source in [*sources, *headers]:
         h.update(Path(source).name.encode() + b"\0" + Path(source).read_bytes() + b"\0")
     abi = [
         list(cflags),
