@@ -13,7 +13,7 @@ from a new thread after this one has run torch work: the situation AsyncEngine a
 on its loop thread (two OpenMP thread teams then contend for the cores).
 
 `--concurrency` instead splits the decode steps of that many short prompts in flight (after all have
-prefilled) by wall time: the linear layers (`project`, incl. the LM head), attention over the pages and its
+prefilled) by wall time: the linear layers (`project`, the LM head included), attention over the pages and its
 metadata, the model's other ops (norms, RoPE, activations, embedding), the runner's input building, sampling
 and verification (`_postprocess`), scheduling and proposing, and what is left of the step (Python glue).
 """
@@ -111,6 +111,7 @@ def step_breakdown(engine: LLMEngine, concurrency: int, steps: int, prompt_len: 
     timers.wrap(runner.backend, "forward", "attention")
     timers.wrap(runner.backend, "prepare", "attention_metadata")
     timers.wrap(runner.model, "forward", "model")
+    timers.wrap(runner.model, "logits", "logits")
     timers.wrap(runner, "execute_with_hidden", "runner")
     timers.wrap(engine, "_postprocess", "sampling_verification")
     timers.wrap(engine.scheduler, "schedule", "schedule")
@@ -130,8 +131,8 @@ def step_breakdown(engine: LLMEngine, concurrency: int, steps: int, prompt_len: 
         "matmul": t["matmul"],
         "attention": t["attention"],
         "attention_metadata": t["attention_metadata"],
-        "other_model_ops": t["model"] - t["matmul"] - t["attention"],
-        "runner_inputs": t["runner"] - t["model"] - t["attention_metadata"],
+        "other_model_ops": t["model"] - (t["matmul"] - t["logits"]) - t["attention"],  # the LM head is outside
+        "runner_inputs": t["runner"] - t["model"] - t["logits"] - t["attention_metadata"],
         "sampling_verification": t["sampling_verification"],
         "schedule_propose": t["schedule"] + t["propose"],
     }
