@@ -5,11 +5,11 @@ ops (RMSNorm with the residual add, RoPE, the MLP's silu * up; `model.decoder`).
 
 They are compiled once with the local compiler (about a minute; `scripts/setup.sh` does it ahead) into
 `~/.cache/specserve/kernels/<name>_<key>.so`, the key a hash of what makes a binary fit this process: the
-sources, the flags, the torch version and C++ ABI, the Python ABI and the CPU's instruction sets. Every later
-load, in any process (a shell, a Ray worker with another PATH and working directory, a container sharing the
-home directory), imports that file directly: no ninja and no torch lock file are involved, so a shell and a
-Ray worker never rebuild each other's build. The compiler is not part of the key on purpose: which `c++` a
-PATH finds changes the speed of the code, not whether it fits.
+sources and their headers, the flags, the torch version and C++ ABI, the Python ABI and the CPU's instruction
+sets. Every later load, in any process (a shell, a Ray worker with another PATH and working directory, a
+container sharing the home directory), imports that file directly: no ninja and no torch lock file are
+involved, so a shell and a Ray worker never rebuild each other's build. The compiler is not part of the key
+on purpose: which `c++` a PATH finds changes the speed of the code, not whether it fits.
 
 A build runs in a private temporary folder and the finished .so is renamed into place, so a reader sees a
 whole file or none. Concurrent builders are serialised with `fcntl.flock`, which the kernel releases when its
@@ -46,6 +46,7 @@ SOURCES = [
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 SMALL_MATMUL_MAX_ROWS = 16  # kMaxRows in small_matmul.cpp; above it oneDNN's GEMM is as fast or faster
+QUANT_MATMUL_MAX_ROWS = 64  # kMaxRows in quant_matmul.cpp; above it a whole-matrix dequantize + GEMM
 LOCK_FILE = "build.lock"
 BUILD_PREFIX = "build-"  # temporary build folders inside the cache, removed by the next builder if abandoned
 
@@ -75,7 +76,8 @@ def build_key(sources: Sequence[Path], cflags: Sequence[str], ldflags: Sequence[
     import torch
 
     h = hashlib.sha256()
-    for source in sources:
+    headers = sorted({h for s in sources for h in Path(s).parent.glob("*.h")})  # included, so part of the build
+    for source in [*sources, *headers]:
         h.update(Path(source).name.encode() + b"\0" + Path(source).read_bytes() + b"\0")
     abi = [
         list(cflags),

@@ -3,8 +3,9 @@
 A decode step of a small model on CPU is bound by reading the weights: the default model's linear layers are
 540 MB as float32 but 96 MB as shipped (Q4_1 layers, a Q8_0 embedding). `PackedWeight` holds one [out, in]
 matrix as its GGUF blocks (32 weights along `in` a block, fp16 scales), so rows slice freely and columns in
-whole blocks (tensor parallelism); the C++ kernel (`csrc/quant_matmul.cpp`) dequantizes in registers for a few
-rows and the matrix is dequantized to a float32 scratch for prefill batches.
+whole blocks (tensor parallelism); the C++ kernel (`csrc/quant_matmul.cpp`) multiplies the blocks as they are
+for up to 64 rows (decode and verification steps of a full batch) and the matrix is dequantized to a float32
+scratch for prefill batches.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.cpu_kernels import SMALL_MATMUL_MAX_ROWS
+from model.cpu_kernels import QUANT_MATMUL_MAX_ROWS
 
 BLOCK = 32  # weights a block, along the input features
 # ggml type id -> bytes a block: Q4_0 (fp16 d, 16 bytes of nibble pairs), Q4_1 (+ fp16 m), Q8_0 (fp16 d, 32 int8)
@@ -78,8 +79,8 @@ class PackedWeight:
         return kernels.quant_dequantize(self.data, self.qtype, self.out_features, self.in_features)
 
     def matmul(self, x: torch.Tensor, kernels, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T (+ bias): a few rows dequantize in registers; a prefill batch gets W dequantized to a
-        scratch matrix and a GEMM."""
-        if x.shape[0] <= SMALL_MATMUL_MAX_ROWS:
+        """x W^T (+ bias): up to 64 rows in the packed kernel; a prefill batch gets W dequantized to a scratch
+        matrix and a GEMM."""
+        if x.shape[0] <= QUANT_MATMUL_MAX_ROWS:
             return kernels.quant_matmul(x, self.data, self.qtype, self.out_features, bias)
         return F.linear(x, self.dequantize(kernels), bias)

@@ -6,7 +6,9 @@ Both engines load the default model (or `--model`, a quantized GGUF), `weights: 
 and run the same HumanEval chat prompts greedily with ignore_eos, interleaved prompt by prompt as A-B-B-A, so
 drift of the machine's speed weighs on both alike. Decode rates leave out each request's prefill (time to
 first token). Bytes read per step are the matrices a decode step multiplies (linear layers and the LM head, in
-their stored form: float32 or GGUF blocks); GB/s is that times decode steps per second.
+their stored form: float32 or GGUF blocks); GB/s is that times decode steps per second. `roofline` adds the
+K/V a step reads (the mean context of the decode steps) and sets the achieved rate against this machine's
+measured streaming-read rate (`scripts/roofline.py`).
 """
 
 from __future__ import annotations
@@ -16,21 +18,15 @@ import gzip
 import json
 from pathlib import Path
 
+import torch
+
 from cli.bench import print_report
 from engine.llm_engine import LLMEngine
 from model.config import EngineConfig
 from sampling.params import SamplingParams
+from scripts.roofline import embedding_row_bytes, kv_bytes_per_token, read_bandwidth_gb_per_s, roofline, weight_bytes
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval.jsonl.gz"  # as tests/conftest.py
-
-
-def weight_bytes(engine: LLMEngine) -> int:
-    """Bytes of the matrices one decode step reads: each linear layer's packed blocks or float32 weight."""
-    total = 0
-    for module in engine.runner.model.modules():
-        if hasattr(module, "quant"):
-            total += module.quant.nbytes if module.quant is not None else module.weight.numel() * 4
-    return total
 
 
 def prompts(path: Path, n: int) -> list[list[dict]]:
@@ -52,7 +48,7 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     for engine in engines.values():  # warm up outside the measured runs
         engine.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4, ignore_eos=True))
-    sums = {w: {"tokens": 0, "decode_tokens": 0, "latency_s": 0.0, "decode_s": 0.0} for w in engines}
+    sums = {w: {"tokens": 0, "decode_tokens": 0, "latency_s": 0.0, "decode_s": 0.0, "context": 0} for w in engines}
     same = True
     for chat in prompts(args.humaneval, args.prompts):
         outs = {}
@@ -63,9 +59,13 @@ def main() -> None:
             s["decode_tokens"] += len(out.output_token_ids) - 1
             s["latency_s"] += m.latency
             s["decode_s"] += m.latency - m.ttft
+            steps, prompt_len = len(out.output_token_ids) - 1, len(out.prompt_token_ids)
+            s["context"] += steps * prompt_len + steps * (steps + 1) // 2  # step i attends prompt + i tokens
             outs.setdefault(w, out.output_token_ids)
         same &= outs["fp32"] == outs["packed"]
     report = {"prompts": args.prompts, "max_tokens": args.max_tokens, "identical_tokens": same}
+    bandwidth = read_bandwidth_gb_per_s()
+    report["roofline"] = {"read_bandwidth_gb_per_s": round(bandwidth, 2), "threads": torch.get_num_threads()}
     for w, engine in engines.items():
         s, nbytes = sums[w], weight_bytes(engine)
         steps_per_s = s["decode_tokens"] / s["decode_s"]
@@ -75,6 +75,8 @@ def main() -> None:
             "weight_bytes_per_step": nbytes,
             "weight_gb_per_s": round(nbytes * steps_per_s / 1e9, 2),
         }
+        kv = s["context"] / s["decode_tokens"] * kv_bytes_per_token(engine)
+        report["roofline"][w] = roofline(nbytes + embedding_row_bytes(engine), kv, steps_per_s, bandwidth)
     report["ratio_output_tokens_per_s"] = round(
         report["packed"]["output_tokens_per_s"] / report["fp32"]["output_tokens_per_s"], 3
     )

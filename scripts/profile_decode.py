@@ -1,6 +1,7 @@
-"""Where a batch-1 decode step of the in-process engine goes; prints one JSON object.
+"""Where a decode step of the in-process engine goes; prints one JSON object.
 
     .venv/bin/python scripts/profile_decode.py [--context 150] [--steps 20] [--speculator none] [--no-cpu-kernels]
+    .venv/bin/python scripts/profile_decode.py --concurrency 16,32,64 [--steps 20] [--weights auto]
 
 Times plain decode steps of one sequence after a `--context`-token prompt (ms_per_step), then the model's
 linear layers alone on one row, through the same matmul path the engine uses (matmul_ms_per_step; each
@@ -10,17 +11,25 @@ time under torch.profiler (the profiler slows small ops, so read those as shares
 paths (oneDNN matmuls, gathered-page attention). ms_per_step_from_a_second_thread steps the same engine
 from a new thread after this one has run torch work: the situation AsyncEngine avoids by building its engine
 on its loop thread (two OpenMP thread teams then contend for the cores).
+
+`--concurrency` instead splits the decode steps of that many short prompts in flight (after all have
+prefilled) by wall time: the linear layers (`project`, the LM head included), attention over the pages and its
+metadata, the model's other ops (norms, RoPE, activations, embedding), the runner's input building, sampling
+and verification (`_postprocess`), scheduling and proposing, and what is left of the step (Python glue).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import threading
 import time
+from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import model.parallel as parallel
 from cli.bench import print_report
 from engine.llm_engine import LLMEngine
 from model.config import EngineConfig
@@ -57,14 +66,107 @@ def matmul_seconds(engine: LLMEngine, repeats: int = 10) -> float:
     return best
 
 
+class Timers:
+    """Wall time spent inside wrapped callables, by name (wrappers removed by `restore`)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._undo: list = []
+
+    def wrap(self, owner, attr: str, name: str) -> None:
+        inner = getattr(owner, attr)
+
+        @functools.wraps(inner)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+
+        had_own = attr in vars(owner)  # an instance attribute (or module global) to put back, else delete
+        self._undo.append((owner, attr, inner if had_own else None))
+        setattr(owner, attr, timed)
+
+    def restore(self) -> None:
+        for owner, attr, inner in reversed(self._undo):
+            if inner is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, inner)
+        self._undo.clear()
+
+
+def step_breakdown(engine: LLMEngine, concurrency: int, steps: int, prompt_len: int = 24) -> dict:
+    """ms per decode step, split by part, with `concurrency` short prompts in flight (all prefilled first)."""
+    for i in range(concurrency):
+        prompt = [(i * 131 + j * 7919) % 5000 + 100 for j in range(prompt_len)]
+        engine.add_request(prompt, SamplingParams(max_tokens=steps + 4, ignore_eos=True))
+    while any(r.seq.num_output_tokens == 0 for r in engine.requests.values()):
+        engine.step()  # prefill (chunks of max_num_batched_tokens) until every sequence has its first token
+    engine.step()
+    runner = engine.runner
+    timers = Timers()
+    timers.wrap(parallel, "project", "matmul")
+    timers.wrap(runner.backend, "forward", "attention")
+    timers.wrap(runner.backend, "prepare", "attention_metadata")
+    timers.wrap(runner.model, "forward", "model")
+    timers.wrap(runner.model, "logits", "logits")
+    timers.wrap(runner, "execute_with_hidden", "runner")
+    timers.wrap(engine, "_postprocess", "sampling_verification")
+    timers.wrap(engine.scheduler, "schedule", "schedule")
+    timers.wrap(engine, "_propose", "propose")
+    tokens = 0
+    start = time.perf_counter()
+    try:
+        for _ in range(steps):
+            tokens += sum(len(o.new_token_ids) for o in engine.step())
+    finally:
+        total = time.perf_counter() - start
+        timers.restore()
+    while engine.has_unfinished():
+        engine.step()
+    t = {k: v / steps * 1e3 for k, v in timers.seconds.items()}
+    parts = {
+        "matmul": t["matmul"],
+        "attention": t["attention"],
+        "attention_metadata": t["attention_metadata"],
+        "other_model_ops": t["model"] - (t["matmul"] - t["logits"]) - t["attention"],  # the LM head is outside
+        "runner_inputs": t["runner"] - t["model"] - t["logits"] - t["attention_metadata"],
+        "sampling_verification": t["sampling_verification"],
+        "schedule_propose": t["schedule"] + t["propose"],
+    }
+    step_ms = total / steps * 1e3
+    parts["python_rest"] = step_ms - sum(parts.values())
+    return {
+        "ms_per_step": round(step_ms, 2),
+        "tokens_per_s": round(tokens / total, 1),
+        "ms": {k: round(v, 2) for k, v in parts.items()},
+        "share": {k: round(v / step_ms, 3) for k, v in parts.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--context", type=int, default=150)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--speculator", default="none", choices=["none", "ngram"])
     ap.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false")
+    ap.add_argument("--weights", default="auto", choices=["auto", "fp32", "packed"])
+    ap.add_argument("--concurrency", default=None, help="comma-separated sequences in flight: the step breakdown")
+    ap.add_argument("--json", default=None, help="also write the report here")
     args = ap.parse_args()
-    engine = LLMEngine(EngineConfig(speculator=args.speculator, cpu_kernels=args.cpu_kernels))
+    config = EngineConfig(
+        speculator=args.speculator, cpu_kernels=args.cpu_kernels, weights=args.weights, kv_cache_gib=0.5
+    )
+    engine = LLMEngine(config)
+    if args.concurrency:
+        step_breakdown(engine, 4, 4)  # warm-up
+        report = {"settings": vars(args) | {"threads": torch.get_num_threads()}}
+        for n in (int(c) for c in args.concurrency.split(",")):
+            report[f"concurrency_{n}"] = step_breakdown(engine, n, args.steps)
+        print_report(report, args.json)
+        return
     prompt = [(i * 7919) % 1000 + 100 for i in range(args.context)]
     decode_steps(engine, prompt[:8], 4)  # warm-up
     unprofiled = min(decode_steps(engine, prompt, args.steps) for _ in range(3))

@@ -24,19 +24,30 @@ def random_packed(qtype, n: int, k: int, seed: int) -> tuple[PackedWeight, torch
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, 3, 7, 16, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 16, 17, 33, 64, 65])
 def test_packed_matmul_matches_dequantize_then_matmul(qtype, rows, cpu_kernels):
-    """Odd N (not a multiple of the thread tile), K in whole blocks; 64 rows take the dequantize + GEMM path."""
-    for n, k, bias in [(37, 96, True), (963, 576, False), (1, 32, False)]:
+    """Odd N (not a multiple of the thread tile), K in whole blocks, odd block counts. 1 row takes the factored
+    kernel, 2-16 the in-register dequantization, 17-64 the dequantized tiles, 65 the whole-matrix GEMM; every
+    path of the kernel (vector and plain C++, direct and tiled) is run at every row count."""
+    for n, k, bias in [(37, 96, True), (963, 576, False), (1, 32, False), (130, 1536, True)]:
         packed, dense = random_packed(qtype, n, k, seed=rows + n)
         assert torch.equal(packed.dequantize(cpu_kernels), dense)  # exact, not merely close
         x = torch.randn(rows, k)
         b = torch.randn(n) if bias else None
         expected = torch.nn.functional.linear(x, dense, b)
         torch.testing.assert_close(packed.matmul(x, cpu_kernels, b), expected, atol=1e-4, rtol=1e-4)
-        if rows <= 16:  # the plain C++ path, the one machines without AVX2 run
-            scalar = cpu_kernels.quant_matmul(x, packed.data, packed.qtype, n, b, scalar=True)
-            torch.testing.assert_close(scalar, expected, atol=1e-4, rtol=1e-4)
+        if rows > 64:
+            continue
+        for scalar in (False, True):  # scalar: the plain C++ path, the one machines without AVX2 run
+            for direct_rows in (0, 64):  # all rows tiled / all rows direct
+                y = cpu_kernels.quant_matmul(x, packed.data, packed.qtype, n, b, scalar=scalar, direct_rows=direct_rows)
+                torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_matmul_refuses_more_rows_than_it_takes(cpu_kernels):
+    packed, _ = random_packed(GGMLQuantizationType.Q4_1, 8, 64, seed=0)
+    with pytest.raises(RuntimeError, match="at most 64 rows"):
+        cpu_kernels.quant_matmul(torch.randn(65, 64), packed.data, packed.qtype, 8)
 
 
 def test_packed_weight_slices_for_tensor_parallel_ranks(cpu_kernels):

@@ -9,7 +9,7 @@ at::Tensor rms_norm(at::Tensor& x, const c10::optional<at::Tensor>& delta, const
 void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype, int64_t n,
-                        const c10::optional<at::Tensor>& bias, bool scalar);
+                        const c10::optional<at::Tensor>& bias, bool scalar, int64_t direct_rows);
 at::Tensor quant_dequantize(const at::Tensor& wq, int64_t qtype, int64_t n, int64_t k);
 bool quant_matmul_vectorized();
 
@@ -21,9 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "x += delta (if given, in place), then RMSNorm(x) * weight; float32");
   m.def("rope_", &rope_, "rotary embedding in place, rotate-half convention; float32");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a [T, 2I] gate|up tensor; float32");
-  m.def("quant_matmul", &quant_matmul, "x W^T (+ bias) for at most 16 rows, W in GGUF blocks (Q4_0, Q4_1, Q8_0)",
-        py::arg("x"), py::arg("wq"), py::arg("qtype"), py::arg("n"), py::arg("bias") = py::none(),
-        py::arg("scalar") = false);
+  m.def("quant_matmul", &quant_matmul, "x W^T (+ bias) for at most 64 rows, W in GGUF blocks (Q4_0, Q4_1, Q8_0); more rows "
+        "than direct_rows (-1: 16) dequantize tiles of W", py::arg("x"), py::arg("wq"), py::arg("qtype"), py::arg("n"),
+        py::arg("bias") = py::none(), py::arg("scalar") = false, py::arg("direct_rows") = -1);
   m.def("quant_dequantize", &quant_dequantize, "float32 [N, K] of a matrix in GGUF blocks");
   m.def("quant_matmul_vectorized", &quant_matmul_vectorized, "whether quant_matmul has its AVX2 path");
 }

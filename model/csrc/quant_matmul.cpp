@@ -1,10 +1,14 @@
 // y = x W^T (+ bias) with W kept in its GGUF block format (Q4_0, Q4_1, Q8_0: 32 weights per block, fp16
-// scales), for a few rows of x (decode, speculative verification). Each block is dequantized in registers and
-// used by up to 8 rows of x while it is there, with float32 accumulation, so a step reads the packed bytes
-// (Q4_1: 0.625 bytes a weight) instead of 4 bytes a weight. Dequantization is exact: d*q (+ m) is the float32
-// value of the dequantized checkpoint (q*d is exact in float32 for fp16 d and q of 8 bits, and one FMA rounds
-// d*q + m once, as a multiply then an add does), so results differ from the float32 path only in the order of
-// summation. `quant_dequantize` writes the whole float32 matrix, for prefill batches that go to a GEMM.
+// scales), for the rows of a decode or verification step (up to 64). The step reads the packed bytes (Q4_1:
+// 0.625 bytes a weight) instead of 4 bytes a weight, so the work per packed byte decides the speed:
+// - 1 row: per block y += d * sum(q * x) + m * sum(x): the nibbles become floats and meet x without a
+//   per-weight scale; sum(x) per block is computed once per call and the m (Q4_0: -8 d) terms of a W row are
+//   one dot product at its end (about 1.2x the in-register dequantization at one row; at 2-3 rows it is slower);
+// - 2-16 rows: each block is dequantized in registers (w = d q + m, exact in float32) and used by up to 8 rows;
+// - 17-64 rows: 64 W rows at a time are dequantized into a per-thread float32 tile that stays in cache, and the
+//   float32 small-row kernel passes it once per 8 rows of x (no whole-matrix scratch).
+// Results differ from dequantize-then-matmul only in rounding and the order of summation. `quant_dequantize`
+// writes the whole float32 matrix, for prefill batches that go to a GEMM.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -12,6 +16,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+#include "rows_gemm.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -23,7 +30,8 @@ namespace {
 // ggml_type ids of the formats handled here, and their block sizes in bytes (32 weights a block).
 constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
 constexpr int64_t kBlock = 32;
-constexpr int64_t kMaxRows = 16;
+constexpr int64_t kMaxRows = 64;
+constexpr int64_t kDirectRows = 16;  // above: the tile path
 constexpr int64_t kTile = 64;  // W rows per parallel task
 
 int64_t block_bytes(int64_t qtype) {
@@ -75,24 +83,62 @@ void dequant_block(int64_t qtype, const uint8_t* b, float* w) {
   }
 }
 
-void rows_scalar(int64_t qtype, int64_t rows, const float* x, const uint8_t* wq, const float* bias, float* y,
-                 int64_t k_dim, int64_t n_dim, int64_t begin, int64_t end) {
+// Per row of x, per block b: terms[2b] = -8 sum(x of b) (Q4_0: m = -8 d), terms[2b+1] = sum(x of b) (Q4_1), so
+// that with dm[2b] = d, dm[2b+1] = m (0 for Q4_0) a W row's offset terms are dot(dm, terms). Empty for Q8_0.
+std::vector<float> block_terms(int64_t qtype, int64_t rows, const float* x, int64_t k_dim) {
+  if (qtype == kQ8_0) return {};
+  const int64_t nb = k_dim / kBlock;
+  std::vector<float> t(rows * 2 * nb, 0.f);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      float s = 0.f;
+      for (int i = 0; i < kBlock; ++i) s += x[m * k_dim + b * kBlock + i];
+      t[m * 2 * nb + 2 * b + (qtype == kQ4_1)] = qtype == kQ4_1 ? s : -8.f * s;
+    }
+  return t;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  v8 acc{};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc += load8(a + i) * load8(b + i);
+  float s = 0.f;
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// The plain C++ path (machines without AVX2): the factored form of the 1-3 row kernel, any row count.
+void rows_scalar(int64_t qtype, int64_t rows, const float* x, const float* terms, const uint8_t* wq,
+                 const float* bias, float* y, int64_t k_dim, int64_t n_dim, int64_t begin, int64_t end) {
   const int64_t bb = block_bytes(qtype), nb = k_dim / kBlock;
-  float w[kBlock];
-  float acc[kMaxRows];
+  std::vector<float> dm(2 * nb);
+  float q[kBlock];
   for (int64_t n = begin; n < end; ++n) {
     const uint8_t* row = wq + n * nb * bb;
-    for (int64_t m = 0; m < rows; ++m) acc[m] = 0.f;
-    for (int64_t b = 0; b < nb; ++b) {
-      dequant_block(qtype, row + b * bb, w);
-      for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t m = 0; m < rows; ++m) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * bb;
+        dm[2 * b] = half_to_float(blk);
+        dm[2 * b + 1] = qtype == kQ4_1 ? half_to_float(blk + 2) : 0.f;
+        if (qtype == kQ8_0) {
+          for (int i = 0; i < 32; ++i) q[i] = static_cast<float>(static_cast<int8_t>(blk[2 + i]));
+        } else {
+          const uint8_t* qs = blk + (qtype == kQ4_1 ? 4 : 2);
+          for (int i = 0; i < 16; ++i) {
+            q[i] = static_cast<float>(qs[i] & 0x0f);
+            q[i + 16] = static_cast<float>(qs[i] >> 4);
+          }
+        }
         const float* xs = x + m * k_dim + b * kBlock;
         float s = 0.f;
-        for (int i = 0; i < kBlock; ++i) s += xs[i] * w[i];
-        acc[m] += s;
+        for (int i = 0; i < kBlock; ++i) s += q[i] * xs[i];
+        acc += dm[2 * b] * s;
       }
+      if (qtype != kQ8_0) acc += dot(dm.data(), terms + m * 2 * nb, 2 * nb);
+      y[m * n_dim + n] = acc + (bias ? bias[n] : 0.f);
     }
-    for (int64_t m = 0; m < rows; ++m) y[m * n_dim + n] = acc[m] + (bias ? bias[n] : 0.f);
   }
 }
 
@@ -131,12 +177,83 @@ inline void dequant8x4(const uint8_t* b, __m256 w[4]) {
   }
 }
 
-// M rows of x against W rows [begin, end). A accumulators per row break the FMA dependency chain when few rows
-// share each block (at one row, four independent chains).
+// One block's quants as four vectors of 8 floats, unscaled (Q4_0 nibbles without the -8).
+template <int Q>
+inline void quants8x4(const uint8_t* b, __m256 q[4]) {
+  if constexpr (Q == kQ8_0) {
+    for (int j = 0; j < 4; ++j)
+      q[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * j))));
+  } else {
+    // Bytes 0-7 and 8-15 widened to 32 bits straight from memory; a lane holds both nibbles of its byte
+    // (weights i and i + 16), the high one needs no mask.
+    const uint8_t* qs = b + (Q == kQ4_1 ? 4 : 2);
+    const __m256i mask = _mm256_set1_epi32(0x0f);
+    const __m256i r0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs)));
+    const __m256i r1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8)));
+    q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(r0, mask));
+    q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(r1, mask));
+    q[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(r0, 4));
+    q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(r1, 4));
+  }
+}
+
+// d and m of a block (converted together) into dm[0], dm[1] (m = 0 but for Q4_1), d returned broadcast.
+template <int Q>
+inline __m256 scales(const uint8_t* b, float* dm) {
+  uint32_t h = 0;
+  std::memcpy(&h, b, Q == kQ4_1 ? 4 : 2);
+  _mm_storel_pi(reinterpret_cast<__m64*>(dm), _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(h))));
+  return _mm256_broadcast_ss(dm);
+}
+
+// One block of M rows in the factored form: acc[m] += d * sum(q * x).
 template <int Q, int M>
-void rows_avx2(const float* x, const uint8_t* wq, const float* bias, float* y, int64_t k_dim, int64_t n_dim,
-               int64_t begin, int64_t end) {
-  constexpr int A = M == 1 ? 4 : (M <= 3 ? 2 : 1);
+inline void block_factored(const uint8_t* blk, const float* xb, int64_t k_dim, float* dm, __m256 acc[M]) {
+  const __m256 d = scales<Q>(blk, dm);
+  __m256 q[4];
+  quants8x4<Q>(blk, q);
+  for (int m = 0; m < M; ++m) {
+    const float* xm = xb + m * k_dim;
+    __m256 p = _mm256_mul_ps(q[0], _mm256_loadu_ps(xm));
+    p = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xm + 8), p);
+    p = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xm + 16), p);
+    p = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xm + 24), p);
+    acc[m] = _mm256_fmadd_ps(d, p, acc[m]);
+  }
+}
+
+// M rows (1 in use) in the factored form: the weights never get a per-weight scale; two accumulators a row (even
+// and odd blocks).
+template <int Q, int M>
+void rows_factored(const float* x, const float* terms, const uint8_t* wq, const float* bias, float* y, int64_t k_dim,
+                   int64_t n_dim, int64_t begin, int64_t end) {
+  constexpr int64_t bb = Q == kQ4_0 ? 18 : (Q == kQ4_1 ? 20 : 34);
+  const int64_t nb = k_dim / kBlock;
+  std::vector<float> dm(2 * nb + 2);
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* row = wq + n * nb * bb;
+    __m256 even[M], odd[M];
+    for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+      block_factored<Q, M>(row + b * bb, x + b * kBlock, k_dim, dm.data() + 2 * b, even);
+      block_factored<Q, M>(row + (b + 1) * bb, x + (b + 1) * kBlock, k_dim, dm.data() + 2 * b + 2, odd);
+    }
+    if (b < nb) block_factored<Q, M>(row + b * bb, x + b * kBlock, k_dim, dm.data() + 2 * b, even);
+    for (int m = 0; m < M; ++m) {
+      float s = hsum(_mm256_add_ps(even[m], odd[m])) + (bias ? bias[n] : 0.f);
+      if constexpr (Q != kQ8_0) s += dot(dm.data(), terms + m * 2 * nb, 2 * nb);
+      y[m * n_dim + n] = s;
+    }
+  }
+}
+
+// M (2-8) rows: each block dequantized in registers once and used by all M rows; A accumulators a row break
+// the FMA dependency chain when few rows share each block.
+template <int Q, int M>
+void rows_dequant(const float* x, const uint8_t* wq, const float* bias, float* y, int64_t k_dim, int64_t n_dim,
+                  int64_t begin, int64_t end) {
+  constexpr int A = M <= 3 ? 2 : 1;
   constexpr int64_t bb = Q == kQ4_0 ? 18 : (Q == kQ4_1 ? 20 : 34);
   const int64_t nb = k_dim / kBlock;
   for (int64_t n = begin; n < end; ++n) {
@@ -161,22 +278,40 @@ void rows_avx2(const float* x, const uint8_t* wq, const float* bias, float* y, i
 }
 
 template <int Q>
-void rows_avx2_any(int64_t rows, const float* x, const uint8_t* wq, const float* bias, float* y, int64_t k_dim,
-                   int64_t n_dim, int64_t begin, int64_t end) {
+void rows_avx2_any(int64_t rows, const float* x, const float* terms, const uint8_t* wq, const float* bias, float* y,
+                   int64_t k_dim, int64_t n_dim, int64_t begin, int64_t end) {
   switch (rows) {
-    case 1: rows_avx2<Q, 1>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 2: rows_avx2<Q, 2>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 3: rows_avx2<Q, 3>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 4: rows_avx2<Q, 4>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 5: rows_avx2<Q, 5>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 6: rows_avx2<Q, 6>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 7: rows_avx2<Q, 7>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 8: rows_avx2<Q, 8>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
+    case 1: rows_factored<Q, 1>(x, terms, wq, bias, y, k_dim, n_dim, begin, end); break;
+    case 2: rows_dequant<Q, 2>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
+    case 3: rows_dequant<Q, 3>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
+    case 4: rows_dequant<Q, 4>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
+    case 5: rows_dequant<Q, 5>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
+    case 6: rows_dequant<Q, 6>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
+    case 7: rows_dequant<Q, 7>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
+    case 8: rows_dequant<Q, 8>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
     default: break;
   }
 }
 
 #endif
+
+// `count` consecutive blocks to float32 (exactly the dequantized checkpoint's values).
+void dequant_blocks(int64_t qtype, const uint8_t* src, float* dst, int64_t count, bool scalar) {
+  const int64_t bb = block_bytes(qtype);
+#ifdef SPECSERVE_QUANT_AVX2
+  if (!scalar) {
+    for (int64_t i = 0; i < count; ++i) {
+      __m256 v[4];
+      if (qtype == kQ4_0) dequant8x4<kQ4_0>(src + i * bb, v);
+      else if (qtype == kQ4_1) dequant8x4<kQ4_1>(src + i * bb, v);
+      else dequant8x4<kQ8_0>(src + i * bb, v);
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dst + i * kBlock + 8 * j, v[j]);
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < count; ++i) dequant_block(qtype, src + i * bb, dst + i * kBlock);
+}
 
 void check_weight(const at::Tensor& wq, int64_t qtype, int64_t n, int64_t k) {
   TORCH_CHECK(wq.device().is_cpu() && wq.scalar_type() == at::kByte && wq.is_contiguous(),
@@ -197,7 +332,7 @@ bool quant_matmul_vectorized() {
 }
 
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype, int64_t n,
-                        const c10::optional<at::Tensor>& bias, bool scalar) {
+                        const c10::optional<at::Tensor>& bias, bool scalar, int64_t direct_rows) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, "x must be float32 [M, K]");
   TORCH_CHECK(x.size(0) <= kMaxRows, "quant_matmul takes at most ", kMaxRows, " rows");
   const at::Tensor xc = x.contiguous();
@@ -213,22 +348,39 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype
   const uint8_t* wp = wq.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   if (m == 0) return y;
+  const int64_t row_bytes = k / kBlock * block_bytes(qtype);
+  if (m > (direct_rows < 0 ? kDirectRows : direct_rows)) {  // the tile path
+    at::parallel_for(0, n, kTile, [&](int64_t begin, int64_t end) {
+      std::vector<float> tile(kTile * k);
+      for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+        const int64_t t1 = std::min(end, t0 + kTile);
+        dequant_blocks(qtype, wp + t0 * row_bytes, tile.data(), (t1 - t0) * (k / kBlock), scalar);
+        rows_times_weight_any(m, xp, tile.data(), b ? b + t0 : nullptr, yp + t0, k, n, 0, t1 - t0);
+      }
+    });
+    return y;
+  }
+  const std::vector<float> terms = block_terms(qtype, m, xp, k);
+  const int64_t terms_row = terms.empty() ? 0 : 2 * (k / kBlock);
   at::parallel_for(0, n, kTile, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = begin; t0 < end; t0 += kTile) {
       const int64_t t1 = std::min(end, t0 + kTile);
+      if (scalar) {
+        rows_scalar(qtype, m, xp, terms.data(), wp, b, yp, k, n, t0, t1);
+        continue;
+      }
       for (int64_t m0 = 0; m0 < m; m0 += 8) {
         const int64_t rows = std::min<int64_t>(8, m - m0);
         const float* xs = xp + m0 * k;
+        const float* ts = terms.data() + m0 * terms_row;
         float* ys = yp + m0 * n;
 #ifdef SPECSERVE_QUANT_AVX2
-        if (!scalar) {
-          if (qtype == kQ4_0) rows_avx2_any<kQ4_0>(rows, xs, wp, b, ys, k, n, t0, t1);
-          else if (qtype == kQ4_1) rows_avx2_any<kQ4_1>(rows, xs, wp, b, ys, k, n, t0, t1);
-          else rows_avx2_any<kQ8_0>(rows, xs, wp, b, ys, k, n, t0, t1);
-          continue;
-        }
+        if (qtype == kQ4_0) rows_avx2_any<kQ4_0>(rows, xs, ts, wp, b, ys, k, n, t0, t1);
+        else if (qtype == kQ4_1) rows_avx2_any<kQ4_1>(rows, xs, ts, wp, b, ys, k, n, t0, t1);
+        else rows_avx2_any<kQ8_0>(rows, xs, ts, wp, b, ys, k, n, t0, t1);
+#else
+        rows_scalar(qtype, rows, xs, ts, wp, b, ys, k, n, t0, t1);
 #endif
-        rows_scalar(qtype, rows, xs, wp, b, ys, k, n, t0, t1);
       }
     }
   });
@@ -238,21 +390,10 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype
 at::Tensor quant_dequantize(const at::Tensor& wq, int64_t qtype, int64_t n, int64_t k) {
   check_weight(wq, qtype, n, k);
   at::Tensor w = at::empty({n, k}, at::TensorOptions().dtype(at::kFloat));
-  const int64_t bb = block_bytes(qtype), nb = k / kBlock;
   const uint8_t* src = wq.data_ptr<uint8_t>();
   float* dst = w.data_ptr<float>();
-  at::parallel_for(0, n * nb, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-#ifdef SPECSERVE_QUANT_AVX2
-      __m256 v[4];
-      if (qtype == kQ4_0) dequant8x4<kQ4_0>(src + i * bb, v);
-      else if (qtype == kQ4_1) dequant8x4<kQ4_1>(src + i * bb, v);
-      else dequant8x4<kQ8_0>(src + i * bb, v);
-      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dst + i * kBlock + 8 * j, v[j]);
-#else
-      dequant_block(qtype, src + i * bb, dst + i * kBlock);
-#endif
-    }
+  at::parallel_for(0, n * (k / kBlock), 256, [&](int64_t begin, int64_t end) {
+    dequant_blocks(qtype, src + begin * block_bytes(qtype), dst + begin * kBlock, end - begin, false);
   });
   return w;
 }

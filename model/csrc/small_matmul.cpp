@@ -8,32 +8,7 @@
 
 #include <algorithm>
 
-#include "vec8.h"
-
-namespace {
-
-template <int M>
-void rows_times_weight(const float* x, const float* w, const float* bias, float* y, int64_t k_dim, int64_t n_dim,
-                       int64_t begin, int64_t end) {
-  const int64_t k8 = k_dim / 8 * 8;
-  for (int64_t n = begin; n < end; ++n) {
-    const float* wr = w + n * k_dim;
-    v8 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = v8{};
-    for (int64_t k = 0; k < k8; k += 8) {
-      const v8 wv = load8(wr + k);
-      for (int m = 0; m < M; ++m) acc[m] += load8(x + m * k_dim + k) * wv;
-    }
-    for (int m = 0; m < M; ++m) {
-      float s = bias ? bias[n] : 0.f;
-      for (int i = 0; i < 8; ++i) s += acc[m][i];
-      for (int64_t k = k8; k < k_dim; ++k) s += x[m * k_dim + k] * wr[k];
-      y[m * n_dim + n] = s;
-    }
-  }
-}
-
-}  // namespace
+#include "rows_gemm.h"
 
 constexpr int64_t kMaxRows = 16;
 constexpr int64_t kTile = 64;  // W rows per tile: 64 x K floats stay in L2 while each group of 8 x rows passes
@@ -57,22 +32,7 @@ at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& weight, const c10
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n, kTile, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = begin; t0 < end; t0 += kTile) {
-      const int64_t t1 = std::min(end, t0 + kTile);
-      for (int64_t m0 = 0; m0 < m; m0 += 8) {
-        const float* xs = xp + m0 * k;
-        float* ys = yp + m0 * n;
-        switch (std::min<int64_t>(8, m - m0)) {
-          case 1: rows_times_weight<1>(xs, wp, b, ys, k, n, t0, t1); break;
-          case 2: rows_times_weight<2>(xs, wp, b, ys, k, n, t0, t1); break;
-          case 3: rows_times_weight<3>(xs, wp, b, ys, k, n, t0, t1); break;
-          case 4: rows_times_weight<4>(xs, wp, b, ys, k, n, t0, t1); break;
-          case 5: rows_times_weight<5>(xs, wp, b, ys, k, n, t0, t1); break;
-          case 6: rows_times_weight<6>(xs, wp, b, ys, k, n, t0, t1); break;
-          case 7: rows_times_weight<7>(xs, wp, b, ys, k, n, t0, t1); break;
-          case 8: rows_times_weight<8>(xs, wp, b, ys, k, n, t0, t1); break;
-          default: break;
-        }
-      }
+      rows_times_weight_any(m, xp, wp, b, yp, k, n, t0, std::min(end, t0 + kTile));
     }
   });
   return y;
