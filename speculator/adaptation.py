@@ -251,6 +251,7 @@ class Optimizer:
         self.state.next_version += 1
         if better:
             self.trainer.save(c.model, self.folder(release))
+            self.drifted.pop(job.workload_class, None)  # reported while it trained, of the drafter it replaces
             live = self.state.live(job.workload_class)
             if live is not None:
                 live.status = "replaced"

@@ -89,6 +89,11 @@ def test_cross_field_checks_name_their_keys():
     assert error_of(inverted).startswith("target.autoscaling_config: min_replicas")
     assert error_of({"draft_worker": {"enabled": True}}).startswith("draft_worker.enabled: ")
     assert error_of({"engine": {"device": "cuda"}}).startswith("target.shard_resources.num_gpus: ")
+    assert error_of({"adaptation": {"enabled": True}}).startswith("adaptation.enabled: needs engine.speculator 'auto'")
+    auto_in_worker = {"adaptation": {"enabled": True}, "engine": {"speculator": "auto"}}
+    auto_in_worker["draft_worker"] = {"enabled": True}
+    assert error_of(auto_in_worker).startswith(("adaptation.enabled", "draft_worker.enabled"))
+    assert error_of({"adaptation": {"min_records": 2}}).startswith("adaptation.min_records")
     assert error_of({"engine": {"ngram_min": 3, "ngram_max": 2}}).startswith("engine: ngram_min")
     assert error_of([1, 2]).startswith("application args must be a mapping")
 
