@@ -151,19 +151,20 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_options(args: argparse.Namespace, **extra):
+    """What `profile` and `adapt` share of their flags."""
+    from cli.profile import ProfileOptions
+
+    drafters = tuple(filter(None, args.drafters.split(",")))
+    return ProfileOptions(limit=args.limit, max_tokens=args.max_tokens, k=args.k, classes=args.classes,
+                          class_rules=args.class_rules, drafters=drafters, **extra)  # fmt: skip
+
+
 def _profile(args: argparse.Namespace) -> int:
-    from cli.profile import ProfileOptions, run
+    from cli.profile import run
     from model.config import EngineConfig
 
-    options = ProfileOptions(
-        limit=args.limit,
-        max_tokens=args.max_tokens,
-        k=args.k,
-        classes=args.classes,
-        class_rules=args.class_rules,
-        drafters=tuple(filter(None, args.drafters.split(","))),
-        speculator_models=tuple(args.speculator_model),
-    )
+    options = _profile_options(args, speculator_models=tuple(args.speculator_model))
     base = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, kv_cache_gib=args.kv_cache_gib)
     plan = run(args.prompts, args.out, base, options, log=lambda line: print(line, file=sys.stderr))
     print(json.dumps({"out": args.out, "classes": [c.model_dump() for c in plan.classes]}))
@@ -172,18 +173,10 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _adapt(args: argparse.Namespace) -> int:
     from cli.adapt import AdaptOptions, run
-    from cli.profile import ProfileOptions
     from model.config import EngineConfig
     from speculator.distill import DistillOptions
 
-    profile = ProfileOptions(
-        limit=args.limit,
-        max_tokens=args.max_tokens,
-        k=args.k,
-        classes=args.classes,
-        class_rules=args.class_rules,
-        drafters=tuple(filter(None, args.drafters.split(","))),
-    )
+    profile = _profile_options(args)
     distill = DistillOptions(
         n_predict=args.n_predict or args.k, draft_vocab=args.draft_vocab, epochs=args.epochs, batch_size=args.batch_size
     )

@@ -29,7 +29,15 @@ from tests.conftest import humaneval_prompts
 MODEL = "SmolLM2-135M-Instruct"
 
 
+def chat_prompts(folder: Path, n: int) -> list[str]:
+    """The first `n` ShareGPT questions, cut to 300 characters (the chat traffic repeats them)."""
+    sharegpt_to_jsonl(folder / "chats.jsonl", n)
+    return [s.messages[0]["content"][:300] for s in load_prompts(folder / "chats.jsonl")]
+
+
 def app_args(tmp: Path, chats: int, repeats: int) -> dict:
+    """One class for all traffic ("any") planned on code, n-gram at 1.6 tokens per step; adaptation retrains
+    once a round of chats (`chats` x `repeats`) is logged."""
     ngram = DrafterProfile(seconds_per_token=1e-5, by_class={"any": Acceptance(survival=[0.4, 0.15, 0.05], steps=100)})
     plan = build_plan(rules_spec([ClassRule(name="any", regex="(?s).")]), StepTimes((1, 4), (0.02, 0.021)),
                       {"ngram": ngram}, 3)  # fmt: skip
@@ -70,8 +78,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=4)
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-drift-"))
-    sharegpt_to_jsonl(tmp / "chats.jsonl", args.chats)
-    chats = [s.messages[0]["content"][:300] for s in load_prompts(tmp / "chats.jsonl")]
+    chats = chat_prompts(tmp, args.chats)
     code = humaneval_prompts(args.code)
     failed, served = [0], [0]
     with local_app(app_args(tmp, args.chats, args.repeats), num_cpus=4) as url:

@@ -99,6 +99,14 @@ def greedy_reference(make_engine, prompt: str, sizes: tuple[int, ...]) -> dict[i
     return {n: engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].text for n in sizes}
 
 
+def write_prompt_file(path: Path, num_code: int, chats: list[str]) -> Path:
+    """A prompts file (cli/prompts.py's JSONL) of `num_code` HumanEval prompts and single-turn `chats`."""
+    lines = [{"prompt": p} for p in humaneval_prompts(num_code)]
+    lines += [{"messages": [{"role": "user", "content": q}]} for q in chats]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
 def mlp_training_chats(n: int = 6) -> list[list[dict]]:
     """The chats the test MLP drafter is trained on (a short question first, then HumanEval functions)."""
     return [[{"role": "user", "content": "Name one fruit."}]] + [

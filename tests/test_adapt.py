@@ -15,7 +15,7 @@ from sampling.params import SamplingParams
 from speculator.cost_model import StepTimes
 from speculator.plan import build_plan, read_plan
 from speculator.workload_class import ClassRule, rules_spec
-from tests.conftest import humaneval_prompts
+from tests.conftest import write_prompt_file
 
 CHAT = ["Tell me a joke about cats."]
 ENGINE = {"kv_cache_gib": 0.25, "max_model_len": 1024}
@@ -41,11 +41,7 @@ def test_read_plan_takes_a_learned_drafter_per_class_only_with_its_folder(tmp_pa
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("adapt") / "prompts.jsonl"
-    lines = [{"prompt": p} for p in humaneval_prompts(3)]
-    lines += [{"messages": [{"role": "user", "content": q}]} for q in CHAT]
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return path
+    return write_prompt_file(tmp_path_factory.mktemp("adapt") / "prompts.jsonl", 3, CHAT)
 
 
 @pytest.fixture(scope="module")

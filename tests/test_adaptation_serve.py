@@ -13,12 +13,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from cli.prompts import load_prompts, sharegpt_to_jsonl  # noqa: E402
 from cluster.local_cluster import served_app  # noqa: E402
 from sampling.params import SamplingParams  # noqa: E402
-from speculator.cost_model import StepTimes  # noqa: E402
-from speculator.plan import Acceptance, DrafterProfile, build_plan  # noqa: E402
-from speculator.workload_class import ClassRule, rules_spec  # noqa: E402
+from scripts.bench_drift import app_args, chat_prompts  # noqa: E402
 from tests.conftest import humaneval_prompts  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -30,43 +27,14 @@ ENGINE = {"kv_cache_gib": 0.25, "max_model_len": 1024}
 
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory) -> list[str]:
-    """Eight ShareGPT questions (cut to 300 characters): the chat traffic repeats them, as recurring questions do."""
-    path = tmp_path_factory.mktemp("sharegpt") / "chats.jsonl"
-    sharegpt_to_jsonl(path, 8)
-    return [s.messages[0]["content"][:300] for s in load_prompts(path)]
+    """Eight ShareGPT questions: the chat traffic repeats them, as recurring questions do."""
+    return chat_prompts(tmp_path_factory.mktemp("sharegpt"), 8)
 
 
 @pytest.fixture(scope="module")
-def plan_path(tmp_path_factory) -> str:
-    """One class for all traffic ("any"), planned on code: n-gram lookup at 1.6 tokens per step."""
-    ngram = DrafterProfile(seconds_per_token=1e-5, by_class={"any": Acceptance(survival=[0.4, 0.15, 0.05], steps=100)})
-    plan = build_plan(rules_spec([ClassRule(name="any", regex="(?s).")]), StepTimes((1, 4), (0.02, 0.021)),
-                      {"ngram": ngram}, 3)  # fmt: skip
-    path = tmp_path_factory.mktemp("plan") / "plan.json"
-    path.write_text(plan.model_dump_json())
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def base_url(local_ray, plan_path, tmp_path_factory):
-    args = {
-        "engine": {**ENGINE, "speculator": "auto", "plan": plan_path, "num_speculative_tokens": 3},
-        "target": {"num_replicas": 1, "shard_resources": {"num_cpus": 1}, "admission": {"max_waiting": 64}},
-        "ingress": {"completion_cache": {"enabled": False}},
-        "adaptation": {
-            "enabled": True,
-            "store_dir": str(tmp_path_factory.mktemp("store")),
-            "records_per_class": 40,
-            "min_records": 32,
-            "drift_requests": 6,
-            "window_requests": 12,
-            "retrain_cooldown_s": 2,
-            "report_interval_s": 1,
-            "optimizer_cpus": 1,
-            "distill": {"n_predict": 3, "draft_vocab": 2048, "epochs": 20, "batch_size": 32, "lr": 3e-3},
-        },
-    }
-    with served_app(args) as url:
+def base_url(local_ray, tmp_path_factory):
+    """The scenario of scripts/bench_drift.py: retraining once 8 chats x 4 are logged."""
+    with served_app(app_args(tmp_path_factory.mktemp("drift"), 8, 4)) as url:
         yield url
 
 

@@ -11,7 +11,7 @@ from cli.main import main
 from engine.tokenization import encode_prompt
 from sampling.params import SamplingParams
 from speculator.plan import read_plan
-from tests.conftest import humaneval_prompts
+from tests.conftest import write_prompt_file
 
 CHAT = ["What is the capital of France?", "Tell me a joke about cats."]
 ENGINE = {"kv_cache_gib": 0.25, "max_model_len": 1024}
@@ -20,11 +20,7 @@ pytestmark = pytest.mark.slow  # the profile runs the engine once per drafter on
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("auto") / "prompts.jsonl"
-    lines = [{"prompt": p} for p in humaneval_prompts(2)]
-    lines += [{"messages": [{"role": "user", "content": q}]} for q in CHAT]
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return path
+    return write_prompt_file(tmp_path_factory.mktemp("auto") / "prompts.jsonl", 2, CHAT)
 
 
 @pytest.fixture(scope="module")
