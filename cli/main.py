@@ -23,6 +23,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="a quantized GGUF's linear layers kept in their blocks (packed) or dequantized (fp32); auto = packed "
         "on CPU in float32",
     )
+    p.add_argument(
+        "--quantization",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: float weights quantized to int8 at load (a different model: outputs differ from float32)",
+    )
     p.add_argument("--speculator", choices=["none", "ngram", "suffix", "draft", "mlp", "eagle", "auto"], default="none")
     p.add_argument("--plan", default=None, help="auto: the plan `specserve profile` wrote (default: ngram for all)")
     p.add_argument("--speculator-model", default=None, help="mlp/eagle: the drafter folder `specserve distill` wrote")
@@ -53,6 +59,7 @@ def _config(args: argparse.Namespace):
         dtype=args.dtype,
         device=args.device,
         weights=args.weights,
+        quantization=args.quantization,
         speculator=args.speculator,
         speculator_model=args.speculator_model,
         plan=args.plan,

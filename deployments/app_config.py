@@ -178,6 +178,8 @@ class AppConfig(_Strict):
     def _consistent(self) -> AppConfig:
         if self.served_model_name is None:
             self.served_model_name = served_name_for(self.engine.model)
+            if self.engine.quantization == "int8":  # another model than the float one, named so
+                self.served_model_name += "-int8"
         if self.draft_worker.enabled and self.engine.speculator not in ("draft", "mlp", "eagle"):
             raise ValueError("draft_worker.enabled: needs engine.speculator 'draft', 'mlp' or 'eagle'")
         if self.adaptation.enabled and (self.engine.speculator != "auto" or self.draft_worker.enabled):

@@ -24,6 +24,11 @@ class EngineConfig(BaseModel):
         description="linear layers of a quantized GGUF (Q4_0, Q4_1, Q8_0) kept in their blocks and run by the C++ "
         'kernels ("packed", float32 on CPU only), or dequantized to float32 ("fp32"); auto = packed where it can',
     )
+    quantization: Literal["none", "int8"] = Field(
+        default="none",
+        description="int8: the float weights quantized to int8 at load (Q8_0 blocks, run packed; CPU, float32). "
+        "A different model than the float one: speculation is lossless relative to the int8 model",
+    )
     block_size: int = Field(default=16, ge=1, le=1024)
     kv_cache_gib: float = Field(default=1.0, gt=0)
     enable_prefix_caching: bool = True
@@ -62,6 +67,11 @@ class EngineConfig(BaseModel):
     def _check(self) -> EngineConfig:
         if self.weights == "packed" and (self.device != "cpu" or self.dtype != "float32" or not self.cpu_kernels):
             raise ValueError("weights: packed runs on device cpu with dtype float32 and cpu_kernels on")
+        if self.quantization == "int8" and (
+            self.weights == "packed" or self.device != "cpu" or self.dtype != "float32" or not self.cpu_kernels
+        ):
+            raise ValueError("quantization: int8 quantizes float weights on device cpu, float32, cpu_kernels on "
+                             "(not with weights: packed)")  # fmt: skip
         if self.ngram_min > self.ngram_max:
             raise ValueError("ngram_min must be <= ngram_max")
         learned = self.speculator in ("mlp", "eagle")

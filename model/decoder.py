@@ -16,8 +16,14 @@ from torch import nn
 from model.attention.paged import AttentionBackend, AttnMetadata
 from model.kv_pages import KVPages
 from model.loader import ModelArch, ModelLoadError, iter_weights, rope_cos_sin
-from model.parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear, VocabParallelEmbedding
-from model.quant import PackedWeight
+from model.parallel import (
+    ColumnParallelLinear,
+    ParallelContext,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    drop_float_weight,
+)
+from model.quant import PackedWeight, quantize_q8_0
 
 
 class RMSNorm(nn.Module):
@@ -179,6 +185,20 @@ class CausalLM(nn.Module):
         if parts := take([head]):
             self.lm_head.use_packed(parts[0])
         return used
+
+    def quantize_int8(self) -> int:
+        """Quantize every linear layer and the LM head that still runs on float32 weights to int8 (Q8_0 blocks,
+        `model.quant.quantize_q8_0`), run by the packed kernel; the embedding table stays float32 for the token
+        lookup. Returns the bytes of the int8 matrices. Needs `use_cpu_kernels` before a forward."""
+        total = 0
+        modules = [m for layer in self.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        for module in [*modules, self.lm_head]:
+            if module.quant is None:
+                module.quant, module.packed = quantize_q8_0(module.weight), None
+                if module is not self.lm_head:
+                    drop_float_weight(module)
+            total += module.quant.nbytes
+        return total
 
     def load(self, folder: Path, max_len: int, packed: dict[str, PackedWeight] | None = None) -> None:
         """Load this rank's slices of the checkpoint; layers beyond num_layers are skipped (truncated drafts).

@@ -84,3 +84,18 @@ class PackedWeight:
         if x.shape[0] <= QUANT_MATMUL_MAX_ROWS:
             return kernels.quant_matmul(x, self.data, self.qtype, self.out_features, bias)
         return F.linear(x, self.dequantize(kernels), bias)
+
+
+def quantize_q8_0(weight: torch.Tensor) -> PackedWeight:
+    """A float [out, in] matrix as Q8_0 blocks (int8 weight-only quantization of a float checkpoint): per block of
+    32 input features, d = max |w| / 127 (stored as fp16) and q = round(w / d). Finer than one scale per output
+    channel, and it runs on the same packed kernel as a GGUF's Q8_0 matrices."""
+    out_features, in_features = weight.shape
+    if in_features % BLOCK:
+        raise ValueError(f"int8 quantization needs input features in blocks of {BLOCK}, not {in_features}")
+    w = weight.detach().float().reshape(out_features, in_features // BLOCK, BLOCK)
+    d = (w.abs().amax(dim=2, keepdim=True) / 127).half()
+    scale = d.float()
+    q = torch.where(scale > 0, torch.round(w / scale.clamp_min(1e-30)), 0.0).clamp(-127, 127).to(torch.int8)
+    blocks = torch.cat([d.view(torch.uint8), q.view(torch.uint8)], dim=2)  # {fp16 d, int8 q[32]}, as GGUF lays it
+    return PackedWeight(8, blocks.reshape(out_features, -1).contiguous(), out_features, in_features)

@@ -57,7 +57,7 @@ def packed_weights(
 ) -> dict[str, PackedWeight] | None:
     """The quantized matrices to run packed for `config.weights` (None: float32 weights). auto packs a quantized
     GGUF on CPU in float32 when the kernels build; packed insists (and fails without the kernels)."""
-    if config.weights == "fp32":
+    if config.weights == "fp32" or config.quantization == "int8":
         return None
     source = model_source(model)
     if config.weights == "auto":
@@ -93,15 +93,19 @@ class ModelRunner:
         attention_backend: str = "auto",
         cpu_kernels: bool = True,
         packed: dict[str, PackedWeight] | None = None,
+        quantization: str = "none",
     ):
         self.tp = tp or ParallelContext()
         self.device, self.dtype, self.block_size = device, dtype, block_size
-        if packed and (device.type != "cpu" or dtype != torch.float32 or not cpu_kernels):
-            raise ValueError("packed weights run on CPU in float32 with the CPU kernels")
+        int8 = quantization == "int8"
+        if (packed or int8) and (device.type != "cpu" or dtype != torch.float32 or not cpu_kernels):
+            raise ValueError("packed and int8 weights run on CPU in float32 with the CPU kernels")
         with torch.device(device):
             self.model = CausalLM(arch, self.tp, num_layers).to(dtype)
         self.model.load(folder, max_model_len, packed)
-        self.packed = bool(packed)  # whether the linear layers run on GGUF blocks
+        if int8:
+            self.model.quantize_int8()
+        self.packed = bool(packed) or int8  # whether the linear layers run on blocks (GGUF's, or int8 ones)
         layer = self.model.layers[0]
         n_layers = len(self.model.layers)
         num_blocks = KVPages.blocks_for_budget(
@@ -112,7 +116,7 @@ class ModelRunner:
         self.kv = KVPages(n_layers, num_blocks, block_size, layer.num_kv_heads, arch.head_dim, dtype, device)
         kernels = None
         if device.type == "cpu" and cpu_kernels:
-            kernels = load_kernels(required=attention_backend == "cpu" or bool(packed))
+            kernels = load_kernels(required=attention_backend == "cpu" or self.packed)
         self.backend = make_backend(attention_backend, block_size, device, kernels)
         if kernels is not None and dtype == torch.float32:
             self.model.use_cpu_kernels(kernels)
@@ -162,6 +166,7 @@ class ModelRunner:
             attention_backend=config.attention_backend,
             cpu_kernels=config.cpu_kernels,
             packed=packed_weights(config, model, arch, num_layers),
+            quantization=config.quantization,
         )
 
     @property

@@ -5,7 +5,7 @@ same number of tokens); the request with n shares the prompt's KV blocks. Runs a
 (`--rounds` each) on one engine. Prints JSON: output tokens per second (median over rounds), the most KV blocks
 live at once and the prompt tokens the model computed, for each way.
 
-    flock /tmp/specserve-cpu.lock .venv/bin/python scripts/bench_n.py --n 4 --max-tokens 64 --rounds 3
+    .venv/bin/python scripts/bench_n.py --n 4 --max-tokens 64 --rounds 3
 """
 
 from __future__ import annotations

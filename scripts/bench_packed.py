@@ -1,6 +1,6 @@
 """Packed GGUF weights against float32 weights: plain decoding, one request at a time; prints one JSON object.
 
-    flock /tmp/specserve-cpu.lock .venv/bin/python scripts/bench_packed.py [--prompts 6] [--max-tokens 128]
+    .venv/bin/python scripts/bench_packed.py [--prompts 6] [--max-tokens 128]
 
 Both engines load the default model (or `--model`, a quantized GGUF), `weights: fp32` and `weights: packed`,
 and run the same HumanEval chat prompts greedily with ignore_eos, interleaved prompt by prompt as A-B-B-A, so
