@@ -120,10 +120,10 @@ class LLMServer:
             proposer=self.draft,
             make_block_manager=self._make_block_manager if self.config.target.block_manager_actor else None,
         )
-        if self.config.adaptation.enabled:
-            engine.log_traffic(self.config.adaptation.records_per_class)
         # A step end to end (kernels, block manager actor, shards) before the replica reports ready.
         engine.generate(["Hi"], SamplingParams(max_tokens=1))
+        if self.config.adaptation.enabled:  # after the warm-up, which is no traffic to learn from
+            engine.log_traffic(self.config.adaptation.records_per_class, self.config.adaptation.window_requests)
         return engine
 
     def _make_block_manager(self, *args: Any) -> RemoteBlockManager:

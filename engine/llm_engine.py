@@ -276,9 +276,12 @@ class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
 
     # ---- adaptation (speculator/adaptation.py) ----------------------------------------------------------
 
-    def log_traffic(self, max_records: int) -> None:
-        """Keep the newest `max_records` finished sequences (prompt + output ids, workload class) for retraining."""
+    def log_traffic(self, max_records: int, window_requests: int | None = None) -> None:
+        """Keep the newest `max_records` finished sequences (prompt + output ids, workload class) for retraining;
+        with `window_requests`, watch speculation over that many finished requests per key (before any request)."""
         self.traffic = TrafficLog(max_records)
+        if window_requests is not None:
+            self.monitor = SpecMonitor(window_requests)
 
     def take_traffic(self) -> list[TrafficRecord]:
         """The sequences logged since the last call (none unless `log_traffic` was called)."""
