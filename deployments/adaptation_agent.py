@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ class AdaptationAgent:
             answer = ray.get(self._actor.report.remote(records, signals, dict(self.installed)), timeout=CALL_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - adaptation waits for the optimizer; serving does not
             self._unsent, self._actor = records, None
-            if self._log.should_log(0.0):
+            if self._log.should_log(time.monotonic()):
                 log.warning("adaptation: optimizer unreachable (%s); retrying", e)
             return
         self._unsent = []

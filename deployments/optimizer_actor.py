@@ -27,7 +27,6 @@ from speculator.adaptation import (
     AdaptationConfig,
     ClassSignal,
     Optimizer,
-    Release,
     TrafficRecord,
     Trainer,
     read_files,
@@ -67,10 +66,9 @@ def make_trainer(engine: EngineConfig, config: AdaptationConfig, runner: Any) ->
     def train(records: list[DistillRecord]) -> object:
         return distill(records, "mlp", target_vocab_size=arch.vocab_size, options=config.distill, progress=False).model
 
-    def live(workload_class: str, release: Release | None) -> Proposer | None:
-        if release is not None:
-            folder = Path(config.store_dir).expanduser() / f"{release.workload_class}-v{release.version}"
-            return MLPProposer.load(folder, target_hidden_size=arch.hidden_size, target_vocab_size=arch.vocab_size)
+    def live(workload_class: str, released: Path | None) -> Proposer | None:
+        if released is not None:
+            return MLPProposer.load(released, target_hidden_size=arch.hidden_size, target_vocab_size=arch.vocab_size)
         name = plan.choice(workload_class).drafter if plan else "ngram"
         if name == NONE:
             return None
@@ -155,8 +153,8 @@ class OptimizerActor:
 
 
 def get_or_create_optimizer(app_name: str, engine: EngineConfig, config: AdaptationConfig) -> Any:
-    """The app's optimizer actor, created by the first replica that asks (detached: replicas come and go; it is
-    removed with the app's `serve.delete`... or `ray.kill`)."""
+    """The app's optimizer actor, created by the first replica that asks. Detached, as replicas come and go: it
+    outlives the app (its releases are in `store_dir`), so remove it with `ray.kill` when the app is deleted."""
     return OptimizerActor.options(
         name=f"specserve-optimizer-{app_name}",
         namespace=NAMESPACE,

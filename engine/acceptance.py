@@ -12,7 +12,7 @@ from engine import hidden_rows
 from engine.request_state import RequestOutput, RequestState
 from engine.scheduler import ScheduledSeq
 from engine.sequence import Sequence
-from engine.spec_monitor import FIRST_VERSION, SpecKey, SpecMonitor
+from engine.spec_monitor import SpecMonitor
 from model.kv_pages import SlotMove
 from model.runner import StepInput
 from sampling.logprobs import token_logprobs
@@ -33,7 +33,6 @@ class Acceptance:
     scheduler: Scheduler
     spec: SpecCounters
     monitor: SpecMonitor
-    drafter_versions: dict[str, str]
     eos_token_ids: set[int]
     max_model_len: int
     runner: Any  # moves the accepted path's KV slots in place (ModelRunner.move_slots)
@@ -85,18 +84,12 @@ class Acceptance:
         return self._append(req, emitted, now, raw)
 
     def _record_step(self, req: RequestState, drafted: int, accepted: int, emitted: int) -> None:
-        """A verification step counted for the request, the engine and the monitor (under its drafter's version
-        now: a swap mid-request labels the steps after it), and told to the k controller."""
+        """A verification step counted for the request, the engine and the monitor (under the key a drafter swap
+        moved the request to, engine/drafter_swap.py), and told to the k controller."""
         req.metrics.spec.record(drafted, accepted, emitted)
         self.spec.record(drafted, accepted, emitted)
-        track = req.spec_track
-        if track is not None:
-            key = track.series.key
-            version = self.drafter_versions.get(key.drafter, FIRST_VERSION)
-            if version != key.version:
-                req.drafter_version = version
-                req.spec_track = track = self.monitor.move(track, SpecKey(key.workload_class, key.drafter, version))
-            self.monitor.record(track, drafted, accepted, emitted)
+        if req.spec_track is not None:
+            self.monitor.record(req.spec_track, drafted, accepted, emitted)
         if req.controller:
             req.controller.update(drafted, accepted)
 

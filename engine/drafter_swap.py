@@ -67,9 +67,8 @@ class DrafterSwap:
                 self.proposer.release(req.seq.seq_id)
                 req.hidden = None
                 req.drafter = drafter
-                req.drafter_version = self.drafter_versions.get(drafter, FIRST_VERSION)
-                if req.spec_track is not None:  # its steps from here on count under the new drafter
-                    key = SpecKey(swap.workload_class, drafter, req.drafter_version)
+                if req.spec_track is not None:  # its steps from here on count under the new drafter and version
+                    key = SpecKey(swap.workload_class, drafter, self.drafter_versions.get(drafter, FIRST_VERSION))
                     req.spec_track = self.monitor.move(req.spec_track, key)
                 if req.controller is None and drafter != NONE:
                     req.controller = self._make_controller()

@@ -194,7 +194,6 @@ class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
             index=index,
             drafter=route.drafter if route else None,
             workload_class=workload_class,
-            drafter_version=version,
             spec_track=track,
         )
 
@@ -268,11 +267,6 @@ class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
         """Speculation by workload class, drafter and version, cumulative and over recent requests; safe to read
         from another thread (engine/spec_monitor.py)."""
         return self.monitor.snapshot()
-
-    def set_drafter_version(self, drafter: str, version: str) -> None:
-        """Label what `drafter` drafts from now on (its next step of every request) with `version`, e.g. after the
-        drafter was swapped for a retrained one."""
-        self.drafter_versions[drafter] = str(version)
 
     # ---- adaptation (speculator/adaptation.py) ----------------------------------------------------------
 

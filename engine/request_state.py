@@ -10,7 +10,7 @@ from engine import hidden_rows
 from engine.detokenizer import IncrementalDetokenizer
 from engine.metrics import RequestMetrics
 from engine.sequence import Sequence
-from engine.spec_monitor import FIRST_VERSION, SpecTrack
+from engine.spec_monitor import SpecTrack
 from sampling.controls import LogitsControls
 from sampling.grammar import GrammarState
 from sampling.logprobs import TokenLogprob
@@ -64,5 +64,4 @@ class RequestState:
     pending: list[RequestState] = field(default_factory=list)  # siblings forked once this one's prompt is prefilled
     drafter: str | None = None  # speculator auto: its workload class's drafter ("none": it never drafts)
     workload_class: str | None = None  # speculator auto: its class (None: no classifier)
-    drafter_version: str = FIRST_VERSION  # the version of its drafter its latest step drafted with
     spec_track: SpecTrack | None = None  # where its verification steps are counted (engine/spec_monitor.py)

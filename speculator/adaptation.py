@@ -120,12 +120,12 @@ class Candidate:
 class Trainer:
     """What retraining needs from the target, injected so the core stays plain: hidden states along sequences,
     a drafter distilled from records, a proposer for a trained drafter, the live proposer of a class (its plan's
-    drafter, or its live release's), saving and loading a drafter folder."""
+    drafter, or the one in its live release's folder), saving a drafter folder."""
 
     hidden: Callable[[list[TrafficRecord]], list[DistillRecord]]
     distill: Callable[[list[DistillRecord]], object]
     proposer: Callable[[object], Proposer]
-    live_proposer: Callable[[str, Release | None], Proposer | None]
+    live_proposer: Callable[[str, Path | None], Proposer | None]
     save: Callable[[object, Path], None]
     k: int
 
@@ -230,7 +230,7 @@ class Optimizer:
         train = [r for i, r in enumerate(records) if i % every != every - 1]
         model = self.trainer.distill(train)
         score = replay(self.trainer.proposer(model), held, self.trainer.k).tokens_per_step
-        live = self.trainer.live_proposer(job.workload_class, job.live)
+        live = self.trainer.live_proposer(job.workload_class, self.folder(job.live) if job.live else None)
         baseline = replay(live, held, self.trainer.k).tokens_per_step if live is not None else 1.0
         return Candidate(model, score, baseline, len(train), len(held))
 

@@ -28,9 +28,6 @@ from deployments.openai_responses import (
 )
 from deployments.stream_items import LogprobEntry
 
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-COMPLETION = {"model": "m", "prompt": "Once upon"}
-
 
 def test_usage_totals():
     assert usage(12, 5) == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}

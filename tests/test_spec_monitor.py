@@ -10,6 +10,7 @@ from engine.metrics import SpecCounters
 from engine.spec_monitor import SpecKey, SpecMonitor
 from sampling.params import SamplingParams
 from speculator.drift import current
+from speculator.ngram import NgramProposer
 from speculator.plan import ClassChoice, StepProfile, WorkloadPlan, read_plan
 from speculator.workload_class import ClassRule, rules_spec
 from tests.conftest import humaneval_prompts
@@ -70,20 +71,24 @@ def test_each_class_counts_under_its_own_key_and_all_add_up_to_the_engines(auto_
 
 
 def test_a_new_version_labels_the_steps_after_it(auto_engine):
+    """A drafter swapped in mid-request (engine/drafter_swap.py): the request's later steps count under it."""
     engine = auto_engine
     before, other = engine.spec_snapshot()[CODE], engine.spec_snapshot()[OTHER]
     rid = engine.add_request(humaneval_prompts(3)[2], SamplingParams(max_tokens=24, ignore_eos=True))
     req = engine.requests[rid]
-    assert req.workload_class == "code" and req.drafter == "ngram" and req.drafter_version == "0"
+    assert req.workload_class == "code" and req.drafter == "ngram" and req.spec_track.key.version == "0"
     while req.metrics.spec.steps < 3:
         engine.step()
     steps_before_swap = req.metrics.spec.steps
-    engine.set_drafter_version("ngram", "1")
+    ngram = NgramProposer(engine.config.ngram_min, engine.config.ngram_max)
+    engine.install_drafter("code", "ngram", ngram, "1")
     try:
+        engine.step()  # the swap applies before this step
+        assert req.spec_track.key.version == "1"
         out = [o for o in engine.run() if o.finished][-1]
-        assert req.drafter_version == "1"
     finally:
-        engine.set_drafter_version("ngram", "0")
+        engine.install_drafter("code", "ngram", ngram, "0")
+        engine.step()  # applies the swap back
     snap = engine.spec_snapshot()
     old, new = snap[CODE], snap[SpecKey("code", "ngram", "1")]
     assert old.total.steps - before.total.steps == steps_before_swap
