@@ -1,6 +1,8 @@
 """A replica's side of the adaptive loop: every `report_interval_s` it sends the optimizer actor the traffic the
 engine logged and a signal per workload class (its live drafter's window tokens per step, and whether that is
-drift by speculator/drift.py), and swaps in what the optimizer has released since (engine/drafter_swap.py).
+drift by speculator/drift.py), and swaps in what the optimizer has released since (engine/drafter_swap.py): built
+in the replica's process, or, when the replica has a draft worker, installed in that actor and swapped in as a
+remote drafter bound to its name (the client keeps the files, to install them again in a restarted actor).
 
 Serving never waits on it: it runs on its own thread, a failed or slow call to the optimizer (restarting, busy)
 only delays adaptation (the traffic it could not send is kept, bounded, for the next call).
@@ -13,17 +15,20 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from deployments.completion_cache_actor import BurstLog
 from model.config import EngineConfig
-from model.loader import load_arch, resolve_model
-from speculator.adaptation import AdaptationConfig, ClassSignal, TrafficRecord, write_files
+from speculator.adaptation import AdaptationConfig, ClassSignal, TrafficRecord
 from speculator.drift import DriftDetector, current, expected_from_plan
-from speculator.mlp_proposer import MLPProposer
+from speculator.factory import released_drafter
 from speculator.plan import read_plan
+from speculator.proposer import Proposer
+
+if TYPE_CHECKING:
+    from deployments.draft_worker import DraftWorkerClient
 
 log = logging.getLogger("ray.serve")
 CALL_TIMEOUT_S = 10.0
@@ -35,12 +40,19 @@ def drafter_name(workload_class: str) -> str:
 
 
 class AdaptationAgent:
-    def __init__(self, engine: Any, engine_config: EngineConfig, config: AdaptationConfig, connect: Callable[[], Any]):
+    def __init__(
+        self,
+        engine: Any,
+        engine_config: EngineConfig,
+        config: AdaptationConfig,
+        connect: Callable[[], Any],
+        draft_worker: DraftWorkerClient | None = None,
+    ):
         self.engine, self.config, self._connect = engine, config, connect
+        self.engine_config, self.draft_worker = engine_config, draft_worker
         plan = read_plan(engine_config.plan) if engine_config.plan else None
         self.plan_expected = expected_from_plan(plan) if plan else {}
         self.detector = DriftDetector(self.plan_expected, config.drift_margin, config.drift_requests)
-        self.arch = load_arch(resolve_model(engine_config.model))
         self.installed: dict[str, int] = {}  # class -> release version swapped in
         self.workdir = Path(tempfile.mkdtemp(prefix="specserve-drafters-"))
         self._actor: Any = None
@@ -82,11 +94,18 @@ class AdaptationAgent:
             log.warning("adaptation: class %s back on its plan's drafter", name)
 
     def _install(self, name: str, version: int, files: dict[str, bytes], expected: float) -> None:
-        folder = write_files(files, self.workdir / f"{name}-v{version}")
-        proposer = MLPProposer.load(
-            folder, target_hidden_size=self.arch.hidden_size, target_vocab_size=self.arch.vocab_size
-        )
-        self.engine.install_drafter(name, drafter_name(name), proposer, str(version))
+        drafter = drafter_name(name)
+        try:
+            proposer: Proposer
+            if self.draft_worker is not None:
+                proposer = self.draft_worker.install(drafter, files, str(version))
+            else:
+                proposer = released_drafter(self.engine_config, files, self.workdir / f"{name}-v{version}")
+        except Exception as e:  # noqa: BLE001 - e.g. the draft worker restarting: the next tick tries again
+            if self._log.should_log(time.monotonic()):
+                log.warning("adaptation: cannot install release v%d of class %s (%s); retrying", version, name, e)
+            return
+        self.engine.install_drafter(name, drafter, proposer, str(version))
         self.installed[name] = version
         self._expect(name, expected)
         log.info("adaptation: class %s now drafts with release v%d", name, version)

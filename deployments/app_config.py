@@ -159,8 +159,8 @@ class IngressSettings(_Strict):
 
 
 class DraftWorkerSettings(_Strict):
-    """Run the drafter (draft model or learned) in its own actor (with `target.draft_resources`) instead of inside
-    the engine."""
+    """Run the model-backed drafters (a draft model, a learned one; under speculator auto the plan's and the
+    adaptive loop's) in their own actor (with `target.draft_resources`) instead of inside the engine."""
 
     enabled: bool = False
 
@@ -180,10 +180,10 @@ class AppConfig(_Strict):
             self.served_model_name = served_name_for(self.engine.model)
             if self.engine.quantization == "int8":  # another model than the float one, named so
                 self.served_model_name += "-int8"
-        if self.draft_worker.enabled and self.engine.speculator not in ("draft", "mlp", "eagle"):
-            raise ValueError("draft_worker.enabled: needs engine.speculator 'draft', 'mlp' or 'eagle'")
-        if self.adaptation.enabled and (self.engine.speculator != "auto" or self.draft_worker.enabled):
-            raise ValueError("adaptation.enabled: needs engine.speculator 'auto' with the drafters in the replica")
+        if self.draft_worker.enabled and self.engine.speculator not in ("draft", "mlp", "eagle", "auto"):
+            raise ValueError("draft_worker.enabled: needs engine.speculator 'draft', 'mlp', 'eagle' or 'auto'")
+        if self.adaptation.enabled and self.engine.speculator != "auto":
+            raise ValueError("adaptation.enabled: needs engine.speculator 'auto'")
         if self.engine.device.startswith("cuda") and self.target.shard_resources.num_gpus <= 0:
             raise ValueError("target.shard_resources.num_gpus: must be > 0 when engine.device is cuda")
         return self

@@ -4,8 +4,8 @@ Each replica owns an LLMEngine driven by an AsyncEngine thread, and the actors a
 - the block manager actor (`block_manager_actor.py`) that owns the pool's KV pages, one call per step at most;
 - with tensor_parallel_size > 1, ShardWorker actors that run the forward, in this replica's own
   placement-group bundles (bundle 0 is the replica, bundles 1..tp the shards);
-- with `draft_worker.enabled`, the DraftWorker actor (a draft model or a learned drafter) in the last bundle,
-  proposing for the whole batch.
+- with `draft_worker.enabled`, the DraftWorker actor (a draft model or learned drafters: under speculator auto the
+  plan's and the adaptive loop's) in the last bundle, proposing for the whole batch.
 Serve reserves, places and releases a replica and its actors together. When a step fails (a shard or the
 block manager died), `_repair` rebuilds what is dead and the requests in flight are recomputed; a dead draft
 worker only turns speculation off until it is back. The replica streams typed items (stream_items.py) to the
@@ -83,7 +83,7 @@ class LLMServer:
         self.config: AppConfig = load_app_config(app_config)
         self.model_id = self.config.served_model_name
         self.runner = None
-        self.draft = self._make_draft_proposer()
+        self.draft = self._make_draft_worker()
         self.blocks: RemoteBlockManager | None = None  # the block manager actor's client, if it has one
         self.engine = AsyncEngine(self._make_engine, on_step_error=self._repair)  # built on the engine thread
         self.prefixes = RecentPrefixes()
@@ -117,7 +117,7 @@ class LLMServer:
         engine = LLMEngine(
             self.config.engine,
             runner=self.runner,
-            proposer=self.draft,
+            proposer=self.draft.proposer_for(self.config.engine) if self.draft else None,
             make_block_manager=self._make_block_manager if self.config.target.block_manager_actor else None,
         )
         # A step end to end (kernels, block manager actor, shards) before the replica reports ready.
@@ -146,10 +146,10 @@ class LLMServer:
             bundle_offset=1,
         )
 
-    def _make_draft_proposer(self):
+    def _make_draft_worker(self):
         if not self.config.draft_worker.enabled:
             return None
-        from deployments.draft_worker import RemoteDraftProposer, start_draft_worker
+        from deployments.draft_worker import DraftWorkerClient, start_draft_worker
 
         pg = ray.util.get_current_placement_group()
         actor = start_draft_worker(
@@ -158,8 +158,8 @@ class LLMServer:
             placement_group=pg,
             bundle_index=len(pg.bundle_specs) - 1 if pg is not None else -1,
         )
-        # The replica serves at once; speculation starts when the drafter has loaded.
-        return RemoteDraftProposer.for_config(actor, self.config.engine)
+        # The replica serves at once; speculation starts when the drafters have loaded.
+        return DraftWorkerClient(actor, device=self.config.engine.device)
 
     def _make_adaptation(self) -> Every | None:
         """The replica's side of the adaptive loop (deployments/adaptation_agent.py), when enabled."""
@@ -178,6 +178,7 @@ class LLMServer:
             self.config.engine,
             adaptation,
             lambda: get_or_create_optimizer(app, self.config.engine, adaptation),
+            draft_worker=self.draft,
         )
         return Every(adaptation.report_interval_s, agent.tick, name="adaptation")
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from model.config import EngineConfig
 from model.loader import load_arch, resolve_model
@@ -154,11 +155,13 @@ class OptimizerActor:
 
 def get_or_create_optimizer(app_name: str, engine: EngineConfig, config: AdaptationConfig) -> Any:
     """The app's optimizer actor, created by the first replica that asks. Detached, as replicas come and go: it
-    outlives the app (its releases are in `store_dir`), so remove it with `ray.kill` when the app is deleted."""
+    outlives the app (its releases are in `store_dir`), so remove it with `ray.kill` when the app is deleted. It
+    is placed outside the asking replica's placement group (one with a draft worker or shards has no room left)."""
     return OptimizerActor.options(
         name=f"specserve-optimizer-{app_name}",
         namespace=NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
         num_cpus=config.optimizer_cpus,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     ).remote(engine.model_dump(), config.model_dump())

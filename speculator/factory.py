@@ -3,12 +3,15 @@ draft worker actor), and what a replica must know of it without building it (for
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from model.config import EngineConfig
 from model.decoder import CausalLM
 from model.loader import load_arch, resolve_model
 from model.runner import ModelRunner
+from speculator.adaptation import write_files
 from speculator.draft_model import DraftModelProposer
 from speculator.eagle import EagleLoadError, TargetParts, load_eagle, read_eagle_config
 from speculator.eagle_proposer import EagleProposer
@@ -59,20 +62,47 @@ def make_proposer(
     return None
 
 
+MODEL_BACKED = ("draft", "mlp", "eagle")  # the drafters a draft worker actor hosts; n-gram and suffix lookups never
+
+
 def make_routed_proposer(
     config: EngineConfig, plan: WorkloadPlan | None, device: torch.device | str, target: CausalLM | None
 ) -> RoutedProposer:
-    """`speculator: auto`: every drafter the plan's classes use, built as `make_proposer` builds it alone (n-gram
-    for every request without a plan, or when no class drafts); a per-class learned drafter ("mlp:class0") is its
-    kind over its own folder."""
+    """`speculator: auto`: every drafter the plan's classes use, built as `make_proposer` builds it alone."""
+    configs = plan_drafters(config, plan)
+    drafters = {name: make_proposer(one, device=device, target=target) for name, one in configs.items()}
+    return RoutedProposer(drafters, default=next(iter(drafters)))
+
+
+def plan_drafters(config: EngineConfig, plan: WorkloadPlan | None) -> dict[str, EngineConfig]:
+    """The drafters of `speculator: auto` by name, each as the config of `make_proposer` alone, the default one
+    first (n-gram for every request without a plan, or when no class drafts); a per-class learned drafter
+    ("mlp:class0") is its kind over its own folder."""
     names = plan.drafters_used() if plan else []
-    proposers = {}
+    out = {}
     for name in names or ["ngram"]:
         folder = plan.drafter_models.get(name) if plan else None
-        kind = drafter_kind(name)
-        one = EngineConfig(**{**config.model_dump(), "speculator": kind, "plan": None, "speculator_model": folder})
-        proposers[name] = make_proposer(one, device=device, target=target)
-    return RoutedProposer(proposers, default=names[0] if names else "ngram")
+        update = {"speculator": drafter_kind(name), "plan": None, "speculator_model": folder}
+        out[name] = EngineConfig(**{**config.model_dump(), **update})
+    return out
+
+
+def drafter_configs(config: EngineConfig) -> dict[str, EngineConfig]:
+    """Every drafter `make_proposer(config)` builds, by name, as a config of its own: the plan's under
+    `speculator: auto`, else the one `config.speculator` names (none for "none")."""
+    if config.speculator == "auto":
+        return plan_drafters(config, read_plan(config.plan) if config.plan else None)
+    return {config.speculator: config} if config.speculator != "none" else {}
+
+
+def released_drafter(
+    config: EngineConfig, files: dict[str, bytes], folder: Path, *, device: torch.device | str | None = None
+) -> MLPProposer:
+    """An adapted drafter released by the optimizer (its folder's `files`, written to `folder`), built for
+    `config`'s target as `make_proposer` builds a learned drafter; the replica or its draft worker runs it."""
+    write_files(files, folder)
+    one = config.model_copy(update={"speculator": "mlp", "plan": None, "speculator_model": str(folder)})
+    return make_proposer(one, device=device)
 
 
 def proposer_traits(config: EngineConfig) -> tuple[HiddenRows, int | None]:
