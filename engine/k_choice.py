@@ -10,7 +10,7 @@ from engine.workload_routing import Route
 from model.config import EngineConfig
 from model.runner import ModelRunner
 from speculator.backoff import KController
-from speculator.cost_model import SeqAcceptance, StepTimes, measure_step_times
+from speculator.cost_model import StepTimes, measure_step_times
 from speculator.k_policy import CostKController, CostPolicy, cached_step_times
 
 if TYPE_CHECKING:
@@ -29,7 +29,9 @@ class SpeculationLength:
         (before any request); None (the backoff controller) when not asked for or when the runner cannot be
         timed here (e.g. tensor-parallel shards)."""
         cfg = self.config
-        if not (self.proposer and cfg.adaptive_k and cfg.k_policy == "cost" and isinstance(self.runner, ModelRunner)):
+        if not (
+            self.proposer and cfg.adaptive_k and cfg.k_policy_in_use == "cost" and isinstance(self.runner, ModelRunner)
+        ):
             return None
         key = (str(self.folder), cfg.dtype, str(self.runner.device), cfg.attention_backend, cfg.cpu_kernels)
         context = min(128, self.max_model_len - 8)
@@ -47,11 +49,9 @@ class SpeculationLength:
         """A sequence's k controller; with `route` (speculator auto) starting from its class's k, and under the
         cost model from its class's measured acceptance."""
         if self.k_policy:
-            controller = self.k_policy.controller()
+            controller = self.k_policy.controller(route.k if route is not None else None)
             if route is not None and route.alphas:
-                controller.acceptance = SeqAcceptance(
-                    by_candidates={1: list(route.alphas)}, tries={1: [1] * len(route.alphas)}
-                )
+                controller.seed(list(route.alphas))
             return controller
         if route is not None:
             controller = KController(self.config.num_speculative_tokens, k=route.k)

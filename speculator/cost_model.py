@@ -62,6 +62,12 @@ class SeqAcceptance:
         known = self.by_candidates.get(candidates, [])
         return known[:k] + [self.prior] * max(0, k - len(known))
 
+    def run_alphas(self, k: int) -> list[float]:
+        """`alphas` of one chain where positions never tried go on at the last tried one's rate (a run of accepted
+        drafts is expected to go on as it has): what k may grow into, not only what it has tried."""
+        known = self.by_candidates.get(1, [])
+        return known[:k] + [known[-1] if known else self.prior] * max(0, k - len(known))
+
     def update(self, drafted: int, accepted: int, candidates: int = 1) -> None:
         """A step verified `drafted` tokens (the longest chain, with several candidates) and kept `accepted`."""
         if drafted <= 0:
@@ -122,15 +128,23 @@ class CostModel:
         (its own first row not included). The rate maximized is this sequence's tokens per second, or with
         `batch_tokens` (what the rest of the step is expected to emit) the whole step's."""
         best = Plan(0, 1, self.rate([], batch_rows, 1, batch_tokens))
-        floor = best.tokens_per_second * (1 + self.min_gain)
         for candidates in sorted(seq.by_candidates) or [1]:
-            alphas = seq.alphas(self.k_max, candidates)
-            for k in range(1, self.k_max + 1):
-                r = self.rate(alphas[:k], batch_rows, candidates, batch_tokens)
-                if r > max(floor, best.tokens_per_second):
-                    best = Plan(k, candidates, r)
+            plan = self.best_k(seq.alphas(self.k_max, candidates), batch_rows, batch_tokens, candidates)
+            if plan.tokens_per_second > best.tokens_per_second:
+                best = plan
         if best.k == 0 and seq.steps_without_draft >= self.probe_interval and self.k_max:
             return Plan(1, 1, self.rate(seq.alphas(1), batch_rows, 1, batch_tokens), probe=True)
+        return best
+
+    def best_k(self, alphas: Sequence[float], batch_rows: int, batch_tokens: float = 0.0, candidates: int = 1) -> Plan:
+        """The k (up to len(alphas)) of the highest rate for these acceptances, 0 unless a draft beats it by
+        `min_gain`."""
+        best = Plan(0, 1, self.rate([], batch_rows, 1, batch_tokens))
+        floor = best.tokens_per_second * (1 + self.min_gain)
+        for k in range(1, len(alphas) + 1):
+            r = self.rate(alphas[:k], batch_rows, candidates, batch_tokens)
+            if r > max(floor, best.tokens_per_second):
+                best = Plan(k, candidates, r)
         return best
 
 

@@ -4,17 +4,20 @@
 estimate of the drafter's cost per proposed token (timed on its proposals). `CostKController` is per sequence,
 with the interface of the backoff controller (speculator/backoff.py): `update(drafted, accepted)` after a step,
 `next_k(batch_rows, batch_tokens)` before the next, where the batch is the rest of the step (the rows it verifies
-and the tokens it emits). So k shrinks as the batch grows past the target's knee, and drops to 0 (with a k = 1
-probe now and then) for a sequence whose drafts are not accepted.
+and the tokens it emits). So k follows a sequence's runs of accepted drafts (the backoff's, paused with a k = 1
+probe now and then where drafts are not accepted) within what the batch pays for: it shrinks as the batch grows
+past the target's knee, to 0 where even a run of hits does not pay for its rows.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from speculator.backoff import KController
 from speculator.cost_model import CostModel, SeqAcceptance, StepTimes, expected_tokens
 from speculator.proposer import Draft, DraftRequest
 
@@ -42,22 +45,52 @@ class DraftCost:
 
 @dataclass
 class CostKController:
-    """One sequence's k: its acceptance by position, judged by the engine's shared cost model."""
+    """One sequence's k: the backoff's (speculator/backoff.py: it follows the current run of accepted drafts and
+    pauses on misses), capped at what the engine's shared cost model says pays at this step's batch.
+
+    Acceptance comes in runs (a copied passage is accepted to its end, then drafts miss for a while), so the
+    sequence keeps two estimates by position: for the step after a draft accepted whole (`after_hit`) and after a
+    miss (`acceptance`). The cap is the best k for the first, positions not yet tried going on at the last tried
+    one's rate: the best case, so with a small batch the backoff decides (a run is followed from its first hit),
+    and a batch whose rows cost more than even a run of hits brings speculation down, to 0."""
 
     model: CostModel
+    backoff: KController
     acceptance: SeqAcceptance = field(default_factory=SeqAcceptance)
+    after_hit: SeqAcceptance | None = None  # None: a copy of `acceptance` as first given
     k: int = 0  # the last k chosen
     tokens: float = 1.0  # what a step with that k is expected to emit (the bonus token included)
+    hot: bool = False  # the last drafted step kept all its drafts
+    idle: int = 0  # steps in a row with k = 0
+
+    def __post_init__(self) -> None:
+        if self.after_hit is None:
+            self.after_hit = copy.deepcopy(self.acceptance)
+
+    def seed(self, alphas: list[float]) -> None:
+        """Start the estimate after a miss from a class's measured acceptance by position (one chain). The one
+        after a whole hit keeps its prior: a class's average says little of how a run goes on."""
+        self.acceptance.by_candidates = {1: list(alphas)}
+        self.acceptance.tries = {1: [1] * len(alphas)}
+
+    @property
+    def current(self) -> SeqAcceptance:
+        return self.after_hit if self.hot else self.acceptance
 
     def update(self, drafted: int, accepted: int) -> None:
-        self.acceptance.update(drafted, accepted)
+        self.backoff.update(drafted, accepted)
+        self.current.update(drafted, accepted)
+        if drafted > 0:
+            self.hot = accepted == drafted
 
     def next_k(self, batch_rows: int = 0, batch_tokens: float = 0.0) -> int:
         """k for the next step, the rest of which verifies `batch_rows` rows and emits about `batch_tokens`."""
-        self.k = self.model.choose(self.acceptance, batch_rows, batch_tokens).k
-        self.tokens = expected_tokens(self.acceptance.alphas(self.k))
-        if self.k == 0:  # no draft next step: counts towards the next probe
-            self.acceptance.steps_without_draft += 1
+        cap = self.model.best_k(self.after_hit.run_alphas(self.model.k_max), batch_rows, batch_tokens).k
+        if cap == 0 and self.idle >= self.model.probe_interval:
+            cap = 1  # a probe: whether drafts land again (the estimates learn only from drafted steps)
+        self.k = min(self.backoff.next_k(), cap)
+        self.idle = 0 if self.k else self.idle + 1
+        self.tokens = expected_tokens(self.current.alphas(self.k))
         return self.k
 
 
@@ -68,8 +101,10 @@ class CostPolicy:
         self.model = CostModel(step, k_max, probe_interval=probe_interval)
         self.draft_cost = DraftCost()
 
-    def controller(self) -> CostKController:
-        return CostKController(self.model)
+    def controller(self, k: int | None = None) -> CostKController:
+        """A new sequence's controller, its backoff starting from `k` (default: the most)."""
+        k_max = self.model.k_max
+        return CostKController(self.model, KController(k_max, k=k_max if k is None else k))
 
     def observe_draft(self, seconds: float, tokens: int) -> None:
         self.draft_cost.observe(seconds, tokens)

@@ -96,7 +96,8 @@ def test_always_accepted_drafts_keep_speculating_at_batch_one(plain, prompts, re
     ks, outputs, _ = run_tracking_k(engine, prompts[:1])
     assert [p + o.output_token_ids for p, o in zip(prompts, outputs)] == references[:1]
     (k,) = ks.values()
-    assert min(k) > 0 and set(k[1:]) == {4}, f"k {k}: all of k_max pays once drafts are seen to land"
+    # Both estimates (after a miss, the first; after a whole hit, the rest) learn from one step each.
+    assert min(k) > 0 and set(k[2:]) == {4}, f"k {k}: all of k_max pays once drafts are seen to land"
     assert engine.spec.mean_tokens_per_step > 3
 
 
@@ -146,3 +147,35 @@ def test_draft_cost_is_a_running_estimate_past_the_first_call():
     cost.observe(0.4, 4)
     cost.observe(0.2, 4)
     assert cost.seconds_per_token == pytest.approx(0.075)
+
+
+def test_k_follows_the_run_alone_and_the_cap_of_a_run_of_hits_under_load():
+    """Copied passages are accepted to their end, then drafts miss: acceptance after a whole hit is kept apart
+    from acceptance after a miss. Alone, k is the backoff's (it follows the run); beside 15 other sequences, on a
+    target whose step time is steep past 8 rows, not even a run of hits pays: k = 0."""
+    from speculator.cost_model import CostModel
+
+    controller = CostKController(CostModel(STEEP, 4), KController(4))
+    for _ in range(12):  # runs of four misses, then of sixteen drafts accepted whole
+        for hit in [False] * 4 + [True] * 16:
+            k = controller.next_k()
+            controller.update(k, k if hit else 0)
+    assert controller.hot
+    assert controller.after_hit.alphas(1)[0] > controller.acceptance.alphas(1)[0]
+    assert controller.next_k() == controller.backoff.k > 0
+    assert controller.next_k(batch_rows=15, batch_tokens=15.0) == 0
+    controller.update(4, 1)
+    assert not controller.hot
+    assert controller.next_k() == 2  # the backoff's: one more than it accepted
+    controller.seed([0.9, 0.2])
+    assert controller.acceptance.alphas(2) == [0.9, 0.2] and controller.after_hit.alphas(1) != [0.9]
+    for _ in range(controller.model.probe_interval):  # under load, no drafts; then a probe
+        assert controller.next_k(batch_rows=15, batch_tokens=15.0) == 0
+    assert controller.next_k(batch_rows=15, batch_tokens=15.0) == 1
+
+
+def test_the_default_k_policy_is_the_cost_model_under_speculator_auto_only(plain):
+    auto = LLMEngine(runner=plain.runner, speculator="auto", **CONFIG)
+    ngram = LLMEngine(runner=plain.runner, speculator="ngram", **CONFIG)
+    assert auto.config.k_policy == ngram.config.k_policy == "auto"
+    assert auto.k_policy is not None and ngram.k_policy is None
