@@ -11,7 +11,6 @@ past the target's knee, to 0 where even a run of hits does not pay for its rows.
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
 from collections.abc import Callable
@@ -57,15 +56,13 @@ class CostKController:
     model: CostModel
     backoff: KController
     acceptance: SeqAcceptance = field(default_factory=SeqAcceptance)
-    after_hit: SeqAcceptance | None = None  # None: a copy of `acceptance` as first given
+    # A run's drafts past its first hit land about three times in four (n-gram and suffix lookup on HumanEval and
+    # ShareGPT, scripts/bench_drafters.py's acceptance by position): the prior after a whole hit.
+    after_hit: SeqAcceptance = field(default_factory=lambda: SeqAcceptance(prior=0.75))
     k: int = 0  # the last k chosen
     tokens: float = 1.0  # what a step with that k is expected to emit (the bonus token included)
     hot: bool = False  # the last drafted step kept all its drafts
     idle: int = 0  # steps in a row with k = 0
-
-    def __post_init__(self) -> None:
-        if self.after_hit is None:
-            self.after_hit = copy.deepcopy(self.acceptance)
 
     def seed(self, alphas: list[float]) -> None:
         """Start the estimate after a miss from a class's measured acceptance by position (one chain). The one
