@@ -29,9 +29,7 @@ class SpeculationLength:
         (before any request); None (the backoff controller) when not asked for or when the runner cannot be
         timed here (e.g. tensor-parallel shards)."""
         cfg = self.config
-        if not (
-            self.proposer and cfg.adaptive_k and cfg.k_policy_in_use == "cost" and isinstance(self.runner, ModelRunner)
-        ):
+        if not (self.proposer and cfg.adaptive_k and cfg.k_policy == "cost" and isinstance(self.runner, ModelRunner)):
             return None
         key = (str(self.folder), cfg.dtype, str(self.runner.device), cfg.attention_backend, cfg.cpu_kernels)
         context = min(128, self.max_model_len - 8)

@@ -172,10 +172,3 @@ def test_k_follows_the_run_alone_and_the_cap_of_a_run_of_hits_under_load():
     for _ in range(controller.model.probe_interval):  # under load, no drafts; then a probe
         assert controller.next_k(batch_rows=15, batch_tokens=15.0) == 0
     assert controller.next_k(batch_rows=15, batch_tokens=15.0) == 1
-
-
-def test_the_default_k_policy_is_the_cost_model_under_speculator_auto_only(plain):
-    auto = LLMEngine(runner=plain.runner, speculator="auto", **CONFIG)
-    ngram = LLMEngine(runner=plain.runner, speculator="ngram", **CONFIG)
-    assert auto.config.k_policy == ngram.config.k_policy == "auto"
-    assert auto.k_policy is not None and ngram.k_policy is None
