@@ -132,9 +132,13 @@ class CostModel:
             plan = self.best_k(seq.alphas(self.k_max, candidates), batch_rows, batch_tokens, candidates)
             if plan.tokens_per_second > best.tokens_per_second:
                 best = plan
-        if best.k == 0 and seq.steps_without_draft >= self.probe_interval and self.k_max:
+        if best.k == 0 and self.probe_due(seq.steps_without_draft):
             return Plan(1, 1, self.rate(seq.alphas(1), batch_rows, 1, batch_tokens), probe=True)
         return best
+
+    def probe_due(self, steps_at_zero: int) -> bool:
+        """Whether a sequence left at k = 0 that many steps is offered k = 1, to learn whether drafts land again."""
+        return self.k_max > 0 and steps_at_zero >= self.probe_interval
 
     def best_k(self, alphas: Sequence[float], batch_rows: int, batch_tokens: float = 0.0, candidates: int = 1) -> Plan:
         """The k (up to len(alphas)) of the highest rate for these acceptances, 0 unless a draft beats it by

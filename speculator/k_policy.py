@@ -83,8 +83,8 @@ class CostKController:
     def next_k(self, batch_rows: int = 0, batch_tokens: float = 0.0) -> int:
         """k for the next step, the rest of which verifies `batch_rows` rows and emits about `batch_tokens`."""
         cap = self.model.best_k(self.after_hit.run_alphas(self.model.k_max), batch_rows, batch_tokens).k
-        if cap == 0 and self.idle >= self.model.probe_interval:
-            cap = 1  # a probe: whether drafts land again (the estimates learn only from drafted steps)
+        if cap == 0 and self.model.probe_due(self.idle):
+            cap = 1  # the estimates learn only from drafted steps
         self.k = min(self.backoff.next_k(), cap)
         self.idle = 0 if self.k else self.idle + 1
         self.tokens = expected_tokens(self.current.alphas(self.k))
@@ -100,8 +100,8 @@ class CostPolicy:
 
     def controller(self, k: int | None = None) -> CostKController:
         """A new sequence's controller, its backoff starting from `k` (default: the most)."""
-        k_max = self.model.k_max
-        return CostKController(self.model, KController(k_max, k=k_max if k is None else k))
+        backoff = KController(self.model.k_max) if k is None else KController(self.model.k_max, k=k)
+        return CostKController(self.model, backoff)
 
     def observe_draft(self, seconds: float, tokens: int) -> None:
         self.draft_cost.observe(seconds, tokens)
