@@ -247,13 +247,16 @@ def run_alternating(runners: dict[str, Callable[[list[PromptSpec]], BenchResult]
 def standard_prompt_sets(
     humaneval_src: str | Path, humaneval_limit: int, sharegpt_n: int, data: Path
 ) -> tuple[list[PromptSpec], list[PromptSpec]]:
-    """HumanEval chat prompts and the first single-turn ShareGPT prompts, converted once into `data`/."""
+    """HumanEval chat prompts and the first `sharegpt_n` single-turn ShareGPT prompts, converted once into `data`/
+    (sharegpt16.jsonl, or sharegptN.jsonl for more than 16)."""
     data.mkdir(exist_ok=True)
     if not (data / "humaneval.jsonl").exists():
         humaneval_to_jsonl(humaneval_src, data / "humaneval.jsonl")
-    if not (data / "sharegpt16.jsonl").exists():
-        sharegpt_to_jsonl(data / "sharegpt16.jsonl", 16)
-    return load_prompts(data / "humaneval.jsonl", humaneval_limit), load_prompts(data / "sharegpt16.jsonl", sharegpt_n)
+    count = max(16, sharegpt_n)
+    sharegpt = data / f"sharegpt{count}.jsonl"
+    if not sharegpt.exists():
+        sharegpt_to_jsonl(sharegpt, count)
+    return load_prompts(data / "humaneval.jsonl", humaneval_limit), load_prompts(sharegpt, sharegpt_n)
 
 
 def print_report(report: dict[str, Any], out: str | None) -> None:

@@ -39,9 +39,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-adaptive-k", action="store_true", help="keep k fixed instead of backing off")
     p.add_argument(
         "--k-policy",
-        choices=["cost", "backoff"],
-        default="backoff",
-        help="adaptive k: the backoff on misses, or the cost model (k = 0 where drafts do not pay)",
+        choices=["auto", "cost", "backoff"],
+        default="auto",
+        help="adaptive k: the backoff on misses, or the cost model (k = 0 where drafts do not pay); "
+        "auto = the cost model under --speculator auto, the backoff otherwise",
     )
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=128)

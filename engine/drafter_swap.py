@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from engine.spec_monitor import FIRST_VERSION, SpecKey, SpecMonitor
+from speculator.k_policy import CostPolicy
 from speculator.plan import NONE
 from speculator.proposer import Proposer
 from speculator.routed import RoutedProposer
@@ -39,6 +40,7 @@ class DrafterSwap:
     drafter_versions: dict[str, str]
     monitor: SpecMonitor
     _swaps: deque[Swap]
+    k_policy: CostPolicy | None
 
     def install_drafter(self, workload_class: str, name: str, proposer: Proposer, version: str) -> None:
         """From the next step on, the class drafts with `proposer` (called `name`, labelled `version`)."""
@@ -55,6 +57,8 @@ class DrafterSwap:
         while self._swaps:
             swap = self._swaps.popleft()
             if swap.proposer is not None:
+                if self.k_policy is not None:  # its cost, estimated afresh
+                    self.k_policy.time(swap.name, swap.proposer)
                 self.proposer.install(swap.name, swap.proposer)
                 self.drafter_versions[swap.name] = swap.version
             self.router.assign(swap.workload_class, swap.name)
@@ -70,5 +74,5 @@ class DrafterSwap:
                 if req.spec_track is not None:  # its steps from here on count under the new drafter and version
                     key = SpecKey(swap.workload_class, drafter, self.drafter_versions.get(drafter, FIRST_VERSION))
                     req.spec_track = self.monitor.move(req.spec_track, key)
-                if req.controller is None and drafter != NONE:
-                    req.controller = self._make_controller()
+                if drafter != NONE:  # a new drafter: its k and acceptance are learned afresh
+                    req.controller = self._make_controller(drafter=drafter)

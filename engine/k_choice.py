@@ -12,6 +12,7 @@ from model.runner import ModelRunner
 from speculator.backoff import KController
 from speculator.cost_model import StepTimes, measure_step_times
 from speculator.k_policy import CostKController, CostPolicy, cached_step_times
+from speculator.routed import RoutedProposer
 
 if TYPE_CHECKING:
     from engine.request_state import RequestState
@@ -29,7 +30,9 @@ class SpeculationLength:
         (before any request); None (the backoff controller) when not asked for or when the runner cannot be
         timed here (e.g. tensor-parallel shards)."""
         cfg = self.config
-        if not (self.proposer and cfg.adaptive_k and cfg.k_policy == "cost" and isinstance(self.runner, ModelRunner)):
+        if not (
+            self.proposer and cfg.adaptive_k and cfg.k_policy_in_use == "cost" and isinstance(self.runner, ModelRunner)
+        ):
             return None
         key = (str(self.folder), cfg.dtype, str(self.runner.device), cfg.attention_backend, cfg.cpu_kernels)
         context = min(128, self.max_model_len - 8)
@@ -40,14 +43,21 @@ class SpeculationLength:
             return None
         log.info("target step seconds by verified rows: %s", dict(zip(step.rows, step.seconds)))
         policy = CostPolicy(step, cfg.num_speculative_tokens)
-        self.proposer.propose = policy.timed(self.proposer.propose)  # the drafter's cost, from its proposals
+        # each drafter's cost, from its proposals
+        drafters = (
+            self.proposer.proposers if isinstance(self.proposer, RoutedProposer) else {cfg.speculator: self.proposer}
+        )
+        for name, proposer in drafters.items():
+            policy.time(name, proposer)
         return policy
 
-    def _make_controller(self, route: Route | None = None) -> KController | CostKController:
+    def _make_controller(self, route: Route | None = None, drafter: str | None = None) -> KController | CostKController:
         """A sequence's k controller; with `route` (speculator auto) starting from its class's k, and under the
-        cost model from its class's measured acceptance."""
+        cost model from its class's measured acceptance; for its drafter (route's, else `drafter`, else the
+        engine's one)."""
         if self.k_policy:
-            controller = self.k_policy.controller(route.k if route is not None else None)
+            name = route.drafter if route is not None else drafter or self.config.speculator
+            controller = self.k_policy.controller(name, route.k if route is not None else None)
             if route is not None and route.alphas:
                 controller.seed(list(route.alphas))
             return controller

@@ -49,11 +49,12 @@ class EngineConfig(BaseModel):
         default=1, ge=1, le=16, description="candidate paths verified per step as one token tree (1 = one chain)"
     )
     adaptive_k: bool = Field(default=True, description="per-sequence backoff of k when acceptance is poor")
-    k_policy: Literal["cost", "backoff"] = Field(
-        default="backoff",
+    k_policy: Literal["auto", "cost", "backoff"] = Field(
+        default="auto",
         description="adaptive k: the plain backoff on misses, or the cost model (the backoff's k capped at what pays "
-        "for the step time by rows, drafter cost, acceptance and batch size; k = 0 included). The cost model's k "
-        "depends on measured times, so a seeded sampled request is reproducible only with backoff",
+        "for the step time by rows, the drafter's cost, acceptance and batch size; k = 0 included); auto = the cost "
+        "model under speculator auto, the backoff otherwise. The cost model's k depends on measured times, so a "
+        "seeded sampled request is reproducible only with backoff",
     )
     ngram_min: int = Field(default=1, ge=1)
     ngram_max: int = Field(default=4, ge=1)
@@ -62,6 +63,13 @@ class EngineConfig(BaseModel):
         default=None, ge=1, description="keep only the first N layers of the draft (a layer-truncated copy)"
     )
     draft_kv_cache_gib: float = Field(default=0.25, gt=0)
+
+    @property
+    def k_policy_in_use(self) -> Literal["cost", "backoff"]:
+        """The k policy `k_policy` names, auto resolved."""
+        if self.k_policy == "auto":
+            return "cost" if self.speculator == "auto" else "backoff"
+        return self.k_policy
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

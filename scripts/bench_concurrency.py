@@ -1,7 +1,7 @@
 """Speculation on vs off at several numbers of concurrent requests, interleaved in one process; prints JSON.
 
     .venv/bin/python scripts/bench_concurrency.py [--concurrency 1,4,16] [--max-tokens 128]
-        [--speculators auto:cost,auto] [--out F]
+        [--speculators auto,auto:backoff] [--out F]
 
 The prompts alternate HumanEval and ShareGPT (chat, greedy). At each concurrency, every configuration (plain
 decoding, then each `SPECULATOR[:K_POLICY]`, one warm engine each) runs the same prompts, in the order A B C then
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--humaneval", default=str(REPO.parent / "shared" / "data" / "humaneval.jsonl.gz"))
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--speculators", default="auto:cost,auto", help="SPECULATOR[:K_POLICY], comma-separated")
+    ap.add_argument("--speculators", default="auto,auto:backoff", help="SPECULATOR[:K_POLICY], comma-separated")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -41,7 +41,7 @@ def main() -> None:
     configs = {"plain": EngineConfig(speculator="none", **base)}
     for name in args.speculators.split(","):
         speculator, _, policy = name.partition(":")
-        configs[name] = EngineConfig(speculator=speculator, k_policy=policy or "backoff", **base)
+        configs[name] = EngineConfig(speculator=speculator, k_policy=policy or "auto", **base)
     engines = {name: warm(LLMEngine(config)) for name, config in configs.items()}
     report: dict = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     for level in levels:

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_drafters.py --prompts test.jsonl --max-tokens 128 \
         --drafter mlp=/path/he-mlp --drafter eagle=/path/he-eagle [--speculators ngram,suffix] [--k 4] [--out F]
         [--plan PLAN.json]  # `specserve profile`'s plan, run as --speculator auto
-        [--k-policies cost,backoff]  # auto under each k policy
+        [--k-policies auto,backoff]  # auto under each k policy
 
 Every prompt goes through plain decoding and each drafter in turn (greedy, batch 1, one engine each, kept
 warm), so the machine's drift falls on all alike. Per configuration: output tokens/s and its ratio over plain,
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--drafter", action="append", default=[], help="KIND=DIR (mlp or eagle), repeatable")
     ap.add_argument("--speculators", default="", help="drafters without a folder, e.g. ngram,suffix")
     ap.add_argument("--plan", default=None, help="also --speculator auto with this plan (specserve profile)")
-    ap.add_argument("--k-policies", default="backoff", help="auto's k policies, e.g. cost,backoff (auto:cost, auto)")
+    ap.add_argument("--k-policies", default="auto", help="auto's k policies, e.g. auto,backoff (auto, auto:backoff)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     specs = load_prompts(args.prompts, args.limit)
@@ -48,7 +48,7 @@ def main() -> None:
         configs[kind] = EngineConfig(**base, speculator=kind, speculator_model=folder)
     if args.plan:
         for policy in args.k_policies.split(","):
-            name = "auto" if policy == "backoff" else f"auto:{policy}"
+            name = "auto" if policy == "auto" else f"auto:{policy}"
             configs[name] = EngineConfig(**base, speculator="auto", plan=args.plan, k_policy=policy)
     engines = {name: warm(LLMEngine(cfg)) for name, cfg in configs.items()}
     runners = {

@@ -14,6 +14,7 @@ resumes after a restart with what is live; the traffic log is not kept (replicas
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,7 +40,7 @@ class AdaptationConfig(BaseModel):
     store_dir: str = Field(default="~/.cache/specserve/adaptation", min_length=1)
     records_per_class: int = Field(default=512, ge=4, description="logged sequences kept per class (newest)")
     min_records: int = Field(default=24, ge=4, description="logged sequences of a class before it is retrained")
-    holdout_every: int = Field(default=4, ge=2, description="every Nth logged sequence judges, the rest train")
+    holdout_every: int = Field(default=4, ge=2, description="one logged sequence in N judges, the rest train")
     drift_margin: float = Field(default=0.2, ge=0, lt=1, description="below expected tokens/step by this share")
     drift_requests: int = Field(default=8, ge=1, description="finished requests a drift verdict needs")
     window_requests: int = Field(default=32, ge=1, description="the sliding window acceptance is watched over")
@@ -224,10 +225,10 @@ class Optimizer:
 
     def train(self, job: RetrainJob) -> Candidate:
         """The slow part: hidden states, distillation, and both drafters replayed on the held-out slice."""
-        every = self.config.holdout_every
         records = self.trainer.hidden(job.logged)
-        held = [r for i, r in enumerate(records) if i % every == every - 1]
-        train = [r for i, r in enumerate(records) if i % every != every - 1]
+        chosen = holdout(len(records), self.config.holdout_every)
+        held = [r for i, r in enumerate(records) if i in chosen]
+        train = [r for i, r in enumerate(records) if i not in chosen]
         model = self.trainer.distill(train)
         score = replay(self.trainer.proposer(model), held, self.trainer.k).tokens_per_step
         live = self.trainer.live_proposer(job.workload_class, self.folder(job.live) if job.live else None)
@@ -270,3 +271,10 @@ def write_files(files: dict[str, bytes], folder: Path) -> Path:
     for name, data in files.items():
         (folder / Path(name).name).write_bytes(data)
     return folder
+
+
+def holdout(n: int, every: int, seed: int = 0) -> set[int]:
+    """The indices of the held-out slice of `n` logged sequences: `n // every` of them, picked pseudo-randomly
+    (a fixed seed). Not every Nth: traffic that repeats with a period (the same questions asked each round, in
+    order) would then put every copy of some questions in the held-out slice and none in training."""
+    return set(random.Random(seed).sample(range(n), n // every))

@@ -116,11 +116,22 @@ class CostModel:
     probe_interval: int = 32
     min_gain: float = 0.02  # speculate only when its rate beats k = 0 by this fraction
 
-    def rate(self, alphas: Sequence[float], batch_rows: int, candidates: int = 1, batch_tokens: float = 0.0) -> float:
+    def rate(
+        self,
+        alphas: Sequence[float],
+        batch_rows: int,
+        candidates: int = 1,
+        batch_tokens: float = 0.0,
+        draft_seconds: float | None = None,
+    ) -> float:
+        """Tokens per second of a step with this sequence drafting len(alphas) tokens; `draft_seconds` is what its
+        drafting costs (default: `draft_seconds_per_call` and `draft_seconds_per_token` for each token)."""
         k = len(alphas)
         seconds = self.step.at(batch_rows + 1 + k * candidates)
         if k:
-            seconds += self.draft_seconds_per_call + self.draft_seconds_per_token * k * candidates
+            if draft_seconds is None:
+                draft_seconds = self.draft_seconds_per_call + self.draft_seconds_per_token * k * candidates
+            seconds += draft_seconds
         return (batch_tokens + expected_tokens(alphas)) / seconds
 
     def choose(self, seq: SeqAcceptance, batch_rows: int, batch_tokens: float = 0.0) -> Plan:
@@ -140,13 +151,20 @@ class CostModel:
         """Whether a sequence left at k = 0 that many steps is offered k = 1, to learn whether drafts land again."""
         return self.k_max > 0 and steps_at_zero >= self.probe_interval
 
-    def best_k(self, alphas: Sequence[float], batch_rows: int, batch_tokens: float = 0.0, candidates: int = 1) -> Plan:
+    def best_k(
+        self,
+        alphas: Sequence[float],
+        batch_rows: int,
+        batch_tokens: float = 0.0,
+        candidates: int = 1,
+        draft_seconds: float | None = None,
+    ) -> Plan:
         """The k (up to len(alphas)) of the highest rate for these acceptances, 0 unless a draft beats it by
-        `min_gain`."""
+        `min_gain`; `draft_seconds` as in `rate`."""
         best = Plan(0, 1, self.rate([], batch_rows, 1, batch_tokens))
         floor = best.tokens_per_second * (1 + self.min_gain)
         for k in range(1, len(alphas) + 1):
-            r = self.rate(alphas[:k], batch_rows, candidates, batch_tokens)
+            r = self.rate(alphas[:k], batch_rows, candidates, batch_tokens, draft_seconds)
             if r > max(floor, best.tokens_per_second):
                 best = Plan(k, candidates, r)
         return best

@@ -1,12 +1,13 @@
 """Each sequence's k from the speculation cost model (speculator/cost_model.py): speculate only where it pays.
 
-`CostPolicy` is engine-wide: the target's step time by verified rows (measured once at start-up) and a running
-estimate of the drafter's cost per proposed token (timed on its proposals). `CostKController` is per sequence,
-with the interface of the backoff controller (speculator/backoff.py): `update(drafted, accepted)` after a step,
-`next_k(batch_rows, batch_tokens)` before the next, where the batch is the rest of the step (the rows it verifies
-and the tokens it emits). So k follows a sequence's runs of accepted drafts (the backoff's, paused with a k = 1
-probe now and then where drafts are not accepted) within what the batch pays for: it shrinks as the batch grows
-past the target's knee, to 0 where even a run of hits does not pay for its rows.
+`CostPolicy` is engine-wide: the target's step time by verified rows (measured once at start-up) and, per drafter,
+a running estimate of what drafting costs a sequence (`DraftCost`, timed on the drafter's proposals).
+`CostKController` is per sequence, with the interface of the backoff controller (speculator/backoff.py):
+`update(drafted, accepted)` after a step, `next_k(batch_rows, batch_tokens)` before the next, where the batch is
+the rest of the step (the rows it verifies and the tokens it emits). So k follows a sequence's runs of accepted
+drafts (the backoff's, paused with a k = 1 probe now and then where drafts are not accepted) within what the batch
+pays for: it shrinks as the batch grows past the target's knee, to 0 where even a run of hits does not pay for its
+rows and its drafter.
 """
 
 from __future__ import annotations
@@ -18,28 +19,31 @@ from dataclasses import dataclass, field
 
 from speculator.backoff import KController
 from speculator.cost_model import CostModel, SeqAcceptance, StepTimes, expected_tokens
-from speculator.proposer import Draft, DraftRequest
+from speculator.proposer import Draft, DraftRequest, Proposer
 
 
 @dataclass
 class DraftCost:
-    """Running estimate of the drafter's seconds per proposed token: the mean of the first proposals, then an
-    exponentially weighted one. The first `skip` calls (one-time set-up) are not counted."""
+    """Running estimate of one drafter's seconds per sequence and step: a call's time shared by the sequences it
+    drafts for. Per sequence, not per token: a drafter's call costs about the same for 1 or k tokens (a lookup, a
+    few small heads, an actor's round trip), so a per-token figure taken at k = 1 would price k = 3 at three calls.
+    The mean of the first calls, then an exponentially weighted one; the first `skip` calls (one-time set-up) are
+    not counted."""
 
-    seconds_per_token: float = 0.0
+    seconds_per_sequence: float = 0.0
     decay: float = 0.9
     skip: int = 1
     calls: int = 0
 
-    def observe(self, seconds: float, tokens: int) -> None:
-        if tokens <= 0:
+    def observe(self, seconds: float, sequences: int) -> None:
+        if sequences <= 0:
             return
         self.calls += 1
         n = self.calls - self.skip
         if n <= 0:
             return
         weight = max(1.0 - self.decay, 1.0 / n)
-        self.seconds_per_token += weight * (seconds / tokens - self.seconds_per_token)
+        self.seconds_per_sequence += weight * (seconds / sequences - self.seconds_per_sequence)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class CostKController:
 
     model: CostModel
     backoff: KController
+    cost: DraftCost = field(default_factory=DraftCost)  # the sequence's drafter's, shared with its other sequences
     acceptance: SeqAcceptance = field(default_factory=SeqAcceptance)
     # A run's drafts past its first hit land about three times in four (n-gram and suffix lookup on HumanEval and
     # ShareGPT, scripts/bench_drafters.py's acceptance by position): the prior after a whole hit.
@@ -82,7 +87,8 @@ class CostKController:
 
     def next_k(self, batch_rows: int = 0, batch_tokens: float = 0.0) -> int:
         """k for the next step, the rest of which verifies `batch_rows` rows and emits about `batch_tokens`."""
-        cap = self.model.best_k(self.after_hit.run_alphas(self.model.k_max), batch_rows, batch_tokens).k
+        alphas = self.after_hit.run_alphas(self.model.k_max)
+        cap = self.model.best_k(alphas, batch_rows, batch_tokens, draft_seconds=self.cost.seconds_per_sequence).k
         if cap == 0 and self.model.probe_due(self.idle):
             cap = 1  # the estimates learn only from drafted steps
         self.k = min(self.backoff.next_k(), cap)
@@ -92,34 +98,37 @@ class CostKController:
 
 
 class CostPolicy:
-    """The engine's cost model: makes the per-sequence controllers and times the proposer."""
+    """The engine's cost model: makes the per-sequence controllers and times each drafter, by name."""
 
     def __init__(self, step: StepTimes, k_max: int, probe_interval: int = 32):
         self.model = CostModel(step, k_max, probe_interval=probe_interval)
-        self.draft_cost = DraftCost()
+        self.costs: dict[str, DraftCost] = {}
 
-    def controller(self, k: int | None = None) -> CostKController:
-        """A new sequence's controller, its backoff starting from `k` (default: the most)."""
+    def cost_of(self, drafter: str) -> DraftCost:
+        return self.costs.setdefault(drafter, DraftCost())
+
+    def controller(self, drafter: str, k: int | None = None) -> CostKController:
+        """A new sequence's controller for `drafter`, its backoff starting from `k` (default: the most)."""
         backoff = KController(self.model.k_max) if k is None else KController(self.model.k_max, k=k)
-        return CostKController(self.model, backoff)
+        return CostKController(self.model, backoff, cost=self.cost_of(drafter))
 
-    def observe_draft(self, seconds: float, tokens: int) -> None:
-        self.draft_cost.observe(seconds, tokens)
-        self.model.draft_seconds_per_token = self.draft_cost.seconds_per_token
-
-    def timed(
-        self, propose: Callable[[list[DraftRequest]], list[Draft]]
-    ) -> Callable[[list[DraftRequest]], list[Draft]]:
-        """`propose` that also feeds the drafter's cost estimate."""
+    def time(self, drafter: str, proposer: Proposer) -> Proposer:
+        """Have `proposer` (the drafter called `drafter`, new: its estimate starts again) feed its cost estimate
+        from its proposals; returns it."""
+        cost = self.cost_of(drafter)
+        cost.seconds_per_sequence, cost.calls = 0.0, 0
+        propose = proposer.propose
 
         @functools.wraps(propose)
-        def run(requests: list[DraftRequest]) -> list[Draft]:
+        def timed(requests: list[DraftRequest]) -> list[Draft]:
             t0 = time.perf_counter()
             drafts = propose(requests)
-            self.observe_draft(time.perf_counter() - t0, sum(len(d.tokens) for d in drafts))
+            if any(d.tokens for d in drafts):  # not a call that failed (e.g. a timed-out actor) or found nothing
+                cost.observe(time.perf_counter() - t0, sum(1 for r in requests if r.k > 0))
             return drafts
 
-        return run
+        proposer.propose = timed
+        return proposer
 
 
 _STEP_TIMES: dict[tuple, StepTimes] = {}

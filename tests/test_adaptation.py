@@ -12,7 +12,7 @@ import torch
 from deployments.optimizer_actor import make_trainer
 from model.config import EngineConfig
 from sampling.params import SamplingParams
-from speculator.adaptation import AdaptationConfig, ClassSignal, Optimizer, TrafficRecord
+from speculator.adaptation import AdaptationConfig, ClassSignal, Optimizer, TrafficRecord, holdout
 from speculator.cost_model import StepTimes
 from speculator.distill import DistillOptions, DistillRecord
 from speculator.mlp_proposer import MLPProposer
@@ -37,6 +37,18 @@ class Oracle(Proposer):
         n = len(r.token_ids)
         tokens = self.truth[n : n + self.right] + [-1]
         return [Draft(tokens[: r.k])]
+
+
+@pytest.mark.parametrize("questions,rounds", [(8, 4), (4, 8), (8, 8), (5, 7)])
+def test_the_held_out_slice_is_not_aligned_with_traffic_that_repeats(questions, rounds):
+    """The same questions asked each round, in order: every fourth record would hold out all copies of a few
+    questions and train on none of them. The pseudo-random slice draws from several, each also trained on."""
+    n = questions * rounds
+    held = holdout(n, 4)
+    assert len(held) == n // 4 and held <= set(range(n)) and holdout(n, 4) == held
+    held_questions = {i % questions for i in held}
+    trained_questions = {i % questions for i in range(n) if i not in held}
+    assert held_questions <= trained_questions and len(held_questions) > min(2, questions - 1)
 
 
 def test_replay_counts_tokens_per_step_as_verification_emits_them():

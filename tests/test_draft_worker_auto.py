@@ -53,7 +53,9 @@ def setup(local_ray, released, tmp_path_factory):  # noqa: F811
         [ClassChoice(name="code", drafter="mlp:code", k=3)],
         {"mlp:code": folder},
     )
-    config = EngineConfig(speculator="auto", plan=plan, **CONFIG)
+    # The backoff, not auto's cost policy: on 2 cores four sequences in flight make drafting not pay after the
+    # first steps, and these tests need drafting steps (to take over, to be cut by the kill).
+    config = EngineConfig(speculator="auto", plan=plan, k_policy="backoff", **CONFIG)
     actor = start_draft_worker(config, ready_timeout_s=LOAD_S)
     client = DraftWorkerClient(actor, timeout_s=5.0, retry_interval_s=0.3, ready_timeout_s=LOAD_S)
     engine = LLMEngine(config, proposer=client.proposer_for(config))

@@ -4,6 +4,8 @@ target whose step time grows fast with rows turns it down; the output equals pla
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from engine.llm_engine import LLMEngine
@@ -11,7 +13,7 @@ from model.runner import ModelRunner
 from sampling.params import SamplingParams
 from speculator.backoff import KController
 from speculator.cost_model import StepTimes
-from speculator.k_policy import CostKController, DraftCost
+from speculator.k_policy import CostKController, CostPolicy, DraftCost
 from speculator.proposer import Draft, DraftRequest, Proposer
 from tests.conftest import humaneval_prompts
 
@@ -142,11 +144,40 @@ def test_backoff_policy_and_fixed_k_stay_selectable(plain, references):
 def test_draft_cost_is_a_running_estimate_past_the_first_call():
     cost = DraftCost(decay=0.5)
     cost.observe(1.0, 1)  # one-time set-up: not counted
-    cost.observe(0.5, 0)  # no tokens: nothing to divide
-    assert cost.seconds_per_token == 0
+    cost.observe(0.5, 0)  # no sequences: nothing to divide
+    assert cost.seconds_per_sequence == 0
     cost.observe(0.4, 4)
     cost.observe(0.2, 4)
-    assert cost.seconds_per_token == pytest.approx(0.075)
+    assert cost.seconds_per_sequence == pytest.approx(0.075)
+
+
+class Sleepy(Proposer):
+    """A drafter whose every call takes `seconds`, whatever k (an actor's round trip, say); drafts that land."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        time.sleep(self.seconds)
+        return [Draft([1] * r.k) for r in requests]
+
+
+def test_each_drafter_is_timed_apart_per_sequence_and_a_new_one_afresh():
+    """Under speculator auto an engine holds a cheap lookup and a costly drafter: each sequence is charged its own
+    drafter's cost, a call's time shared by the sequences it drafts for, whatever their k. The costly drafter
+    (three one-row steps' time per sequence) does not pay even for a run of hits at batch 1; the cheap one does.
+    A drafter installed under a name starts a new estimate."""
+    policy = CostPolicy(CPU_LIKE, 4)
+    cheap, costly = policy.time("ngram", Sleepy(0.0)), policy.time("mlp:chat", Sleepy(0.2))
+    for k in (1, 3, 1, 3, 1):
+        cheap.propose([DraftRequest(0, [1], k, SamplingParams())])
+        costly.propose([DraftRequest(i, [1], k, SamplingParams()) for i in range(2)] + [DraftRequest(9, [1], 0, None)])
+    policy.time("failing", Sleepy(0.2)).propose([DraftRequest(0, [1], 0, SamplingParams())])  # no drafts: not timed
+    assert policy.cost_of("ngram").seconds_per_sequence < 0.002 and policy.cost_of("failing").seconds_per_sequence == 0
+    assert 0.099 < policy.cost_of("mlp:chat").seconds_per_sequence < 0.15  # 0.2 s a call, for 2 drafting
+    assert policy.controller("ngram").next_k() > 0 and policy.controller("mlp:chat").next_k() == 0
+    policy.time("mlp:chat", Sleepy(0.0))
+    assert policy.cost_of("mlp:chat").seconds_per_sequence == 0 and policy.controller("mlp:chat").next_k() > 0
 
 
 def test_k_follows_the_run_alone_and_the_cap_of_a_run_of_hits_under_load():
@@ -172,3 +203,11 @@ def test_k_follows_the_run_alone_and_the_cap_of_a_run_of_hits_under_load():
     for _ in range(controller.model.probe_interval):  # under load, no drafts; then a probe
         assert controller.next_k(batch_rows=15, batch_tokens=15.0) == 0
     assert controller.next_k(batch_rows=15, batch_tokens=15.0) == 1
+
+
+def test_the_default_k_policy_is_the_cost_model_under_speculator_auto_only(plain):
+    auto = LLMEngine(runner=plain.runner, speculator="auto", **CONFIG)
+    ngram = LLMEngine(runner=plain.runner, speculator="ngram", **CONFIG)
+    assert auto.config.k_policy == ngram.config.k_policy == "auto"
+    assert auto.k_policy is not None and ngram.k_policy is None
+    assert set(auto.k_policy.costs) == set(auto.proposer.proposers)  # each of auto's drafters timed apart
