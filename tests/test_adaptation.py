@@ -178,3 +178,39 @@ def test_a_drafter_swapped_into_a_running_engine_keeps_outputs_and_takes_over(ma
 
 def key_version(snapshot, drafter: str) -> str:
     return next(key.version for key in snapshot if key.drafter == drafter)
+
+
+def test_a_rolled_back_drafter_stops_drafting_mid_flight_and_outputs_stay_plain(make_engine, released, plan_path):
+    """The replica's side of a rollback (`restore_drafter`, what the agent calls when the optimizer no longer names
+    a release): requests in flight go back to the plan's drafter for their class (here none) between steps, the
+    rolled-back drafter drafts no more, and every output still equals plain greedy decoding."""
+    opt, release = released
+    prompts = humaneval_prompts(4)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    engine = make_engine(**CONFIG)
+    engine.reset_kv()  # retraining ran teacher-forced passes over its pages
+    plain = [o.output_token_ids for o in engine.generate(prompts, params)]
+    auto = make_engine(**CONFIG, speculator="auto", plan=plan_path)
+    ids = [auto.add_request(p, params) for p in prompts]
+    outputs: dict[str, list[int]] = {i: [] for i in ids}
+    steps, at_restore, drafters = 0, None, {}
+    while auto.has_unfinished():
+        if steps == 2:
+            proposer = MLPProposer.load(opt.folder(release), target_hidden_size=576, target_vocab_size=49152)
+            auto.install_drafter("code", "mlp:code", proposer, str(release.version))
+        if steps == 8:
+            at_restore = drafted_by(auto, "mlp:code")
+            auto.restore_drafter("code")
+        if steps in (8, 9):  # the in-flight requests' drafters before and after the rollback's step
+            drafters[steps] = {r.drafter for r in auto.requests.values()}
+        for out in auto.step():
+            outputs[out.request_id] += out.new_token_ids
+        steps += 1
+    assert [outputs[i] for i in ids] == plain
+    assert drafters == {8: {"mlp:code"}, 9: {"none"}}
+    assert at_restore and at_restore > 0 and drafted_by(auto, "mlp:code") == at_restore
+    assert auto.router.route(auto.tokenizer.encode("def f():")).drafter == "none"
+
+
+def drafted_by(engine, drafter: str) -> int:
+    return sum(v.total.drafted for key, v in engine.spec_snapshot().items() if key.drafter == drafter)
