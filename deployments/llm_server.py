@@ -295,6 +295,8 @@ class LLMServer:
                 if finish is not None and not more:
                     return
                 out = await outputs.__anext__()
+        except RequestError as e:  # refused mid-way: its grammar allows no next token
+            yield ErrorItem(ErrorKind.INVALID_REQUEST, str(e), e.param or param)
         except EngineStepError as e:
             log.warning("request %s ended by an engine failure: %s", request_id, e)
             yield engine_error_item(e)

@@ -34,7 +34,7 @@ from typing import Any
 
 from engine.llm_engine import LLMEngine, RequestOutput
 from engine.spec_monitor import SpecKey, SpecStats
-from engine.tokenization import EngineRequest
+from engine.tokenization import EngineRequest, RequestError
 from sampling.params import SamplingParams
 from speculator.adaptation import TrafficRecord
 from speculator.proposer import Proposer
@@ -132,7 +132,8 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (with n > 1, those of its n sequences interleaved, each with its `index`, until
         `all_finished`); `prompt` is an EngineRequest from `prepare`, or is prepared first. A bad
-        request raises RequestError before the first output, a request that failed alone raises RequestFailed,
+        request raises RequestError before the first output (or later, when its grammar allows no next token),
+        a request that failed alone raises RequestFailed,
         one ended by an unrepairable fault EngineStepError. Leaving the iteration at any point (a client that
         went away) aborts the request, freeing its KV blocks."""
         request = prompt if isinstance(prompt, EngineRequest) else await self.prepare(prompt, params, messages=messages)
@@ -262,7 +263,10 @@ class AsyncEngine:
                 continue
             if out.all_finished:
                 del self._streams[out.request_id]
-            item = out if out.error is None else RequestFailed(out.error)
+            if out.error is None:
+                item = out
+            else:  # refused mid-way for its own spec (a 400), or failed alone in the engine
+                item = RequestError(out.error, out.error_param) if out.error_param else RequestFailed(out.error)
             _deliver(stream.loop, stream.queue.put_nowait, item)
 
     def _on_failed_step(self, error: Exception) -> None:

@@ -38,7 +38,7 @@ from model.config import EngineConfig
 from model.loader import eos_token_ids, load_arch, load_tokenizer, resolve_model
 from model.runner import ModelRunner, StepInput, context_length
 from sampling.controls import LogitsControls
-from sampling.grammar import GrammarCompiler, GrammarState
+from sampling.grammar import GrammarCompiler, GrammarDeadEnd, GrammarState
 from sampling.params import SamplingParams, describe_validation_error
 from sampling.sampler import make_generator
 from speculator.adaptation import TrafficRecord
@@ -448,16 +448,23 @@ class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
             for child in self._fork_pending(req):  # each samples its first token from the prompt's last row
                 try:
                     outputs.append(self._accept(child, s, item, NO_DRAFT, logits[rows], greedy_rows[rows], h, now))
-                except Exception:  # noqa: BLE001 - this request's failure must not reach the others
-                    log.exception("request %s failed while its step output was processed", seq.request_id)
-                    outputs.append(self._fail(child, SEQUENCE_FAILED))
+                except Exception as e:  # noqa: BLE001 - this request's failure must not reach the others
+                    outputs.append(self._failed_processing(child, e))
             try:
                 draft = drafts.get(seq.seq_id, NO_DRAFT)
                 outputs.append(self._accept(req, s, item, draft, logits[rows], greedy_rows[rows], h, now))
-            except Exception:  # noqa: BLE001 - this request's failure must not reach the others
-                log.exception("request %s failed while its step output was processed", seq.request_id)
-                outputs.append(self._fail(req, SEQUENCE_FAILED))
+            except Exception as e:  # noqa: BLE001 - this request's failure must not reach the others
+                outputs.append(self._failed_processing(req, e))
         return outputs
+
+    def _failed_processing(self, req: RequestState, error: Exception) -> RequestOutput:
+        """End a request whose step output could not be processed: refused when its grammar allows no next token
+        (its spec's fault, named), failed otherwise (logged; the client gets a fixed line)."""
+        structured = req.seq.params.structured
+        if isinstance(error, GrammarDeadEnd) and structured is not None:
+            return self._fail(req, f"{structured.param}: {error}", structured.param)
+        log.exception("request %s failed while its step output was processed", req.seq.request_id, exc_info=error)
+        return self._fail(req, SEQUENCE_FAILED)
 
     def _fork_pending(self, req: RequestState) -> list[RequestState]:
         """The prompt of a request with n > 1 is prefilled once: its other sequences fork from its blocks (shared
@@ -511,9 +518,11 @@ class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
             if not keys:
                 del self.groups[req.group]
 
-    def _fail(self, req: RequestState, message: str) -> RequestOutput:
-        """End a request whose own processing failed."""
-        return self._finish(req, [], "", time.perf_counter(), message)
+    def _fail(self, req: RequestState, message: str, param: str | None = None) -> RequestOutput:
+        """End a request whose own processing failed (`param`: the request field at fault, if it is the request's)."""
+        out = self._finish(req, [], "", time.perf_counter(), message)
+        out.error_param = param
+        return out
 
     def _output(self, req: RequestState, new: list[int], delta: str) -> RequestOutput:
         seq = req.seq

@@ -37,6 +37,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", or "error" (then `error` says why, in one line)
     metrics: RequestMetrics
     error: str | None = None
+    error_param: str | None = None  # with `error`: the request field at fault (the request's failure, not the engine's)
     # With params.logprobs: one per token of new_token_ids. With params.prompt_logprobs: one per prompt token
     # after the first, in the request's first output only.
     logprobs: list[TokenLogprob] | None = None

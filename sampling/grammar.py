@@ -31,6 +31,11 @@ class GrammarError(ValueError):
     """A spec the compiler refuses; the message says why in one line."""
 
 
+class GrammarDeadEnd(ValueError):
+    """The grammar allows no next token after the output so far (e.g. a regex `ab$c`): the request's own spec
+    cannot be followed further, so the request ends as refused, not as an engine failure."""
+
+
 class GrammarCompiler:
     """Compiles specs against one tokenizer and vocabulary, each distinct spec once (LRU-bounded); safe on any
     thread (the engine compiles on its input thread, never on a server's event loop)."""
@@ -56,11 +61,20 @@ class GrammarCompiler:
         except Exception as e:  # noqa: BLE001 - whatever the compiler refuses is the spec's problem (a 400)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GrammarError(_LOG_PREFIX.sub("", first)) from None
+        if not self._admits_a_first_token(compiled):  # e.g. a regex no string matches: refused here, not mid-step
+            raise GrammarError("no output can match it (it allows no first token)")
         with self._lock:
             self._cache[spec.key] = compiled
             while len(self._cache) > MAX_CACHED_GRAMMARS:
                 self._cache.popitem(last=False)
         return compiled
+
+    def _admits_a_first_token(self, compiled: xgr.CompiledGrammar) -> bool:
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
+        scores = torch.zeros(1, self.vocab_size)
+        xgr.apply_token_bitmask_inplace(scores, bitmask, vocab_size=self.vocab_size)
+        return bool(torch.isfinite(scores).any())
 
     def _compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
         # Compact JSON (no free whitespace between tokens): a small model can otherwise emit newlines forever.
@@ -123,6 +137,8 @@ class GrammarState:
                 y = unprocessed.float().clone()
                 xgr.apply_token_bitmask_inplace(y, bitmask, vocab_size=self.vocab_size)
                 x[dead] = y[dead]
+        if not bool(torch.isfinite(x[0]).any()):
+            raise GrammarDeadEnd("no output can continue to match it after the tokens so far")
         return x
 
     def advance(self, tokens: Sequence[int]) -> None:

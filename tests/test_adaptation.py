@@ -146,18 +146,25 @@ def untrained() -> MLPSpeculator:
     return MLPSpeculator(MLPSpeculatorConfig(emb_dim=576, inner_dim=64, vocab_size=49152, n_predict=3)).eval()
 
 
+SWAP_PARAMS = SamplingParams(max_tokens=40, ignore_eos=True)
+
+
+def plain_and_auto(make_engine, prompts: list[str], plan_path: str):
+    """The prompts' plain greedy outputs, and an engine under `speculator: auto` with the plan to swap drafters in."""
+    engine = make_engine(**CONFIG)
+    engine.reset_kv()  # retraining ran teacher-forced passes over its pages
+    plain = [o.output_token_ids for o in engine.generate(prompts, SWAP_PARAMS)]
+    return plain, make_engine(**CONFIG, speculator="auto", plan=plan_path)
+
+
 def test_a_drafter_swapped_into_a_running_engine_keeps_outputs_and_takes_over(make_engine, released, plan_path):
     """Requests in flight (of a class that did not draft) switch to the new drafter between steps; every output
     equals plain greedy decoding; the swapped drafter's counts carry its version; the engine logged its traffic."""
     opt, release = released
     prompts = humaneval_prompts(6)
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
-    engine = make_engine(**CONFIG)
-    engine.reset_kv()  # retraining ran teacher-forced passes over its pages
-    plain = [o.output_token_ids for o in engine.generate(prompts, params)]
-    auto = make_engine(**CONFIG, speculator="auto", plan=plan_path)
+    plain, auto = plain_and_auto(make_engine, prompts, plan_path)
     auto.log_traffic(64)
-    ids = [auto.add_request(p, params) for p in prompts]
+    ids = [auto.add_request(p, SWAP_PARAMS) for p in prompts]
     outputs: dict[str, list[int]] = {i: [] for i in ids}
     steps = 0
     while auto.has_unfinished():
@@ -186,12 +193,8 @@ def test_a_rolled_back_drafter_stops_drafting_mid_flight_and_outputs_stay_plain(
     rolled-back drafter drafts no more, and every output still equals plain greedy decoding."""
     opt, release = released
     prompts = humaneval_prompts(4)
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
-    engine = make_engine(**CONFIG)
-    engine.reset_kv()  # retraining ran teacher-forced passes over its pages
-    plain = [o.output_token_ids for o in engine.generate(prompts, params)]
-    auto = make_engine(**CONFIG, speculator="auto", plan=plan_path)
-    ids = [auto.add_request(p, params) for p in prompts]
+    plain, auto = plain_and_auto(make_engine, prompts, plan_path)
+    ids = [auto.add_request(p, SWAP_PARAMS) for p in prompts]
     outputs: dict[str, list[int]] = {i: [] for i in ids}
     steps, at_restore, drafters = 0, None, {}
     while auto.has_unfinished():

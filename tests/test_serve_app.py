@@ -517,3 +517,19 @@ def test_json_schema_response_format_and_a_schema_that_does_not_compile(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, response_format=bad)
     assert err.value.param == "response_format" and "frobnicate" in err.value.message
+
+
+def test_a_grammar_that_allows_no_next_token_mid_output_is_refused_naming_it(base_url):
+    """A regex whose first tokens match but then nothing can (`ab` then an empty class): not an engine failure
+    (a 500) but the request's own spec: a 400 naming `guided_regex`, or in a stream its tokens so far and then an
+    error event saying so."""
+    body = {"model": MODEL, "prompt": "Say:", "max_tokens": 8, "temperature": 0, "guided_regex": r"ab[^\s\S]"}
+    r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "guided_regex", r.text
+    assert "no output can continue to match it" in error["message"]
+    with httpx.stream("POST", f"{base_url}/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        events = [line[len("data: ") :] for line in s.iter_lines() if line.startswith("data: ")]
+    assert s.status_code == 200 and events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-2])
+    assert text == "ab" and json.loads(events[-2])["error"]["param"] == "guided_regex", events

@@ -118,6 +118,8 @@ def test_the_grammars_end_outranks_min_tokens(plain):
     [
         (StructuredOutput(kind="json_schema", spec='{"type": "frobnicate"}'), "response_format", "frobnicate"),
         (StructuredOutput(kind="regex", spec="(ab"), "guided_regex", "parenthesis"),
+        # compiles, but allows no first token: refused here rather than failing the request at its first step
+        (StructuredOutput(kind="regex", spec=r"[^\s\S]"), "guided_regex", "no output can match it"),
     ],
 )
 def test_a_spec_the_engine_cannot_compile_is_refused_naming_it(plain, spec, param, words):
@@ -205,3 +207,16 @@ def test_sampling_with_a_grammar_keeps_the_masked_target_distribution_under_draf
         return torch.stack([masked([t], p2[i]) for i, t in enumerate(firsts)])
 
     assert_two_token_law(outs, p1, second, 4, "samples under a grammar")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_grammar_that_allows_no_next_token_ends_its_request_alone_naming_the_field(ngram, temperature):
+    """`ab` matches, then nothing can: the request ends with what matched and an error naming its own field
+    (`error_param`: refused, not an engine failure); the request beside it is untouched."""
+    spec = StructuredOutput(kind="regex", spec=r"ab[^\s\S]")
+    params = [SamplingParams(max_tokens=8, temperature=temperature, structured=spec), SamplingParams(max_tokens=8)]
+    bad, other = ngram.generate(["Say:", "def f():"], params)
+    assert bad.text == "ab" and bad.finish_reason == "error" and bad.error_param == "guided_regex"
+    assert bad.error.startswith("guided_regex: no output can continue to match it")
+    alone = ngram.generate(["def f():"], SamplingParams(max_tokens=8))[0]
+    assert other.error is None and other.output_token_ids == alone.output_token_ids
