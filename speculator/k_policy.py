@@ -35,6 +35,10 @@ class DraftCost:
     skip: int = 1
     calls: int = 0
 
+    def reset(self) -> None:
+        """Start again (a new drafter under the same name)."""
+        self.seconds_per_sequence, self.calls = 0.0, 0
+
     def observe(self, seconds: float, sequences: int) -> None:
         if sequences <= 0:
             return
@@ -116,7 +120,7 @@ class CostPolicy:
         """Have `proposer` (the drafter called `drafter`, new: its estimate starts again) feed its cost estimate
         from its proposals; returns it."""
         cost = self.cost_of(drafter)
-        cost.seconds_per_sequence, cost.calls = 0.0, 0
+        cost.reset()
         propose = proposer.propose
 
         @functools.wraps(propose)
