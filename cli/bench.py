@@ -259,6 +259,14 @@ def standard_prompt_sets(
     return load_prompts(data / "humaneval.jsonl", humaneval_limit), load_prompts(sharegpt, sharegpt_n)
 
 
+def short_prompts(specs: list[PromptSpec], tokenizer: Any, vocab_size: int, max_tokens: int, n: int):
+    """The first `n` of `specs` whose encoded prompt (chat template included) is at most `max_tokens` tokens."""
+    short = [s for s in specs if len(encode_prompt(tokenizer, vocab_size, s.prompt, s.messages)) <= max_tokens]
+    if len(short) < n:
+        raise ValueError(f"only {len(short)} of {len(specs)} prompts are at most {max_tokens} tokens; {n} needed")
+    return short[:n]
+
+
 def print_report(report: dict[str, Any], out: str | None) -> None:
     """The report as indented JSON on stdout, and in `out` if given."""
     text = json.dumps(report, indent=1)

@@ -386,15 +386,17 @@ class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
     def _within_grammar(self, seq: Sequence, draft: Draft) -> Draft:
         """A structured-output request's draft ends where its grammar forbids a token: that token's target row
         has p = 0 for it, so nothing after it could be accepted. A point-mass draft drops the token (its residual
-        is p itself); a sampled draft keeps it as its last, whose residual max(p - q, 0) keeps verification exact."""
+        is p itself); a sampled draft keeps it as its last, whose residual max(p - q, 0) keeps verification exact.
+        It also ends before a token after which the grammar allows none (the row after it could emit nothing):
+        verifying fewer draft tokens is exact too."""
         grammar = self.requests[seq.request_id].grammar
         if grammar is None or not draft.tokens:
             return draft
-        n = grammar.allowed_prefix(draft.tokens)
+        n, forbidden = grammar.allowed_prefix(draft.tokens)
         if n == len(draft.tokens):
             return draft
-        if draft.probs is None:
-            return Draft(draft.tokens[:n])
+        if draft.probs is None or not forbidden:
+            return Draft(draft.tokens[:n], None if draft.probs is None else draft.probs[:n])
         return Draft(draft.tokens[: n + 1], draft.probs[: n + 1])
 
     def _take_hidden(self, seq: Sequence) -> torch.Tensor | None:

@@ -70,11 +70,7 @@ class GrammarCompiler:
         return compiled
 
     def _admits_a_first_token(self, compiled: xgr.CompiledGrammar) -> bool:
-        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
-        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
-        scores = torch.zeros(1, self.vocab_size)
-        xgr.apply_token_bitmask_inplace(scores, bitmask, vocab_size=self.vocab_size)
-        return bool(torch.isfinite(scores).any())
+        return _allows_a_token(xgr.GrammarMatcher(compiled), self.vocab_size)
 
     def _compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
         # Compact JSON (no free whitespace between tokens): a small model can otherwise emit newlines forever.
@@ -101,15 +97,22 @@ class GrammarState:
         """The grammar has ended (its stop token was accepted): the sequence is finished."""
         return self.matcher.is_terminated()
 
-    def allowed_prefix(self, draft: Sequence[int]) -> int:
-        """How many leading draft tokens the grammar allows (the draft ends before the first it forbids)."""
-        n = 0
+    def allowed_prefix(self, draft: Sequence[int]) -> tuple[int, bool]:
+        """(n, forbidden): the draft's first n tokens are the ones to verify. It ends before the first token the
+        grammar forbids (forbidden = True: the target gives that token p = 0), or before one after which it
+        allows no token at all (the row after it would have nothing to emit; plain decoding would take that
+        token and then end refused, and so does a shorter draft)."""
+        accepted = 0
         for tok in draft:
             if self.matcher.is_terminated() or not self.matcher.accept_token(tok):
-                break
-            n += 1
-        self.matcher.rollback(n)
-        return n
+                self.matcher.rollback(accepted)
+                return accepted, accepted < len(draft)
+            accepted += 1
+            if not self.matcher.is_terminated() and not _allows_a_token(self.matcher, self.vocab_size):
+                self.matcher.rollback(accepted)
+                return accepted - 1, False
+        self.matcher.rollback(accepted)
+        return accepted, False
 
     def mask(
         self, logits: torch.Tensor, draft: Sequence[int] = (), unprocessed: torch.Tensor | None = None
@@ -148,3 +151,12 @@ class GrammarState:
                 return
             if not self.matcher.accept_token(tok):
                 raise ValueError(f"token {tok} does not follow the grammar")
+
+
+def _allows_a_token(matcher: xgr.GrammarMatcher, vocab_size: int) -> bool:
+    """Whether the matcher's state allows any next token (a grammar can compile yet lead where nothing does)."""
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    scores = torch.zeros(1, vocab_size)
+    xgr.apply_token_bitmask_inplace(scores, bitmask, vocab_size=vocab_size)
+    return bool(torch.isfinite(scores).any())

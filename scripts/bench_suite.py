@@ -1,12 +1,13 @@
 """The performance checks of the engine, side by side in one process; prints one JSON object.
 
     .venv/bin/python scripts/bench_suite.py [--humaneval-limit 10] [--max-tokens 128] [--concurrency 16]
-        [--out results/suite.json]
+        [--max-prompt-tokens N] [--out results/suite.json]
 
 - batch 1, HumanEval chat prompts: specserve plain vs transformers `generate`, and n-gram vs plain, the
   three alternating prompt by prompt (the machine's drifting speed then hits all three alike);
 - `--concurrency` (16) ShareGPT single-turn prompts: specserve with all of them in flight vs `generate` one at a
-  time, and n-gram vs plain at batch 1 (the prompt set where lookup has least to copy);
+  time, and n-gram vs plain at batch 1 (the prompt set where lookup has least to copy); with
+  `--max-prompt-tokens N`, the first of them whose chat prompt is at most N tokens (short-prompt serving);
 - KV waste (allocated minus used slots per live sequence) from the same runs.
 """
 
@@ -19,7 +20,15 @@ from pathlib import Path
 
 import torch
 
-from cli.bench import HFBaseline, print_report, run_alternating, run_specserve, standard_prompt_sets, warm
+from cli.bench import (
+    HFBaseline,
+    print_report,
+    run_alternating,
+    run_specserve,
+    short_prompts,
+    standard_prompt_sets,
+    warm,
+)
 from engine.llm_engine import LLMEngine
 from model.config import EngineConfig
 
@@ -37,10 +46,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=16, help="ShareGPT prompts, all in flight at once")
+    ap.add_argument("--max-prompt-tokens", type=int, default=None, help="only ShareGPT prompts this short")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    humaneval, sharegpt = standard_prompt_sets(args.humaneval, args.humaneval_limit, args.concurrency, REPO / "data")
     c = args.concurrency
+    pool = c if args.max_prompt_tokens is None else 8 * c
+    humaneval, sharegpt = standard_prompt_sets(args.humaneval, args.humaneval_limit, pool, REPO / "data")
     n = args.max_tokens
     plain = EngineConfig()
     ngram = EngineConfig(speculator="ngram", num_speculative_tokens=args.k)
@@ -48,6 +59,8 @@ def main() -> None:
     t0 = time.time()
     # Every specserve comparison gets fresh engines, so no run profits from another's prefix cache.
     hf = HFBaseline.load(None, "float32")
+    if args.max_prompt_tokens is not None:
+        sharegpt = short_prompts(sharegpt, hf.tokenizer, hf.vocab_size, args.max_prompt_tokens, c)
 
     def alternating(prefix: str, specs: list, with_hf: bool) -> dict:
         engines = {"plain": warm(LLMEngine(plain)), "ngram": warm(LLMEngine(ngram))}

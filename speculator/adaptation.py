@@ -14,7 +14,6 @@ resumes after a restart with what is live; the traffic log is not kept (replicas
 
 from __future__ import annotations
 
-import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from speculator.distill import DistillOptions, DistillRecord
+from speculator.distill import DistillOptions, DistillRecord, holdout
 from speculator.proposer import Proposer
 from speculator.replay import replay
 
@@ -271,10 +270,3 @@ def write_files(files: dict[str, bytes], folder: Path) -> Path:
     for name, data in files.items():
         (folder / Path(name).name).write_bytes(data)
     return folder
-
-
-def holdout(n: int, every: int, seed: int = 0) -> set[int]:
-    """The indices of the held-out slice of `n` logged sequences: `n // every` of them, picked pseudo-randomly
-    (a fixed seed). Not every Nth: traffic that repeats with a period (the same questions asked each round, in
-    order) would then put every copy of some questions in the held-out slice and none in training."""
-    return set(random.Random(seed).sample(range(n), n // every))

@@ -13,6 +13,7 @@ An EAGLE head (`kind="eagle"`) trains on the same records in `speculator.eagle_d
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ class DistillOptions(BaseModel):
     batch_size: int = Field(default=256, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
-    holdout_every: int = Field(default=10, ge=2, description="every Nth record is held out")
+    holdout_every: int = Field(default=10, ge=2, description="one record in N is held out (see `holdout`)")
     seed: int = 0
     window: int = Field(default=512, ge=8, description="eagle: pairs per training sequence")
     token_weight: float = Field(default=0.1, ge=0, description="eagle: LM-head cross-entropy weight")
@@ -181,6 +182,14 @@ def lr_schedule(total: int):
     return lr_at
 
 
+def holdout(n: int, every: int, seed: int = 0) -> set[int]:
+    """The indices of the held-out slice of `n` sequences (prompts or logged traffic): `n // every` of them,
+    picked pseudo-randomly (a fixed seed). Not every Nth: traffic that repeats with a period (the same questions
+    asked each round, in order) would then put every copy of some questions in the held-out slice and none in
+    training."""
+    return set(random.Random(seed).sample(range(n), n // every))
+
+
 def distill(
     records: list[DistillRecord],
     kind: Literal["mlp", "eagle"] = "mlp",
@@ -200,7 +209,7 @@ def distill(
         raise ValueError("an eagle head needs the target's architecture and parts (arch, target)")
     opts = options or DistillOptions()
     n = opts.n_predict
-    held_idx = {i for i in range(len(records)) if i % opts.holdout_every == opts.holdout_every - 1}
+    held_idx = holdout(len(records), opts.holdout_every)
     if not held_idx and len(records) >= 2:
         held_idx = {len(records) - 1}
     if not held_idx:

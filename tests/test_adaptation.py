@@ -12,9 +12,9 @@ import torch
 from deployments.optimizer_actor import make_trainer
 from model.config import EngineConfig
 from sampling.params import SamplingParams
-from speculator.adaptation import AdaptationConfig, ClassSignal, Optimizer, TrafficRecord, holdout
+from speculator.adaptation import AdaptationConfig, ClassSignal, Optimizer, TrafficRecord
 from speculator.cost_model import StepTimes
-from speculator.distill import DistillOptions, DistillRecord
+from speculator.distill import DistillOptions, DistillRecord, holdout
 from speculator.mlp_proposer import MLPProposer
 from speculator.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
 from speculator.plan import build_plan

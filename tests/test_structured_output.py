@@ -148,12 +148,12 @@ def test_grammar_masks_rows_along_the_draft_and_cuts_it_at_a_forbidden_token(pla
     spec = StructuredOutput(kind="choice", choices=("yes", "no"))
     grammar = GrammarState(plain.grammars.compile(spec), plain.arch.vocab_size)
     yes, bad = tokenizer.encode("yes"), tokenizer.encode("{")
-    assert grammar.allowed_prefix(yes + bad + yes) == len(yes)
+    assert grammar.allowed_prefix(yes + bad + yes) == (len(yes), True)
     masked = grammar.mask(torch.zeros(len(yes) + 2, plain.arch.vocab_size), yes + bad)
     assert bool(torch.isfinite(masked[0, yes[0]])) and not bool(torch.isfinite(masked[0, bad[0]]))
     after_yes = set(torch.isfinite(masked[len(yes)]).nonzero().flatten().tolist())
     assert after_yes == set(plain.eos_token_ids)  # the grammar is complete: only its end is allowed
-    assert grammar.allowed_prefix(yes) == len(yes) and not grammar.terminated  # rolled back both times
+    assert grammar.allowed_prefix(yes) == (len(yes), False) and not grammar.terminated  # rolled back both times
 
 
 def test_greedy_with_a_grammar_is_lossless_under_drafts_it_forbids(make_engine, tokenizer):
@@ -218,5 +218,44 @@ def test_a_grammar_that_allows_no_next_token_ends_its_request_alone_naming_the_f
     bad, other = ngram.generate(["Say:", "def f():"], params)
     assert bad.text == "ab" and bad.finish_reason == "error" and bad.error_param == "guided_regex"
     assert bad.error.startswith("guided_regex: no output can continue to match it")
+    alone = ngram.generate(["def f():"], SamplingParams(max_tokens=8))[0]
+    assert other.error is None and other.output_token_ids == alone.output_token_ids
+
+
+class Fixed(Proposer):
+    """Drafts the same tokens every step, as a point mass or with `probs` (a sampled draft)."""
+
+    def __init__(self, tokens: list[int], vocab_size: int, sampled: bool):
+        self.tokens, self.vocab_size, self.sampled = tokens, vocab_size, sampled
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        probs = None
+        if self.sampled:
+            probs = torch.zeros(len(self.tokens), self.vocab_size)
+            probs[range(len(self.tokens)), self.tokens] = 1.0
+        return [Draft(self.tokens[: r.k], probs if probs is None else probs[: r.k]) for r in requests]
+
+
+def test_a_draft_ends_before_the_token_that_leads_the_grammar_where_nothing_is_allowed(plain, tokenizer):
+    spec = StructuredOutput(kind="regex", spec=r"ab[^\s\S]")
+    grammar = GrammarState(plain.grammars.compile(spec), plain.arch.vocab_size)
+    ab = tokenizer.encode("ab")
+    assert grammar.allowed_prefix(ab + ab) == (len(ab) - 1, False)
+    assert grammar.allowed_prefix(ab[:-1]) == (len(ab) - 1, False) and not grammar.terminated
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_draft_into_a_grammar_dead_end_is_refused_like_plain_decoding(ngram, tokenizer, temperature):
+    """The drafter proposes exactly the tokens after which the grammar allows nothing: the request still ends
+    refused naming its field, with the tokens plain decoding gives, and the request beside it is untouched."""
+    spec = StructuredOutput(kind="regex", spec=r"ab[^\s\S]")
+    params = [SamplingParams(max_tokens=8, temperature=temperature, structured=spec), SamplingParams(max_tokens=8)]
+    saved = ngram.proposer
+    ngram.proposer = Fixed(tokenizer.encode("ab") * 2, ngram.arch.vocab_size, sampled=temperature > 0)
+    try:
+        bad, other = ngram.generate(["Say:", "def f():"], params)
+    finally:
+        ngram.proposer = saved
+    assert bad.text == "ab" and bad.finish_reason == "error" and bad.error_param == "guided_regex"
     alone = ngram.generate(["def f():"], SamplingParams(max_tokens=8))[0]
     assert other.error is None and other.output_token_ids == alone.output_token_ids
