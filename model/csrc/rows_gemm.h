@@ -1,6 +1,5 @@
 // M (1-8) rows of x times W rows [begin, end) of a float32 [N, K] matrix: each loaded vector of W serves the M
-// rows while it is in registers. Shared by the float32 small-batch matmul and the packed kernel's tile path
-// (a tile of W dequantized to float32, then passed by groups of 8 rows of x while it stays in cache).
+// rows while it is in registers (the float32 small-batch matmul).
 #pragma once
 
 #include <cstdint>
