@@ -19,16 +19,25 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from cli.bench import print_report
-from engine.llm_engine import LLMEngine
-from model.config import EngineConfig
-from model.loader import resolve_model
-from sampling.params import SamplingParams
-from scripts.roofline import embedding_row_bytes, kv_bytes_per_token, read_bandwidth_gb_per_s, roofline, weight_bytes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts.roofline, run as a script
+
+from cli.bench import print_report  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from model.config import EngineConfig  # noqa: E402
+from model.loader import resolve_model  # noqa: E402
+from sampling.params import SamplingParams  # noqa: E402
+from scripts.roofline import (  # noqa: E402
+    embedding_row_bytes,
+    kv_bytes_per_token,
+    read_bandwidth_gb_per_s,
+    roofline,
+    weight_bytes,
+)
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval.jsonl.gz"  # as tests/conftest.py
 
