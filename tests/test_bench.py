@@ -1,10 +1,13 @@
-"""The benchmark harness: alternating runs interleave prompt by prompt and add up exactly."""
+"""The benchmark harness: alternating runs interleave prompt by prompt and add up exactly; the short-prompt set."""
 
 from __future__ import annotations
 
-from cli.bench import BenchResult, run_alternating
+import pytest
+
+from cli.bench import BenchResult, run_alternating, short_prompts
 from cli.prompts import PromptSpec
 from engine.metrics import SpecCounters
+from engine.tokenization import encode_prompt
 
 
 def test_alternating_runs_go_prompt_by_prompt_and_merge_their_results():
@@ -33,3 +36,18 @@ def test_alternating_runs_go_prompt_by_prompt_and_merge_their_results():
     assert [r["id"] for r in merged["b"].requests] == ["0", "1", "2"]
     assert merged["b"].to_json({})["summary"]["output_tokens_per_s"] == 4.0
     assert merged["b"].extra["kv_waste_slots_per_seq_max"] == 6.0 and not merged["a"].extra
+
+
+def test_short_prompts_keeps_the_first_n_whose_encoded_prompt_fits(tokenizer):
+    """The length counted is the prompt as the engine encodes it (chat template included), and too few short
+    prompts is an error rather than a smaller set."""
+    words = ["hi", "tell me " * 40, "ok", "what " * 3, "why"]
+    specs = [PromptSpec(str(i), None, [{"role": "user", "content": w}]) for i, w in enumerate(words)]
+    vocab = len(tokenizer)
+    lengths = [len(encode_prompt(tokenizer, vocab, None, s.messages)) for s in specs]
+    limit = max(lengths[0], lengths[2], lengths[3], lengths[4])
+    assert lengths[1] > limit  # the long one is over, the chat template counted in every one
+    kept = short_prompts(specs, tokenizer, vocab, limit, 3)
+    assert [s.id for s in kept] == ["0", "2", "3"]
+    with pytest.raises(ValueError, match="only 4 of 5 prompts"):
+        short_prompts(specs, tokenizer, vocab, limit, 5)
