@@ -106,7 +106,7 @@ class GrammarState:
         for tok in draft:
             if self.matcher.is_terminated() or not self.matcher.accept_token(tok):
                 self.matcher.rollback(accepted)
-                return accepted, accepted < len(draft)
+                return accepted, True
             accepted += 1
             if not self.matcher.is_terminated() and not _allows_a_token(self.matcher, self.vocab_size):
                 self.matcher.rollback(accepted)
