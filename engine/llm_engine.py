@@ -395,9 +395,8 @@ class LLMEngine(SpeculationLength, DrafterSwap, Acceptance, Recovery):
         n, forbidden = grammar.allowed_prefix(draft.tokens)
         if n == len(draft.tokens):
             return draft
-        if draft.probs is None or not forbidden:
-            return Draft(draft.tokens[:n], None if draft.probs is None else draft.probs[:n])
-        return Draft(draft.tokens[: n + 1], draft.probs[: n + 1])
+        keep = n + 1 if forbidden and draft.probs is not None else n
+        return Draft(draft.tokens[:keep], None if draft.probs is None else draft.probs[:keep])
 
     def _take_hidden(self, seq: Sequence) -> torch.Tensor | None:
         """Hand over the sequence's hidden rows since its last proposal."""

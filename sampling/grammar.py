@@ -90,6 +90,7 @@ class GrammarState:
     def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int, output: Sequence[int] = ()):
         self.matcher = xgr.GrammarMatcher(compiled)
         self.vocab_size = vocab_size
+        self._row = xgr.allocate_token_bitmask(1, vocab_size)  # allowed_prefix's dead-end check, reused
         self.advance(output)
 
     @property
@@ -108,7 +109,7 @@ class GrammarState:
                 self.matcher.rollback(accepted)
                 return accepted, True
             accepted += 1
-            if not self.matcher.is_terminated() and not _allows_a_token(self.matcher, self.vocab_size):
+            if not self.matcher.is_terminated() and not _allows_a_token(self.matcher, self.vocab_size, self._row):
                 self.matcher.rollback(accepted)
                 return accepted - 1, False
         self.matcher.rollback(accepted)
@@ -153,10 +154,12 @@ class GrammarState:
                 raise ValueError(f"token {tok} does not follow the grammar")
 
 
-def _allows_a_token(matcher: xgr.GrammarMatcher, vocab_size: int) -> bool:
-    """Whether the matcher's state allows any next token (a grammar can compile yet lead where nothing does)."""
-    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-    matcher.fill_next_token_bitmask(bitmask, 0)
-    scores = torch.zeros(1, vocab_size)
-    xgr.apply_token_bitmask_inplace(scores, bitmask, vocab_size=vocab_size)
-    return bool(torch.isfinite(scores).any())
+def _allows_a_token(matcher: xgr.GrammarMatcher, vocab_size: int, row: torch.Tensor | None = None) -> bool:
+    """Whether the matcher's state allows any next token (a grammar can compile yet lead where nothing does):
+    read from the bitmask's words (`row`, reused if given), the bits past the vocabulary left out."""
+    row = xgr.allocate_token_bitmask(1, vocab_size) if row is None else row
+    matcher.fill_next_token_bitmask(row, 0)
+    full, rest = divmod(vocab_size, 32)
+    if bool(row[0, :full].ne(0).any()):
+        return True
+    return rest > 0 and bool(int(row[0, full]) & ((1 << rest) - 1))

@@ -7,8 +7,8 @@
 // - 2-16 rows: each block is dequantized in registers (w = d q + m, exact in float32) and used by up to 8 rows;
 // - 17-64 rows: 48 W rows at a time are dequantized into a per-thread float32 tile that stays in cache, and x,
 //   transposed once per call (K-major, rows padded to 8), passes it as outer products: per K step 6 weights
-//   broadcast and 2 vectors of 8 rows of x feed 12 independent FMAs (1.2-1.5x the rate of 8 rows of x
-//   against one W row at a time, whose loads and FMA latency set the pace; no whole-matrix scratch).
+//   broadcast and 2 vectors of 8 rows of x feed 12 independent FMAs (8 rows of x against one W row at a time
+//   were held back by their loads and FMA latency; no whole-matrix scratch).
 // Results differ from dequantize-then-matmul only in rounding and the order of summation. `quant_dequantize`
 // writes the whole float32 matrix, for prefill batches that go to a GEMM.
 #include <torch/extension.h>
