@@ -1,7 +1,8 @@
 """The C++ CPU kernels: paged attention reading K/V in place (`model.attention.cpu`), the small-batch
 matmul of decode and verification steps (`model.parallel.linear`), the same over weights kept in their GGUF
-blocks (`model.quant`) and the decoder layer's fused element-wise
-ops (RMSNorm with the residual add, RoPE, the MLP's silu * up; `model.decoder`).
+blocks (`model.quant`), the decoder layer's fused element-wise
+ops (RMSNorm with the residual add, RoPE, the MLP's silu * up; `model.decoder`), and the decoder stack that
+runs all of a decode or verification step's layers through them in one call (`CausalLM.forward`).
 
 They are compiled once with the local compiler (about a minute; `scripts/setup.sh` does it ahead) into
 `~/.cache/specserve/kernels/<name>_<key>.so`, the key a hash of what makes a binary fit this process: the
@@ -41,7 +42,14 @@ log = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).parent / "csrc" / f
-    for f in ("bindings.cpp", "paged_attention.cpp", "small_matmul.cpp", "fused_ops.cpp", "quant_matmul.cpp")
+    for f in (
+        "bindings.cpp",
+        "paged_attention.cpp",
+        "small_matmul.cpp",
+        "fused_ops.cpp",
+        "quant_matmul.cpp",
+        "decoder_stack.cpp",
+    )
 ]
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]

@@ -22,6 +22,7 @@ from model.parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     drop_float_weight,
+    kernel_weight,
 )
 from model.quant import PackedWeight, quantize_q8_0
 
@@ -124,6 +125,8 @@ class CausalLM(nn.Module):
         )
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.stack_kernels = None  # the CPU kernels' module when the layers may run as one C++ call (None: never)
+        self._stack = None  # that call's DecoderStack over the current weights, built at first use
 
     @torch.inference_mode()
     def forward(
@@ -139,9 +142,46 @@ class CausalLM(nn.Module):
         if self.arch.embedding_multiplier != 1.0:
             x = x * self.arch.embedding_multiplier
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv.layer(i), meta, backend)
+        group = meta.inplace_only()
+        stack = self._decoder_stack() if group is not None else None
+        if stack is not None and x.shape[0] <= stack.max_rows():
+            x = stack.forward(
+                x,
+                cos,
+                sin,
+                kv.data,
+                meta.slot_mapping,
+                group.block_tables,
+                group.row_seq,
+                group.row_keys,
+                group.row_mask,
+            )
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, kv.layer(i), meta, backend)
         return self.norm(x)
+
+    def _decoder_stack(self):
+        """Every layer as one C++ call for decode and verification steps (`model/csrc/decoder_stack.cpp`: the
+        same kernels in the same order, without a dozen Python calls per layer); None where it does not apply."""
+        if self.stack_kernels is None:
+            return None
+        if self._stack is None:
+            a = self.arch
+            stack = self.stack_kernels.DecoderStack(
+                self.layers[0].num_heads,
+                self.layers[0].num_kv_heads,
+                a.head_dim,
+                a.rms_norm_eps,
+                a.attn_scale,
+                a.residual_multiplier,
+            )
+            for layer in self.layers:
+                parts = [kernel_weight(m) for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+                weights, qtypes, rows = (list(p) for p in zip(*parts))
+                stack.add_layer(layer.input_norm.weight, layer.post_norm.weight, weights, qtypes, rows, layer.qkv.bias)
+            self._stack = stack
+        return self._stack
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -158,12 +198,15 @@ class CausalLM(nn.Module):
                 module.fused = kernels
             if hasattr(module, "kernels"):
                 module.kernels = kernels
+        self.stack_kernels = kernels if self.tp.world_size == 1 else None
+        self._stack = None
 
     def use_packed(self, packed: dict[str, PackedWeight]) -> list[str]:
         """Run the linear layers (and the LM head) on the checkpoint matrices `packed` holds in GGUF blocks
         (`model.gguf_weights.read_packed`); a layer with a matrix missing there keeps its float32 weight. Returns
         the names of the matrices in use, packed. Needs `use_cpu_kernels` before a forward."""
         used: list[str] = []
+        self._stack = None  # it holds the float32 matrices
 
         def take(names: list[str]) -> list[PackedWeight] | None:
             if not all(n in packed for n in names):
@@ -191,6 +234,7 @@ class CausalLM(nn.Module):
         `model.quant.quantize_q8_0`), run by the packed kernel; the embedding table stays float32 for the token
         lookup. Returns the bytes of the int8 matrices. Needs `use_cpu_kernels` before a forward."""
         total = 0
+        self._stack = None  # it holds the float32 matrices
         modules = [m for layer in self.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
         for module in [*modules, self.lm_head]:
             if module.quant is None:

@@ -99,6 +99,14 @@ def project(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None)
     return linear(x, layer.weight, layer.packed, bias, layer.small_matmul)
 
 
+def kernel_weight(layer: nn.Module) -> tuple[torch.Tensor, int, int]:
+    """The matrix `project` multiplies by, as the C++ decoder stack takes it: (GGUF blocks, their type, rows) when
+    the layer runs packed, else (the float32 weight, -1, rows)."""
+    if layer.quant is not None:
+        return layer.quant.data, layer.quant.qtype, layer.quant.out_features
+    return layer.weight, -1, layer.weight.shape[0]
+
+
 def drop_float_weight(layer: nn.Module) -> None:
     """Free a layer's float32 weight once a packed one replaces it (no reader is left)."""
     layer.weight = nn.Parameter(layer.weight.new_empty(0, layer.weight.shape[1]), requires_grad=False)

@@ -15,7 +15,10 @@ on its loop thread (two OpenMP thread teams then contend for the cores).
 `--concurrency` instead splits the decode steps of that many short prompts in flight (after all have
 prefilled) by wall time: the linear layers (`project`, the LM head included), attention over the pages and its
 metadata, the model's other ops (norms, RoPE, activations, embedding), the runner's input building, sampling
-and verification (`_postprocess`), scheduling and proposing, and what is left of the step (Python glue).
+and verification (`_postprocess`), scheduling and proposing, and what is left of the step (Python glue). The
+engine runs the layers of such steps as one C++ call (`model/csrc/decoder_stack.cpp`), which no Python timer
+can split: the split (`layers_from_python`) runs them layer by layer from Python, and `ms_per_step` /
+`tokens_per_s` time the same steps as the engine runs them, in alternation with the split's.
 """
 
 from __future__ import annotations
@@ -97,8 +100,35 @@ class Timers:
         self._undo.clear()
 
 
-def step_breakdown(engine: LLMEngine, concurrency: int, steps: int, prompt_len: int = 24) -> dict:
-    """ms per decode step, split by part, with `concurrency` short prompts in flight (all prefilled first)."""
+def step_breakdown(engine: LLMEngine, concurrency: int, steps: int) -> dict:
+    """ms per decode step with `concurrency` short prompts in flight, as the engine runs them, and split by part
+    with the layers run from Python; the two alternate (A-B-B-A)."""
+    model = engine.runner.model
+    kernels = model.stack_kernels
+    stacked, split = [], []
+    try:
+        for use_stack in (True, False, False, True):
+            model.stack_kernels = kernels if use_stack else None
+            (stacked if use_stack else split).append(timed_steps(engine, concurrency, steps, split=not use_stack))
+    finally:
+        model.stack_kernels = kernels
+    step_s = sum(r["seconds"] for r in stacked)
+    parts = {k: sum(r["ms"][k] for r in split) / len(split) for k in split[0]["ms"]}
+    split_ms = sum(r["seconds"] for r in split) / (len(split) * steps) * 1e3
+    return {
+        "ms_per_step": round(step_s / (len(stacked) * steps) * 1e3, 2),
+        "tokens_per_s": round(sum(r["tokens"] for r in stacked) / step_s, 1),
+        "layers_from_python": {
+            "ms_per_step": round(split_ms, 2),
+            "ms": {k: round(v, 2) for k, v in parts.items()},
+            "share": {k: round(v / split_ms, 3) for k, v in parts.items()},
+        },
+    }
+
+
+def timed_steps(engine: LLMEngine, concurrency: int, steps: int, split: bool, prompt_len: int = 24) -> dict:
+    """`steps` decode steps of `concurrency` short prompts in flight (all prefilled first): seconds, tokens, and
+    with `split` the ms a step by part."""
     for i in range(concurrency):
         prompt = [(i * 131 + j * 7919) % 5000 + 100 for j in range(prompt_len)]
         engine.add_request(prompt, SamplingParams(max_tokens=steps + 4, ignore_eos=True))
@@ -107,15 +137,16 @@ def step_breakdown(engine: LLMEngine, concurrency: int, steps: int, prompt_len: 
     engine.step()
     runner = engine.runner
     timers = Timers()
-    timers.wrap(parallel, "project", "matmul")
-    timers.wrap(runner.backend, "forward", "attention")
-    timers.wrap(runner.backend, "prepare", "attention_metadata")
-    timers.wrap(runner.model, "forward", "model")
-    timers.wrap(runner.model, "logits", "logits")
-    timers.wrap(runner, "execute_with_hidden", "runner")
-    timers.wrap(engine, "_postprocess", "sampling_verification")
-    timers.wrap(engine.scheduler, "schedule", "schedule")
-    timers.wrap(engine, "_propose", "propose")
+    if split:
+        timers.wrap(parallel, "project", "matmul")
+        timers.wrap(runner.backend, "forward", "attention")
+        timers.wrap(runner.backend, "prepare", "attention_metadata")
+        timers.wrap(runner.model, "forward", "model")
+        timers.wrap(runner.model, "logits", "logits")
+        timers.wrap(runner, "execute_with_hidden", "runner")
+        timers.wrap(engine, "_postprocess", "sampling_verification")
+        timers.wrap(engine.scheduler, "schedule", "schedule")
+        timers.wrap(engine, "_propose", "propose")
     tokens = 0
     start = time.perf_counter()
     try:
@@ -126,6 +157,8 @@ def step_breakdown(engine: LLMEngine, concurrency: int, steps: int, prompt_len: 
         timers.restore()
     while engine.has_unfinished():
         engine.step()
+    if not split:
+        return {"seconds": total, "tokens": tokens}
     t = {k: v / steps * 1e3 for k, v in timers.seconds.items()}
     parts = {
         "matmul": t["matmul"],
@@ -136,14 +169,8 @@ def step_breakdown(engine: LLMEngine, concurrency: int, steps: int, prompt_len: 
         "sampling_verification": t["sampling_verification"],
         "schedule_propose": t["schedule"] + t["propose"],
     }
-    step_ms = total / steps * 1e3
-    parts["python_rest"] = step_ms - sum(parts.values())
-    return {
-        "ms_per_step": round(step_ms, 2),
-        "tokens_per_s": round(tokens / total, 1),
-        "ms": {k: round(v, 2) for k, v in parts.items()},
-        "share": {k: round(v / step_ms, 3) for k, v in parts.items()},
-    }
+    parts["python_rest"] = total / steps * 1e3 - sum(parts.values())
+    return {"seconds": total, "tokens": tokens, "ms": parts}
 
 
 def main() -> None:

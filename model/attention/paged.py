@@ -57,6 +57,13 @@ class AttnMetadata:
     slot_mapping: torch.Tensor  # [T] int64: pool slot each new token's K/V is written to
     groups: list[AttnGroup]
 
+    def inplace_only(self) -> AttnGroup | None:
+        """The step's one group when every row of the batch takes the in-place kernel (a decode or verification
+        step on `CpuPagedAttention`), else None."""
+        if len(self.groups) == 1 and self.groups[0].kind == "inplace" and self.groups[0].rows is None:
+            return self.groups[0]
+        return None
+
 
 class AttentionBackend(Protocol):
     def prepare(

@@ -12,6 +12,7 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype
                         const c10::optional<at::Tensor>& bias, bool scalar, int64_t direct_rows);
 at::Tensor quant_dequantize(const at::Tensor& wq, int64_t qtype, int64_t n, int64_t k);
 bool quant_matmul_vectorized();
+void bind_decoder_stack(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over block tables, K/V read in place",
@@ -26,4 +27,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias") = py::none(), py::arg("scalar") = false, py::arg("direct_rows") = -1);
   m.def("quant_dequantize", &quant_dequantize, "float32 [N, K] of a matrix in GGUF blocks");
   m.def("quant_matmul_vectorized", &quant_matmul_vectorized, "whether quant_matmul has its AVX2 path");
+  bind_decoder_stack(m);
 }
