@@ -11,7 +11,9 @@ weights when the model file is quantized). Both get the same prompt token ids an
 - `--concurrency` short ShareGPT prompts (chat prompt at most `--max-prompt-tokens`) all in flight at once,
   as A-B-B-A: specserve, vLLM, vLLM, specserve.
 
-Only one engine runs at a time (the other waits idle), so the two never share the cores. vLLM gets all of
+Only one engine runs at a time (the other waits idle), so the two never share the cores: vLLM's processes keep
+a core busy for about a second after each job, so every run first waits until the machine's cores are idle
+(`quiet_cores`; the seconds waited are in the report). vLLM gets all of
 them for its compute threads (VLLM_CPU_OMP_THREADS_BIND=0-<cpus-1>, VLLM_CPU_NUM_OF_RESERVED_CPU=0; by
 default it keeps one core for its front end, which on 2 cores leaves one compute thread) and a 2 GiB KV cache;
 set those variables to override.
@@ -103,6 +105,37 @@ def vllm_runner(worker: VLLMWorker, encode, max_tokens: int):
     return run
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def quiet_cores(max_busy: float = 0.1, window_s: float = 0.1, timeout_s: float = 10.0) -> float:
+    """Waits until at most `max_busy` of the machine's cores were busy over a `window_s` window (or `timeout_s`
+    passed); returns the seconds waited."""
+    start = time.perf_counter()
+    busy, total = cpu_times()
+    while time.perf_counter() - start < timeout_s:
+        time.sleep(window_s)
+        b, t = cpu_times()
+        if t > total and (b - busy) / (t - total) <= max_busy:
+            break
+        busy, total = b, t
+    return time.perf_counter() - start
+
+
+def settled(run, waits: list[float]):
+    """`run` started on quiet cores only; the seconds each start waited are appended to `waits`."""
+
+    def start(*args):
+        waits.append(quiet_cores())
+        return run(*args)
+
+    return start
+
+
 def tps(result: BenchResult) -> float:
     return result.to_json({})["summary"]["output_tokens_per_s"]
 
@@ -130,21 +163,23 @@ def main() -> None:
     short = short_prompts(pool, tok, vocab, args.max_prompt_tokens, c)
     folder = resolve_model(None)
     worker = VLLMWorker(args.vllm_python, folder, sorted(eos_token_ids(folder, tok)))
-    vllm = vllm_runner(worker, lambda s: encode_prompt(tok, vocab, s.prompt, s.messages), n)
+    waits: list[float] = []
+    vllm = settled(vllm_runner(worker, lambda s: encode_prompt(tok, vocab, s.prompt, s.messages), n), waits)
+
+    def specserve(engine: LLMEngine):
+        def run(specs: list[PromptSpec], concurrency: int = 1) -> BenchResult:
+            return run_specserve(specs, engine.config, n, concurrency, engine=engine, warm_up=False)
+
+        return settled(run, waits)
+
+    ours = {"specserve_packed": specserve(packed), "specserve_fp32": specserve(fp32)}
     try:
-        b1 = run_alternating(
-            {
-                "specserve_packed": lambda s: run_specserve(s, packed.config, n, 1, engine=packed, warm_up=False),
-                "specserve_fp32": lambda s: run_specserve(s, fp32.config, n, 1, engine=fp32, warm_up=False),
-                "vllm": vllm,
-            },
-            humaneval,
-        )
+        b1 = run_alternating({**ours, "vllm": vllm}, humaneval)
         abba = [
-            ("specserve", lambda: run_specserve(short, packed.config, n, c, engine=packed, warm_up=False)),
+            ("specserve", lambda: ours["specserve_packed"](short, c)),
             ("vllm", lambda: vllm(short)),
             ("vllm", lambda: vllm(short)),
-            ("specserve", lambda: run_specserve(short, packed.config, n, c, engine=packed, warm_up=False)),
+            ("specserve", lambda: ours["specserve_packed"](short, c)),
         ]
         cc: dict[str, list[BenchResult]] = {"specserve": [], "vllm": []}
         for name, run in abba:
@@ -171,6 +206,7 @@ def main() -> None:
         "b1_tokens_per_s": {k: tps(v) for k, v in b1.items()},
         f"c{c}_tokens_per_s": {k: [tps(r) for r in rs] for k, rs in cc.items()},
         f"c{c}_prompt_tokens": sum(len(r["prompt_token_ids"]) for r in cc["vllm"][0].requests),
+        "quiet_cores_wait_s": {"mean": round(sum(waits) / len(waits), 2), "max": round(max(waits), 2)},
         "total_s": round(time.time() - t0, 1),
     }
     print_report(report, args.out)
