@@ -4,6 +4,7 @@
         --drafter mlp=/path/he-mlp --drafter eagle=/path/he-eagle [--speculators ngram,suffix] [--k 4] [--out F]
         [--plan PLAN.json]  # `specserve profile`'s plan, run as --speculator auto
         [--k-policies auto,backoff]  # auto under each k policy
+        [--candidates 1,3]  # each drafter also verifying up to 3 candidate paths a step (NAME:c3)
 
 Every prompt goes through plain decoding and each drafter in turn (greedy, batch 1, one engine each, kept
 warm), so the machine's drift falls on all alike. Per configuration: output tokens/s and its ratio over plain,
@@ -35,17 +36,22 @@ def main() -> None:
     ap.add_argument("--drafter", action="append", default=[], help="KIND=DIR (mlp or eagle), repeatable")
     ap.add_argument("--speculators", default="", help="drafters without a folder, e.g. ngram,suffix")
     ap.add_argument("--plan", default=None, help="also --speculator auto with this plan (specserve profile)")
+    ap.add_argument(
+        "--candidates", default="1", help="candidate paths per step, e.g. 1,3 (NAME:cN for N > 1; chains otherwise)"
+    )
     ap.add_argument("--k-policies", default="auto", help="auto's k policies, e.g. auto,backoff (auto, auto:backoff)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     specs = load_prompts(args.prompts, args.limit)
     base = {"kv_cache_gib": 0.5, "num_speculative_tokens": args.k}
     configs = {"plain": EngineConfig(**base)}
-    for name in filter(None, args.speculators.split(",")):
-        configs[name] = EngineConfig(**base, speculator=name)
-    for item in args.drafter:
-        kind, folder = item.split("=", 1)
-        configs[kind] = EngineConfig(**base, speculator=kind, speculator_model=folder)
+    for n in (int(c) for c in args.candidates.split(",")):
+        tag = "" if n == 1 else f":c{n}"
+        for name in filter(None, args.speculators.split(",")):
+            configs[name + tag] = EngineConfig(**base, speculator=name, num_candidates=n)
+        for item in args.drafter:
+            kind, folder = item.split("=", 1)
+            configs[kind + tag] = EngineConfig(**base, speculator=kind, speculator_model=folder, num_candidates=n)
     if args.plan:
         for policy in args.k_policies.split(","):
             name = "auto" if policy == "auto" else f"auto:{policy}"
