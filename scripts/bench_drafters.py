@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument(
         "--candidates", default="1", help="candidate paths per step, e.g. 1,3 (NAME:cN for N > 1; chains otherwise)"
     )
+    ap.add_argument("--k-policy", default="auto", help="k policy of the single drafters (auto, cost, backoff)")
     ap.add_argument("--k-policies", default="auto", help="auto's k policies, e.g. auto,backoff (auto, auto:backoff)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -48,10 +49,12 @@ def main() -> None:
     for n in (int(c) for c in args.candidates.split(",")):
         tag = "" if n == 1 else f":c{n}"
         for name in filter(None, args.speculators.split(",")):
-            configs[name + tag] = EngineConfig(**base, speculator=name, num_candidates=n)
+            configs[name + tag] = EngineConfig(**base, speculator=name, num_candidates=n, k_policy=args.k_policy)
         for item in args.drafter:
             kind, folder = item.split("=", 1)
-            configs[kind + tag] = EngineConfig(**base, speculator=kind, speculator_model=folder, num_candidates=n)
+            configs[kind + tag] = EngineConfig(
+                **base, speculator=kind, speculator_model=folder, num_candidates=n, k_policy=args.k_policy
+            )
     if args.plan:
         for policy in args.k_policies.split(","):
             name = "auto" if policy == "auto" else f"auto:{policy}"
