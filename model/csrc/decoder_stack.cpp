@@ -8,15 +8,7 @@
 #include <cstring>
 #include <vector>
 
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& tables, const at::Tensor& row_seq, const at::Tensor& row_keys,
-                           double scale, const c10::optional<at::Tensor>& row_mask);
-at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
-at::Tensor rms_norm(at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight, double eps);
-void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
-at::Tensor silu_mul(const at::Tensor& gate_up);
-at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype, int64_t n,
-                        const c10::optional<at::Tensor>& bias, bool scalar, int64_t direct_rows);
+#include "kernels.h"
 
 namespace {
 
