@@ -142,26 +142,17 @@ class CausalLM(nn.Module):
         if self.arch.embedding_multiplier != 1.0:
             x = x * self.arch.embedding_multiplier
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        group = meta.inplace_only()
-        stack = self._decoder_stack() if group is not None else None
+        g = meta.inplace_only()
+        stack = self.decoder_stack() if g is not None else None
         if stack is not None and x.shape[0] <= stack.max_rows():
-            x = stack.forward(
-                x,
-                cos,
-                sin,
-                kv.data,
-                meta.slot_mapping,
-                group.block_tables,
-                group.row_seq,
-                group.row_keys,
-                group.row_mask,
-            )
+            slots = meta.slot_mapping
+            x = stack.forward(x, cos, sin, kv.data, slots, g.block_tables, g.row_seq, g.row_keys, g.row_mask)
         else:
             for i, layer in enumerate(self.layers):
                 x = layer(x, cos, sin, kv.layer(i), meta, backend)
         return self.norm(x)
 
-    def _decoder_stack(self):
+    def decoder_stack(self):
         """Every layer as one C++ call for decode and verification steps (`model/csrc/decoder_stack.cpp`: the
         same kernels in the same order, without a dozen Python calls per layer); None where it does not apply."""
         if self.stack_kernels is None:

@@ -90,7 +90,7 @@ def test_stack_row_limit_and_fallback(model_folder, monkeypatch):
     """float32 weights take 16 rows (the small matmul's limit), packed 64; a longer verification runs the
     Python layers, with the same result as before."""
     fp32 = small_runner(model_folder, "fp32", "llama")
-    assert fp32.model._decoder_stack().max_rows() == 16
+    assert fp32.model.decoder_stack().max_rows() == 16
     a = list(range(200, 220))
     fp32.execute_with_hidden([StepInput(a, 0, [1, 2], 1)])
     calls = []
@@ -104,4 +104,4 @@ def test_stack_row_limit_and_fallback(model_folder, monkeypatch):
     out = fp32.execute_with_hidden([StepInput(list(range(300, 317)), len(a), [1, 2, 3], 17)])
     assert len(calls) == 3 and out.logits.shape[0] == 17
     packed = small_runner(model_folder, "packed", "llama")
-    assert packed.model._decoder_stack().max_rows() == 64
+    assert packed.model.decoder_stack().max_rows() == 64
