@@ -6,11 +6,12 @@
 Times plain decode steps of one sequence after a `--context`-token prompt (ms_per_step), then the model's
 linear layers alone on one row, through the same matmul path the engine uses (matmul_ms_per_step; each
 weight is read once a step, which gives the weights' read rate), and lists the other ops that take the most
-time under torch.profiler (the profiler slows small ops, so read those as shares). With the CPU kernels on
-(the default) the matmuls are a C++ call the profiler does not see; `--no-cpu-kernels` shows the PyTorch
-paths (oneDNN matmuls, gathered-page attention). ms_per_step_from_a_second_thread steps the same engine
-from a new thread after this one has run torch work: the situation AsyncEngine avoids by building its engine
-on its loop thread (two OpenMP thread teams then contend for the cores).
+time under torch.profiler, with the layers run from Python so that it sees their ops (the profiler slows
+small ops, so read those as shares). With the CPU kernels on (the default) the matmuls are a C++ call the
+profiler does not see; `--no-cpu-kernels` shows the PyTorch paths (oneDNN matmuls, gathered-page
+attention). ms_per_step_from_a_second_thread steps the same engine from a new thread after this one has run
+torch work: the situation AsyncEngine avoids by building its engine on its loop thread (two OpenMP thread
+teams then contend for the cores).
 
 `--concurrency` instead splits the decode steps of that many short prompts in flight (after all have
 prefilled) by wall time: the linear layers (`project`, the LM head included), attention over the pages and its
@@ -24,20 +25,26 @@ can split: the split (`layers_from_python`) runs them layer by layer from Python
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import sys
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import model.parallel as parallel
-from cli.bench import print_report
-from engine.llm_engine import LLMEngine
-from model.config import EngineConfig
-from model.parallel import ColumnParallelLinear, RowParallelLinear
-from sampling.params import SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts.roofline, run as a script
+
+import model.parallel as parallel  # noqa: E402
+from cli.bench import print_report  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from model.config import EngineConfig  # noqa: E402
+from model.parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from sampling.params import SamplingParams  # noqa: E402
+from scripts.roofline import weight_bytes  # noqa: E402
 
 MATMUL_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear", "aten::matmul")
 
@@ -100,18 +107,28 @@ class Timers:
         self._undo.clear()
 
 
+@contextlib.contextmanager
+def layers_from_python(engine: LLMEngine):
+    """Runs the decoder layers one by one from Python (no C++ decoder stack), where timers and the profiler see
+    each op."""
+    model = engine.runner.model
+    kernels, model.stack_kernels = model.stack_kernels, None
+    try:
+        yield
+    finally:
+        model.stack_kernels = kernels
+
+
 def step_breakdown(engine: LLMEngine, concurrency: int, steps: int) -> dict:
     """ms per decode step with `concurrency` short prompts in flight, as the engine runs them, and split by part
     with the layers run from Python; the two alternate (A-B-B-A)."""
-    model = engine.runner.model
-    kernels = model.stack_kernels
     stacked, split = [], []
-    try:
-        for use_stack in (True, False, False, True):
-            model.stack_kernels = kernels if use_stack else None
-            (stacked if use_stack else split).append(timed_steps(engine, concurrency, steps, split=not use_stack))
-    finally:
-        model.stack_kernels = kernels
+    for use_stack in (True, False, False, True):
+        if use_stack:
+            stacked.append(timed_steps(engine, concurrency, steps, split=False))
+        else:
+            with layers_from_python(engine):
+                split.append(timed_steps(engine, concurrency, steps, split=True))
     step_s = sum(r["seconds"] for r in stacked)
     parts = {k: sum(r["ms"][k] for r in split) / len(split) for k in split[0]["ms"]}
     split_ms = sum(r["seconds"] for r in split) / (len(split) * steps) * 1e3
@@ -204,11 +221,10 @@ def main() -> None:
     )
     worker.start()
     worker.join()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with layers_from_python(engine), profile(activities=[ProfilerActivity.CPU]) as prof:
         decode_steps(engine, prompt, args.steps)
     ops = {e.key: e.self_cpu_time_total / 1e3 / args.steps for e in prof.key_averages()}
     others = {op: ms for op, ms in ops.items() if op not in MATMUL_OPS}
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters() if p.dim() == 2)
     print_report(
         {
             "settings": vars(args) | {"threads": torch.get_num_threads()},
@@ -216,7 +232,7 @@ def main() -> None:
             "ms_per_step_from_a_second_thread": round(min(from_thread) * 1e3, 2),
             "matmul_ms_per_step": round(matmul * 1e3, 2),
             "matmul_share": round(matmul / unprofiled, 3),
-            "matmul_weights_gb_per_s": round(weight_bytes / matmul / 1e9, 2),  # each weight read once a step
+            "matmul_weights_gb_per_s": round(weight_bytes(engine) / matmul / 1e9, 2),  # each read once a step
             "top_other_ops_ms_per_step_profiled": {
                 op: round(ms, 3) for op, ms in sorted(others.items(), key=lambda x: -x[1])[:12]
             },
