@@ -118,7 +118,6 @@ void bind_decoder_stack(pybind11::module& m) {
       .def("add_layer", &DecoderStack::add_layer, pybind11::arg("input_norm"), pybind11::arg("post_norm"),
            pybind11::arg("weights"), pybind11::arg("qtypes"), pybind11::arg("ns"), pybind11::arg("qkv_bias"))
       .def("max_rows", &DecoderStack::max_rows)
-      .def("num_layers", &DecoderStack::num_layers)
       .def("forward", &DecoderStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
            pybind11::arg("x"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("kv"), pybind11::arg("slots"),
            pybind11::arg("tables"), pybind11::arg("row_seq"), pybind11::arg("row_keys"),
