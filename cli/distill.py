@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,33 +21,53 @@ from cli.prompts import PromptSpec, load_prompts
 from engine.llm_engine import LLMEngine
 from engine.tokenization import RequestError
 from model.config import EngineConfig
+from model.cpu_kernels import load_kernels
 from model.runner import StepInput
 from sampling.params import SamplingParams
 from speculator.distill import DistillOptions, distill, proposal_seconds
 from speculator.distill_data import teacher_forced_records
 from speculator.eagle import TargetParts, save_eagle
 from speculator.eagle_proposer import proposal_seconds as eagle_proposal_seconds
+from speculator.factory import drafts_int8
 from speculator.mlp_checkpoint import save_speculator
 
 
-def generate(engine: LLMEngine, specs: list[PromptSpec], max_tokens: int) -> tuple[list[tuple[list[int], int]], int]:
-    """Greedy continuations of every prompt, batched by the engine: (prompt + output ids, prompt length) per
-    prompt that fits, and how many did not."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    ids, skipped = [], 0
-    for spec in specs:
+@dataclass
+class Generated:
+    token_ids: list[int]  # prompt + output
+    output_start: int
+    prompt: int  # index of the prompt in the file's order
+    sampled: bool
+
+
+def generate(
+    engine: LLMEngine, specs: list[PromptSpec], max_tokens: int, samples: int = 1, temperature: float = 0.8
+) -> tuple[list[Generated], int]:
+    """Per prompt its greedy continuation and `samples - 1` sampled at `temperature` (seeded), batched by the
+    engine; and how many prompts did not fit."""
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    wanted, skipped = [], 0
+    for p, spec in enumerate(specs):
+        params = [greedy] + [
+            SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=p * samples + j)
+            for j in range(1, samples)
+        ]
         try:
-            ids.append(engine.add_request(spec.prompt, params, messages=spec.messages))
+            wanted += [
+                (engine.add_request(spec.prompt, sp, messages=spec.messages), p, j > 0) for j, sp in enumerate(params)
+            ]
         except RequestError:
             skipped += 1
     done = {}
-    with tqdm(total=len(ids), desc="generate", unit="req") as bar:
+    with tqdm(total=len(wanted), desc="generate", unit="req") as bar:
         for out in engine.run():
             if out.finished:
                 done[out.request_id] = out
                 bar.update(1)
-    outs = [done[i] for i in ids]
-    return [(o.prompt_token_ids + o.output_token_ids, len(o.prompt_token_ids)) for o in outs], skipped
+    return [
+        Generated(done[i].prompt_token_ids + done[i].output_token_ids, len(done[i].prompt_token_ids), p, sampled)
+        for i, p, sampled in wanted
+    ], skipped
 
 
 def target_step_seconds(engine: LLMEngine, context: int = 128, repeats: int = 30) -> float:
@@ -104,7 +124,8 @@ def distill_prompts(
     t_start = time.perf_counter()
     engine = LLMEngine(engine_config)
     t0 = time.perf_counter()
-    sequences, skipped = generate(engine, specs, max_tokens)
+    generated, skipped = generate(engine, specs, max_tokens, options.samples, options.sample_temperature)
+    sequences = [(g.token_ids, g.output_start) for g in generated]
     generate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine.reset_kv()  # the teacher-forced pass owns the KV pages from here
@@ -112,8 +133,8 @@ def distill_prompts(
     with tqdm(total=len(sequences), desc="hidden states", unit="seq") as bar:
         wanted = [(tokens, 1) for tokens, _ in sequences] if eagle else sequences
         records = teacher_forced_records(engine.runner, wanted, progress=bar.update)
-    for record, (_, first) in zip(records, sequences):
-        record.output_start = first
+    for record, g in zip(records, generated):
+        record.output_start, record.prompt, record.sampled = g.output_start, g.prompt, g.sampled
     hidden_s = time.perf_counter() - t0
     step_s = target_step_seconds(engine)
     target = TargetParts.from_model(engine.runner.model) if eagle else None
@@ -121,16 +142,20 @@ def distill_prompts(
         records, kind, target_vocab_size=engine.arch.vocab_size, options=options, arch=engine.arch, target=target
     )
     drafter = result.model
-    proposal_tokens = options.n_predict
-    proposal_s = eagle_proposal_seconds(drafter, proposal_tokens) if eagle else proposal_seconds(drafter)
     out = Path(out_dir)
     (save_eagle if eagle else save_speculator)(drafter, out)
+    proposal_tokens = options.n_predict
+    # timed as it will draft: an EAGLE head in int8 where the engine would run it so (saved in float32 above)
+    int8 = eagle and drafts_int8(engine_config, engine_config.device)
+    int8 = int8 and (kernels := load_kernels(required=False)) is not None and drafter.quantize_int8(kernels) > 0
+    proposal_s = eagle_proposal_seconds(drafter, proposal_tokens) if eagle else proposal_seconds(drafter)
     metrics = asdict(result.metrics)
     report = {
         "kind": kind,
         "prompts": source,
         "prompts_sha256": source_sha256,
-        "num_prompts": len(sequences),
+        "num_prompts": len({g.prompt for g in generated}),
+        "num_sequences": len(sequences),
         "skipped_prompts": skipped,
         "max_tokens": max_tokens,
         "generated_tokens": sum(len(t) - first for t, first in sequences),
@@ -143,6 +168,7 @@ def distill_prompts(
         "total_s": round(time.perf_counter() - t_start, 2),
         "cost": {
             "proposal_s": proposal_s,
+            "int8": int8,
             "proposal_tokens": proposal_tokens,
             "target_step_s": step_s,
             "proposal_per_target_step": proposal_s / step_s,

@@ -147,8 +147,9 @@ def _distill(args: argparse.Namespace) -> int:
     from speculator.distill import DistillOptions
 
     options = DistillOptions(
-        n_predict=args.n_predict, draft_vocab=args.draft_vocab, epochs=args.epochs, batch_size=args.batch_size
-    )
+        n_predict=args.n_predict, draft_vocab=args.draft_vocab, epochs=args.epochs, batch_size=args.batch_size,
+        samples=args.samples,
+    )  # fmt: skip
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, kv_cache_gib=args.kv_cache_gib)
     report = run(
         args.prompts, args.out, kind=args.kind, max_tokens=args.max_tokens, limit=args.limit, options=options,
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--epochs", type=int, default=4)
     dist.add_argument("--n-predict", type=int, default=3, help="tokens the drafter proposes per step")
     dist.add_argument("--batch-size", type=int, default=256)
+    dist.add_argument("--samples", type=int, default=1, help="outputs per prompt: greedy, and N - 1 sampled at 0.8")
     dist.add_argument("--model", default=None, help="HF model folder or .gguf (default: SmolLM2-135M-Instruct)")
     dist.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     dist.add_argument("--device", default="cpu")

@@ -155,8 +155,9 @@ def _first_human_turn(conversation: dict) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
-def sharegpt_to_jsonl(dst: str | Path, n: int, src: str | Path | None = None) -> int:
-    """Write the first `n` single-turn ShareGPT conversations as {"id", "turns": [first human turn]}.
+def sharegpt_to_jsonl(dst: str | Path, n: int, src: str | Path | None = None, max_chars: int | None = None) -> int:
+    """Write the first `n` single-turn ShareGPT conversations as {"id", "turns": [first human turn]}; with
+    `max_chars`, only those whose first human turn is at most that long.
 
     Single-turn means exactly two turns, human then gpt, with a non-empty human turn. If fewer than `n`
     exist, the rest is filled, in file order, with the first human turn of other conversations (first turn
@@ -176,6 +177,8 @@ def sharegpt_to_jsonl(dst: str | Path, n: int, src: str | Path | None = None) ->
         if len(single) >= n:
             break
         if not isinstance(conversation, dict) or (turn := _first_human_turn(conversation)) is None:
+            continue
+        if max_chars is not None and len(turn) > max_chars:
             continue
         record = {"id": str(conversation.get("id", index)), "turns": [turn]}
         turns = conversation["conversations"]

@@ -53,7 +53,8 @@ class EngineConfig(BaseModel):
         default="auto",
         description="adaptive k: the plain backoff on misses, or the cost model (the backoff's k capped at what pays "
         "for the step time by rows, the drafter's cost, acceptance and batch size; k = 0 included); auto = the cost "
-        "model under speculator auto, the backoff otherwise. The cost model's k depends on measured times, so a "
+        "model under speculator auto and the learned drafters (mlp, eagle: a proposal costs time), the backoff "
+        "otherwise. The cost model's k depends on measured times, so a "
         "seeded sampled request is reproducible only with backoff",
     )
     ngram_min: int = Field(default=1, ge=1)
@@ -68,7 +69,7 @@ class EngineConfig(BaseModel):
     def k_policy_in_use(self) -> Literal["cost", "backoff"]:
         """The k policy `k_policy` names, auto resolved."""
         if self.k_policy == "auto":
-            return "cost" if self.speculator == "auto" else "backoff"
+            return "cost" if self.speculator in ("auto", "mlp", "eagle") else "backoff"
         return self.k_policy
 
     @model_validator(mode="after")

@@ -50,9 +50,11 @@ def main() -> None:
         tag = "" if n == 1 else f":c{n}"
         for name in filter(None, args.speculators.split(",")):
             configs[name + tag] = EngineConfig(**base, speculator=name, num_candidates=n, k_policy=args.k_policy)
+        kinds = [item.split("=", 1)[0] for item in args.drafter]
         for item in args.drafter:
             kind, folder = item.split("=", 1)
-            configs[kind + tag] = EngineConfig(
+            name = kind if kinds.count(kind) == 1 else f"{kind}[{Path(folder).name}]"  # two of a kind: by folder
+            configs[name + tag] = EngineConfig(
                 **base, speculator=kind, speculator_model=folder, num_candidates=n, k_policy=args.k_policy
             )
     if args.plan:

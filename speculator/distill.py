@@ -44,6 +44,8 @@ class DistillRecord:
     hidden_start: int
     # first output position (eagle: rows before it are attention context, not trained on); None = hidden_start + 1
     output_start: int | None = None
+    prompt: int | None = None  # records of one prompt (its greedy and sampled outputs) are held out together
+    sampled: bool = False  # an output sampled at a temperature: trained on, never a held-out figure
 
 
 class DistillOptions(BaseModel):
@@ -62,6 +64,8 @@ class DistillOptions(BaseModel):
     seed: int = 0
     window: int = Field(default=512, ge=8, description="eagle: pairs per training sequence")
     token_weight: float = Field(default=0.1, ge=0, description="eagle: LM-head cross-entropy weight")
+    samples: int = Field(default=1, ge=1, description="outputs per prompt: the greedy one and samples - 1 sampled")
+    sample_temperature: float = Field(default=0.8, gt=0)
 
 
 @dataclass
@@ -209,13 +213,15 @@ def distill(
         raise ValueError("an eagle head needs the target's architecture and parts (arch, target)")
     opts = options or DistillOptions()
     n = opts.n_predict
-    held_idx = holdout(len(records), opts.holdout_every)
-    if not held_idx and len(records) >= 2:
-        held_idx = {len(records) - 1}
-    if not held_idx:
-        raise ValueError("distillation needs at least 2 sequences (one is held out)")
-    train_records = [r for i, r in enumerate(records) if i not in held_idx]
-    held_records = [r for i, r in enumerate(records) if i in held_idx]
+    groups = [r.prompt if r.prompt is not None else -1 - i for i, r in enumerate(records)]
+    names = sorted(set(groups), key=groups.index)
+    held_groups = {names[j] for j in holdout(len(names), opts.holdout_every)}
+    if not held_groups and len(names) >= 2:
+        held_groups = {names[-1]}
+    if not held_groups:
+        raise ValueError("distillation needs at least 2 prompts (one is held out)")
+    train_records = [r for r, g in zip(records, groups) if g not in held_groups]
+    held_records = [r for r, g in zip(records, groups) if g in held_groups and not r.sampled]
     if kind == "eagle":
         return _distill_eagle(train_records, held_records, arch, target, opts, progress)
     train, held = _samples(train_records, n), _samples(held_records, n)

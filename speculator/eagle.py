@@ -12,6 +12,9 @@ The features are the runner's hidden states after the final norm, so the LM head
 plain torch Llama layer (RMSNorm, attention with RoPE and GQA, SiLU-gated MLP) rather than the paged
 `model.decoder.DecoderLayer`: it trains with autograd over whole windows and keeps its own small contiguous KV.
 
+For serving on CPU the proposer may run the head's matrices as int8 (`quantize_int8`: Q8_0 blocks through the
+target's packed matmul kernel), reading a quarter of float32's bytes a draft step; training keeps float32.
+
 A checkpoint folder holds config.json (model_type "specserve_eagle"), model.safetensors and draft_vocab.json.
 """
 
@@ -30,6 +33,7 @@ from torch import nn
 
 from model.decoder import CausalLM, rotate
 from model.loader import ModelArch
+from model.quant import BLOCK, PackedWeight, quantize_q8_0
 from speculator.draft_vocab import DraftVocab
 from speculator.drafter_config import read_drafter_config
 
@@ -130,6 +134,8 @@ class EagleHead(nn.Module):
         self.layer = EagleLayer(config)
         self.target: TargetParts | None = None  # not a module or buffer: never trained, never saved
         self._lm_rows: torch.Tensor | None = None
+        self._int8: dict[str, PackedWeight] = {}  # set by quantize_int8
+        self._kernels = None
         if target is not None:
             self.attach(target)
 
@@ -150,6 +156,40 @@ class EagleHead(nn.Module):
         self._lm_rows = rows
         return self
 
+    def quantize_int8(self, kernels) -> int:
+        """Run fc, the layer's matrices (q|k|v and gate|up fused) and the LM head's rows as int8 Q8_0 blocks by the
+        packed kernel (`kernels`: `model.cpu_kernels.load_kernels()`), for drafting only: the float weights stay
+        for training. Returns the int8 bytes; 0 (nothing changed) if a width is not a multiple of 32."""
+        layer = self.layer
+        groups = {
+            "fc": [self.fc.weight],
+            "qkv": [layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight],
+            "o": [layer.o_proj.weight],
+            "gate_up": [layer.gate_proj.weight, layer.up_proj.weight],
+            "down": [layer.down_proj.weight],
+            "lm": [self._lm_rows if self._lm_rows is not None else self._parts().lm_head],
+        }
+        if any(w.shape[1] % BLOCK for ws in groups.values() for w in ws):
+            return 0
+        with torch.no_grad():
+            self._int8 = {name: quantize_q8_0(torch.cat(ws)) for name, ws in groups.items()}
+        self._kernels = kernels
+        return sum(w.nbytes for w in self._int8.values())
+
+    def _linear(self, name: str, module: nn.Linear | None, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b of the matrix `name`: int8 once quantized, else `module` (or the LM head's rows)."""
+        packed = self._int8.get(name)
+        if packed is None:
+            return module(x) if module is not None else F.linear(x.to(self._lm_rows.dtype), self._lm_rows)
+        bias = None
+        if name == "fc":
+            bias = self.fc.bias
+        elif name == "qkv" and self.config.qkv_bias:
+            bias = torch.cat([self.layer.q_proj.bias, self.layer.k_proj.bias, self.layer.v_proj.bias])
+        flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+        out = packed.matmul(flat, self._kernels, None if bias is None else bias.detach().float())
+        return out.view(*x.shape[:-1], packed.out_features)
+
     def _parts(self) -> TargetParts:
         if self.target is None:
             raise RuntimeError("attach the target's parts first (EagleHead.attach)")
@@ -164,16 +204,21 @@ class EagleHead(nn.Module):
         emb = F.embedding(tokens.to(t.embed.device), t.embed).to(device=w.device, dtype=w.dtype)
         if t.embedding_multiplier != 1.0:
             emb = emb * t.embedding_multiplier
-        return self.fc(torch.cat([features.to(w.dtype), emb], dim=-1))
+        return self._linear("fc", self.fc, torch.cat([features.to(w.dtype), emb], dim=-1))
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [..., Hq, D], k and v [..., Hkv, D] of rows x [..., d] at `positions` [...], RoPE applied."""
         c, t, layer = self.config, self._parts(), self.layer
         h = layer.input_layernorm(x)
         lead = x.shape[:-1]
-        q = layer.q_proj(h).view(*lead, c.num_heads, c.head_dim)
-        k = layer.k_proj(h).view(*lead, c.num_kv_heads, c.head_dim)
-        v = layer.v_proj(h).view(*lead, c.num_kv_heads, c.head_dim)
+        if self._int8:
+            widths = [c.num_heads * c.head_dim] + [c.num_kv_heads * c.head_dim] * 2
+            q, k, v = self._linear("qkv", None, h).split(widths, -1)
+        else:
+            q, k, v = layer.q_proj(h), layer.k_proj(h), layer.v_proj(h)
+        q = q.reshape(*lead, c.num_heads, c.head_dim)
+        k = k.reshape(*lead, c.num_kv_heads, c.head_dim)
+        v = v.reshape(*lead, c.num_kv_heads, c.head_dim)
         pos = positions.to(t.cos.device)
         cos = t.cos[pos].to(device=x.device, dtype=x.dtype).unsqueeze(-2)
         sin = t.sin[pos].to(device=x.device, dtype=x.dtype).unsqueeze(-2)
@@ -182,9 +227,13 @@ class EagleHead(nn.Module):
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The rest of the layer after attention (attn [..., Hq * D]): the predicted next features [..., d]."""
         layer = self.layer
-        x = x + layer.o_proj(attn)
+        x = x + self._linear("o", layer.o_proj, attn)
         h = layer.post_attention_layernorm(x)
-        return x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
+        if self._int8:
+            gate, up = self._linear("gate_up", None, h).chunk(2, -1)
+        else:
+            gate, up = layer.gate_proj(h), layer.up_proj(h)
+        return x + self._linear("down", layer.down_proj, F.silu(gate) * up)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool = False
@@ -206,8 +255,7 @@ class EagleHead(nn.Module):
     def token_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Float32 logits [..., K] over the head's own rows (the draft vocabulary, or the whole target's)."""
         t = self._parts()
-        rows = self._lm_rows
-        logits = F.linear(features.to(rows.dtype), rows).float()
+        logits = self._linear("lm", None, features).float()
         return logits / t.logits_scaling if t.logits_scaling != 1.0 else logits
 
     def own_ids(self, target_ids: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ replaced by the target's), feeds the n new true pairs of every sequence in one f
 chain one token per batched step from its own predicted features. Linear layers run over all sequences' rows at
 once; attention runs per sequence over its contiguous cache, so nothing is padded.
 
-Drafts are the argmax chain for every request. For a sampled request that is a point mass q (probs None), which
-`verify_sampled` accepts with probability p(x) and otherwise resamples from p with x removed: the output keeps
-exactly the target's distribution (the head's real q is not used).
+Drafts are the argmax chain for every request (`propose_trees` adds branches off it). For a sampled request that
+is a point mass q (probs None), which `verify_sampled` accepts with probability p(x) and otherwise resamples from
+p with x removed: the output keeps exactly the target's distribution (the head's real q is not used).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 
 from sampling.params import SamplingParams
 from speculator.eagle import EagleHead
-from speculator.proposer import Draft, DraftRequest, Proposer
+from speculator.proposer import Draft, DraftRequest, Proposer, tree_of_paths
+from speculator.token_tree import TokenTree
 
 
 @dataclass
@@ -143,27 +144,54 @@ class EagleProposer(Proposer):
         return out.view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq * d)
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        drafts = [Draft([]) for _ in requests]
+        return [Draft(chain) for chain, _ in self._chains(requests, 1)]
+
+    def propose_trees(self, requests: list[DraftRequest], n: int) -> list[TokenTree]:
+        """The top-1 chain and up to n - 1 paths that leave it once: the chain to depth i, then the head's i-th
+        next-best token there, the most probable such branches by the head's own probabilities. The head runs
+        along the chain only (a branch adds verified rows, no head step)."""
+        trees = []
+        for r, (chain, branches) in zip(requests, self._chains(requests, n)):
+            best = sorted(branches, reverse=True)[: n - 1]
+            trees.append(tree_of_paths(r, [chain] + [chain[:depth] + [tok] for _, depth, tok in best]))
+        return trees
+
+    def _chains(self, requests: list[DraftRequest], width: int) -> list[tuple[list[int], list[tuple[float, int, int]]]]:
+        """Per request its argmax chain and, with `width` > 1, the branches off it: (log-probability of the path,
+        depth, token) for the next `width - 1` tokens at each depth."""
+        out: list[tuple[list[int], list[tuple[float, int, int]]]] = [([], []) for _ in requests]
         live = [(i, rows) for i, r in enumerate(requests) if (rows := self._true_rows(r)) is not None]
         if not live:
-            return drafts
+            return out
         # Every sequence with new rows is fed, k = 0 included, so its KV stays in step with the target.
         feats = self._step([rows for _, rows in live], true=True)
         keep = [j for j, (i, _) in enumerate(live) if requests[i].k > 0]
         chain, feats = [live[j] for j in keep], feats[keep]
+        path_logp = dict.fromkeys((i for i, _ in chain), 0.0)
         while chain:
             with torch.inference_mode():
-                picks = self.head.target_ids(self.head.token_logits(feats).argmax(-1)).tolist()
+                logits = self.head.token_logits(feats)
+                if width > 1:
+                    top = torch.log_softmax(logits.float(), -1).topk(min(width, logits.shape[-1]), -1)
+                    scores, picks = top.values.tolist(), self.head.target_ids(top.indices).tolist()
+                else:
+                    picks = [[t] for t in self.head.target_ids(logits.argmax(-1)).tolist()]
             nxt = []
-            for j, ((i, rows), tok) in enumerate(zip(chain, picks)):
-                drafts[i].tokens.append(tok)
-                if len(drafts[i].tokens) < requests[i].k:
+            for j, (i, rows) in enumerate(chain):
+                tokens, branches = out[i]
+                if width > 1:
+                    depth, base = len(tokens), path_logp[i]
+                    branches.extend((base + lp, depth, t) for lp, t in zip(scores[j][1:], picks[j][1:]))
+                    path_logp[i] = base + scores[j][0]
+                tok = picks[j][0]
+                tokens.append(tok)
+                if len(tokens) < requests[i].k:
                     nxt.append((i, _Rows(rows.kv, feats[j : j + 1], [tok], rows.start + len(rows.tokens))))
             if not nxt:
                 break
             chain = nxt
             feats = self._step([rows for _, rows in chain], true=False)
-        return drafts
+        return out
 
 
 def proposal_seconds(head: EagleHead, k: int, context: int = 128, repeats: int = 30) -> float:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from model.config import EngineConfig
+from model.cpu_kernels import load_kernels
 from model.decoder import CausalLM
 from model.loader import load_arch, resolve_model
 from model.runner import ModelRunner
@@ -58,8 +59,17 @@ def make_proposer(
             head = load_eagle(config.speculator_model, parts, device=device, dtype=parts.embed.dtype)
         except EagleLoadError as e:
             raise ValueError(str(e)) from None
+        if drafts_int8(config, device) and (kernels := load_kernels(required=False)) is not None:
+            head.quantize_int8(kernels)
         return EagleProposer(head)
     return None
+
+
+def drafts_int8(config: EngineConfig, device: torch.device | str) -> bool:
+    """An EAGLE head drafts with int8 matrices on CPU in float32 with the kernels on, unless `weights: fp32` asks
+    for float32 throughout: a draft step reads a quarter of the bytes, and drafts never change the output."""
+    usable = torch.device(device).type == "cpu" and config.dtype == "float32" and config.cpu_kernels
+    return usable and config.weights != "fp32"
 
 
 MODEL_BACKED = ("draft", "mlp", "eagle")  # the drafters a draft worker actor hosts; n-gram and suffix lookups never

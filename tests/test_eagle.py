@@ -11,6 +11,7 @@ import torch
 
 from cli.main import main
 from cli.prompts import humaneval_to_jsonl, load_prompts
+from model.cpu_kernels import load_kernels
 from model.runner import StepInput
 from sampling.params import SamplingParams
 from speculator.distill import expected_tokens_per_step
@@ -35,9 +36,9 @@ def _target(seed: int = 1) -> TargetParts:
     return TargetParts(torch.randn(V, D, generator=g), torch.randn(V, D, generator=g), emb.cos(), emb.sin())
 
 
-def _head(vocab: DraftVocab | None = None, seed: int = 0) -> EagleHead:
+def _head(vocab: DraftVocab | None = None, seed: int = 0, config: EagleConfig = CONFIG) -> EagleHead:
     torch.manual_seed(seed)
-    head = EagleHead(CONFIG, vocab, _target())
+    head = EagleHead(config, vocab, _target())
     with torch.no_grad():  # norms away from 1 so their weights matter
         for p in head.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -145,6 +146,55 @@ def test_batched_proposals_equal_one_sequence_at_a_time():
     assert nothing[0].tokens == []
 
 
+def test_trees_are_the_chain_and_its_most_probable_branches():
+    """propose_trees: the first path is propose's chain; the others leave it once, at the depth and with the token
+    whose path log-probability (the head's own, along the chain) is highest, best first."""
+    head = _head(DraftVocab.most_frequent(torch.arange(30), 30, V))
+    g = torch.Generator().manual_seed(8)
+    feats, toks = torch.randn(12, D, generator=g), torch.randint(0, V, (13,), generator=g).tolist()
+    (chain,) = EagleProposer(head).propose([_request(0, toks, feats, k=3)])
+    (tree,) = EagleProposer(head).propose_trees([_request(0, toks, feats, k=3)], 4)
+    # the head's distribution at each depth of the chain, from the window pass over the chain's own tokens
+    steps = torch.tensor([toks[1:]] + [[0] * 12] * 2).T.clone()
+    steps[-1, 1:] = torch.tensor(chain.tokens[:2])
+    with torch.no_grad():
+        outs = head.window_forward(feats[None], steps[None], steps=3)
+    logps = [torch.log_softmax(head.token_logits(o[0, -1]), -1) for o in outs]
+    own = [int(head.own_ids(torch.tensor(t))) for t in chain.tokens]
+    branches = []
+    for depth, lp in enumerate(logps):
+        base = sum(float(logps[j][own[j]]) for j in range(depth))
+        tokens = head.target_ids(torch.arange(30)).tolist()
+        branches += [(base + float(lp[i]), depth, tokens[i]) for i in range(30) if i != own[depth]]
+    best = sorted(branches, reverse=True)[:3]
+    expected = [chain.tokens] + [chain.tokens[:d] + [t] for _, d, t in best]
+    assert sorted(tree.path_tokens(p)[1:] for p in tree.paths()) == sorted(expected)
+    assert not tree.is_chain
+    (one,) = EagleProposer(head).propose_trees([_request(0, toks, feats, k=3)], 1)
+    assert one.is_chain and one.tokens[1:] == tuple(chain.tokens)
+
+
+def test_int8_head_reads_a_quarter_of_the_bytes_and_drafts_as_the_float_head():
+    config = CONFIG.model_copy(update={"intermediate_size": 64})  # every width a multiple of Q8_0's 32
+    vocab = DraftVocab.most_frequent(torch.arange(40), 40, V)
+    head, int8 = _head(vocab, config=config), _head(vocab, config=config)
+    assert _head(vocab).quantize_int8(load_kernels()) == 0, "a width of 48 has no Q8_0 blocks: left float"
+    nbytes = int8.quantize_int8(load_kernels())
+    floats = sum(p.numel() for n, p in head.named_parameters() if n.endswith("weight") and "norm" not in n)
+    assert nbytes == (floats + 40 * D) * 34 // 32  # 34 bytes a block of 32 weights, the LM head's 40 rows too
+    g = torch.Generator().manual_seed(4)
+    feats, toks = torch.randn(3, 24, D, generator=g), torch.randint(0, V, (3, 24, 3), generator=g)
+    with torch.no_grad():
+        want, got = head.window_forward(feats, toks, 3), int8.window_forward(feats, toks, 3)
+        for a, b in zip(want, got):  # Q8_0's rounding (1/254 of a block's largest weight) leaves ~1% error
+            assert (a - b).norm() / a.norm() < 0.02
+            assert (head.token_logits(a) - int8.token_logits(b)).abs().max() < 0.05 * head.token_logits(a).abs().max()
+    reqs = [_request(i, toks[i % 3, :, 0].tolist()[: 8 + i], feats[i % 3, : 7 + i], k=3) for i in range(12)]
+    same = sum(a == b for x, y in zip(EagleProposer(head).propose(reqs), EagleProposer(int8).propose(reqs))
+               for a, b in zip(x.tokens, y.tokens))  # fmt: skip
+    assert same >= 0.9 * 36, f"{same} of 36 drafted tokens agree"
+
+
 def test_checkpoint_round_trip(tmp_path):
     vocab = DraftVocab((4, 9, 2), V)
     head = _head(vocab)
@@ -198,7 +248,10 @@ def test_distill_eagle_beats_a_unigram_predictor_and_its_drafts_are_accepted(tmp
     acc, uni = report["accuracy_by_position"], report["unigram_accuracy_by_position"]
     assert len(acc) == 3 and all(a > u for a, u in zip(acc, uni)), (acc, uni)
     assert report["expected_tokens_per_step"] == pytest.approx(expected_tokens_per_step(acc))
-    assert 0 < report["cost"]["proposal_per_target_step"] < 1
+    cost = report["cost"]
+    assert cost["proposal_per_target_step"] == pytest.approx(cost["proposal_s"] / cost["target_step_s"])
+    # a sanity bound, not a speed goal: a drafted token costs less than a target step (measured about 0.25)
+    assert 0 < cost["per_token_per_target_step"] < 1
     assert json.loads((out / "config.json").read_text())["model_type"] == "specserve_eagle"
 
     engine = make_engine(max_model_len=512, kv_cache_gib=0.05)

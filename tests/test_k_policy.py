@@ -9,6 +9,7 @@ import time
 import pytest
 
 from engine.llm_engine import LLMEngine
+from model.config import EngineConfig
 from model.runner import ModelRunner
 from sampling.params import SamplingParams
 from speculator.backoff import KController
@@ -120,7 +121,7 @@ def test_ngram_with_the_cost_policy_equals_plain_greedy(make_engine, plain, prom
     engine = make_engine(speculator="ngram", k_policy="cost", **CONFIG)
     assert engine.k_policy is not None and isinstance(engine.runner, ModelRunner)
     step = engine.k_policy.model.step
-    assert step.rows == (1, 4, 8, 16, 32) and step.at(32) >= step.at(1) > 0
+    assert step.rows == (1, 2, 3, 4, 5, 6, 8, 16, 32) and step.at(32) >= step.at(1) > 0
     rid = engine.add_request(prompts[0], SamplingParams(max_tokens=MAX_TOKENS))
     assert isinstance(engine.requests[rid].controller, CostKController)
     first = next(o for o in engine.run() if o.finished)
@@ -205,9 +206,12 @@ def test_k_follows_the_run_alone_and_the_cap_of_a_run_of_hits_under_load():
     assert controller.next_k(batch_rows=15, batch_tokens=15.0) == 1
 
 
-def test_the_default_k_policy_is_the_cost_model_under_speculator_auto_only(plain):
+def test_the_default_k_policy_is_the_cost_model_under_speculator_auto_and_learned_drafters(plain):
     auto = LLMEngine(runner=plain.runner, speculator="auto", **CONFIG)
     ngram = LLMEngine(runner=plain.runner, speculator="ngram", **CONFIG)
     assert auto.config.k_policy == ngram.config.k_policy == "auto"
     assert auto.k_policy is not None and ngram.k_policy is None
+    for learned in ("mlp", "eagle"):  # a proposal costs time: draft only where it pays
+        assert EngineConfig(speculator=learned, speculator_model="d").k_policy_in_use == "cost"
+    assert EngineConfig(speculator="suffix").k_policy_in_use == "backoff"
     assert set(auto.k_policy.costs) == set(auto.proposer.proposers)  # each of auto's drafters timed apart

@@ -137,3 +137,5 @@ def test_sharegpt_falls_back_to_multi_turn(tmp_path: Path) -> None:
     assert sharegpt_to_jsonl(dst, 5, src=src) == 2
     lines = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
     assert lines == [{"id": "single", "turns": ["only"]}, {"id": "multi", "turns": ["q1"]}]
+    assert sharegpt_to_jsonl(dst, 5, src=src, max_chars=3) == 1  # "only" (4 characters) is too long
+    assert [s.id for s in load_prompts(dst)] == ["multi"]

@@ -1,5 +1,5 @@
-"""Many candidates verified in one pass in the engine (`num_candidates`): the n-gram, suffix and MLP proposers give
-token trees, fed as the sequence's lookahead rows and verified in the one target forward, the accepted path
+"""Many candidates verified in one pass in the engine (`num_candidates`): the n-gram, suffix, MLP and EAGLE proposers
+give token trees, fed as the sequence's lookahead rows and verified in the one target forward, the accepted path
 compacted in place. Greedy tokens equal plain decoding (and HF `generate`) at 1 and 3 candidates, no KV block
 leaks, branching trees are really verified, more candidates accept at least as much as one chain on the drafter's
 training prompts, and sampled tokens keep the target's distribution."""
@@ -72,16 +72,17 @@ def plain(make_engine, prompts) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def configs(mlp_drafter) -> dict[str, dict]:
+def configs(mlp_drafter, eagle_drafter) -> dict[str, dict]:
     return {
         "ngram": {"speculator": "ngram"},
         "suffix": {"speculator": "suffix"},
         "mlp": {"speculator": "mlp", "speculator_model": str(mlp_drafter)},
+        "eagle": {"speculator": "eagle", "speculator_model": str(eagle_drafter), "num_speculative_tokens": 3},
     }
 
 
 @pytest.mark.parametrize("candidates", [1, 3])
-@pytest.mark.parametrize("speculator", ["ngram", "suffix", "mlp"])
+@pytest.mark.parametrize("speculator", ["ngram", "suffix", "mlp", "eagle"])
 def test_greedy_with_candidates_equals_plain_decoding(make_engine, configs, prompts, plain, speculator, candidates):
     engine = make_engine(**BASE, **configs[speculator], num_candidates=candidates)
     with count_trees(engine) as counts:

@@ -252,12 +252,14 @@ void rows_factored(const float* x, const float* terms, const uint8_t* wq, const 
   }
 }
 
-// M (2-8) rows: each block dequantized in registers once and used by all M rows; A accumulators a row break
-// the FMA dependency chain when few rows share each block.
+// M (2-8) rows: each block dequantized in registers once and used by all M rows. A block is 4 FMAs a row into
+// A accumulators a row, M * A chains carried from block to block: about 8 keep both FMA units busy through the
+// FMA's latency (with one accumulator a row, a 4-row verification step took about 20% longer); 6 and more rows
+// have enough chains with one, and no registers to spare beside the 4 of w.
 template <int Q, int M>
 void rows_dequant(const float* x, const uint8_t* wq, const float* bias, float* y, int64_t k_dim, int64_t n_dim,
                   int64_t begin, int64_t end) {
-  constexpr int A = M <= 3 ? 2 : 1;
+  constexpr int A = M == 2 ? 4 : (M == 3 ? 3 : (M <= 5 ? 2 : 1));
   constexpr int64_t bb = Q == kQ4_0 ? 18 : (Q == kQ4_1 ? 20 : 34);
   const int64_t nb = k_dim / kBlock;
   for (int64_t n = begin; n < end; ++n) {
