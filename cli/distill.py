@@ -21,14 +21,13 @@ from cli.prompts import PromptSpec, load_prompts
 from engine.llm_engine import LLMEngine
 from engine.tokenization import RequestError
 from model.config import EngineConfig
-from model.cpu_kernels import load_kernels
 from model.runner import StepInput
 from sampling.params import SamplingParams
 from speculator.distill import DistillOptions, distill, proposal_seconds
 from speculator.distill_data import teacher_forced_records
 from speculator.eagle import TargetParts, save_eagle
 from speculator.eagle_proposer import proposal_seconds as eagle_proposal_seconds
-from speculator.factory import drafts_int8
+from speculator.factory import quantize_for_drafting
 from speculator.mlp_checkpoint import save_speculator
 
 
@@ -146,8 +145,7 @@ def distill_prompts(
     (save_eagle if eagle else save_speculator)(drafter, out)
     proposal_tokens = options.n_predict
     # timed as it will draft: an EAGLE head in int8 where the engine would run it so (saved in float32 above)
-    int8 = eagle and drafts_int8(engine_config, engine_config.device)
-    int8 = int8 and (kernels := load_kernels(required=False)) is not None and drafter.quantize_int8(kernels) > 0
+    int8 = eagle and quantize_for_drafting(drafter, engine_config, engine_config.device)
     proposal_s = eagle_proposal_seconds(drafter, proposal_tokens) if eagle else proposal_seconds(drafter)
     metrics = asdict(result.metrics)
     report = {

@@ -194,6 +194,21 @@ def holdout(n: int, every: int, seed: int = 0) -> set[int]:
     return set(random.Random(seed).sample(range(n), n // every))
 
 
+def split_by_prompt(records: list[DistillRecord], every: int) -> tuple[list[DistillRecord], list[DistillRecord]]:
+    """(train, held out): `holdout` over prompts, a prompt's records (its greedy and sampled outputs) all on one
+    side, at least one prompt held out; held-out figures count greedy outputs only. A record without a prompt
+    is a prompt of its own."""
+    groups = [r.prompt if r.prompt is not None else -1 - i for i, r in enumerate(records)]
+    names = list(dict.fromkeys(groups))  # in first-seen order
+    held = {names[j] for j in holdout(len(names), every)}
+    if not held and len(names) >= 2:
+        held = {names[-1]}
+    if not held:
+        raise ValueError("distillation needs at least 2 prompts (one is held out)")
+    train = [r for r, g in zip(records, groups) if g not in held]
+    return train, [r for r, g in zip(records, groups) if g in held and not r.sampled]
+
+
 def distill(
     records: list[DistillRecord],
     kind: Literal["mlp", "eagle"] = "mlp",
@@ -213,15 +228,7 @@ def distill(
         raise ValueError("an eagle head needs the target's architecture and parts (arch, target)")
     opts = options or DistillOptions()
     n = opts.n_predict
-    groups = [r.prompt if r.prompt is not None else -1 - i for i, r in enumerate(records)]
-    names = sorted(set(groups), key=groups.index)
-    held_groups = {names[j] for j in holdout(len(names), opts.holdout_every)}
-    if not held_groups and len(names) >= 2:
-        held_groups = {names[-1]}
-    if not held_groups:
-        raise ValueError("distillation needs at least 2 prompts (one is held out)")
-    train_records = [r for r, g in zip(records, groups) if g not in held_groups]
-    held_records = [r for r, g in zip(records, groups) if g in held_groups and not r.sampled]
+    train_records, held_records = split_by_prompt(records, opts.holdout_every)
     if kind == "eagle":
         return _distill_eagle(train_records, held_records, arch, target, opts, progress)
     train, held = _samples(train_records, n), _samples(held_records, n)

@@ -134,7 +134,7 @@ class EagleHead(nn.Module):
         self.layer = EagleLayer(config)
         self.target: TargetParts | None = None  # not a module or buffer: never trained, never saved
         self._lm_rows: torch.Tensor | None = None
-        self._int8: dict[str, PackedWeight] = {}  # set by quantize_int8
+        self._int8: dict[str, tuple[PackedWeight, torch.Tensor | None]] = {}  # name -> (blocks, bias): quantize_int8
         self._kernels = None
         if target is not None:
             self.attach(target)
@@ -171,23 +171,23 @@ class EagleHead(nn.Module):
         }
         if any(w.shape[1] % BLOCK for ws in groups.values() for w in ws):
             return 0
+        biases = {"fc": self.fc.bias}
+        if self.config.qkv_bias:
+            biases["qkv"] = torch.cat([layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias])
         with torch.no_grad():
-            self._int8 = {name: quantize_q8_0(torch.cat(ws)) for name, ws in groups.items()}
+            self._int8 = {
+                name: (quantize_q8_0(torch.cat(ws)), None if name not in biases else biases[name].detach().float())
+                for name, ws in groups.items()
+            }
         self._kernels = kernels
-        return sum(w.nbytes for w in self._int8.values())
+        return sum(w.nbytes for w, _ in self._int8.values())
 
     def _linear(self, name: str, module: nn.Linear | None, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b of the matrix `name`: int8 once quantized, else `module` (or the LM head's rows)."""
-        packed = self._int8.get(name)
-        if packed is None:
+        if name not in self._int8:
             return module(x) if module is not None else F.linear(x.to(self._lm_rows.dtype), self._lm_rows)
-        bias = None
-        if name == "fc":
-            bias = self.fc.bias
-        elif name == "qkv" and self.config.qkv_bias:
-            bias = torch.cat([self.layer.q_proj.bias, self.layer.k_proj.bias, self.layer.v_proj.bias])
-        flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-        out = packed.matmul(flat, self._kernels, None if bias is None else bias.detach().float())
+        packed, bias = self._int8[name]
+        out = packed.matmul(x.reshape(-1, x.shape[-1]).float().contiguous(), self._kernels, bias)
         return out.view(*x.shape[:-1], packed.out_features)
 
     def _parts(self) -> TargetParts:

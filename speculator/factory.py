@@ -14,7 +14,7 @@ from model.loader import load_arch, resolve_model
 from model.runner import ModelRunner
 from speculator.adaptation import write_files
 from speculator.draft_model import DraftModelProposer
-from speculator.eagle import EagleLoadError, TargetParts, load_eagle, read_eagle_config
+from speculator.eagle import EagleHead, EagleLoadError, TargetParts, load_eagle, read_eagle_config
 from speculator.eagle_proposer import EagleProposer
 from speculator.mlp_checkpoint import read_config
 from speculator.mlp_proposer import MLPProposer
@@ -59,17 +59,18 @@ def make_proposer(
             head = load_eagle(config.speculator_model, parts, device=device, dtype=parts.embed.dtype)
         except EagleLoadError as e:
             raise ValueError(str(e)) from None
-        if drafts_int8(config, device) and (kernels := load_kernels(required=False)) is not None:
-            head.quantize_int8(kernels)
+        quantize_for_drafting(head, config, device)
         return EagleProposer(head)
     return None
 
 
-def drafts_int8(config: EngineConfig, device: torch.device | str) -> bool:
-    """An EAGLE head drafts with int8 matrices on CPU in float32 with the kernels on, unless `weights: fp32` asks
-    for float32 throughout: a draft step reads a quarter of the bytes, and drafts never change the output."""
+def quantize_for_drafting(head: EagleHead, config: EngineConfig, device: torch.device | str) -> bool:
+    """Whether `head` now drafts with int8 matrices: on CPU in float32 with the kernels built, unless `weights:
+    fp32` asks for float32 throughout. A draft step reads a quarter of the bytes; drafts never change the output."""
     usable = torch.device(device).type == "cpu" and config.dtype == "float32" and config.cpu_kernels
-    return usable and config.weights != "fp32"
+    if not usable or config.weights == "fp32" or (kernels := load_kernels(required=False)) is None:
+        return False
+    return head.quantize_int8(kernels) > 0
 
 
 MODEL_BACKED = ("draft", "mlp", "eagle")  # the drafters a draft worker actor hosts; n-gram and suffix lookups never

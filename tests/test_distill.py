@@ -11,7 +11,14 @@ import torch
 
 from cli.main import main
 from cli.prompts import humaneval_to_jsonl
-from speculator.distill import DistillOptions, DistillRecord, _samples, distill, expected_tokens_per_step
+from speculator.distill import (
+    DistillOptions,
+    DistillRecord,
+    _samples,
+    distill,
+    expected_tokens_per_step,
+    split_by_prompt,
+)
 from speculator.distill_data import teacher_forced_records
 from speculator.mlp_checkpoint import load_speculator
 from tests.conftest import HUMANEVAL
@@ -81,3 +88,20 @@ def test_distill_command_beats_a_unigram_predictor(tmp_path, capsys):
     drafter = load_speculator(out)
     assert drafter.draft_vocab is not None and len(drafter.draft_vocab.ids) == report["draft_vocab_size"] <= 8192
     assert json.loads((out / "config.json").read_text())["model_type"] == "mlp_speculator"
+
+
+def test_a_prompts_outputs_are_held_out_together_and_sampled_ones_never_count():
+    """Greedy and sampled outputs of one prompt share most of their text: split by prompt, or the held-out
+    accuracy would be measured on text the drafter trained on."""
+    records = [
+        DistillRecord([1, 2, 3, 4], torch.zeros(3, 4), 0, prompt=p, sampled=j > 0) for p in range(30) for j in range(3)
+    ]
+    train, held = split_by_prompt(records, 10)
+    held_prompts, train_prompts = {r.prompt for r in held}, {r.prompt for r in train}
+    assert len(held_prompts) == 3 and not held_prompts & train_prompts
+    assert len(held) == 3 and not any(r.sampled for r in held)
+    assert len(train) == 27 * 3
+    alone = [DistillRecord([1, 2, 3, 4], torch.zeros(3, 4), 0) for _ in range(2)]  # no prompt: one each
+    assert [len(side) for side in split_by_prompt(alone, 10)] == [1, 1]
+    with pytest.raises(ValueError):
+        split_by_prompt(records[:3], 10)  # one prompt: nothing to hold out

@@ -11,6 +11,7 @@ import torch
 
 from cli.main import main
 from cli.prompts import humaneval_to_jsonl, load_prompts
+from model.config import EngineConfig
 from model.cpu_kernels import load_kernels
 from model.runner import StepInput
 from sampling.params import SamplingParams
@@ -18,6 +19,7 @@ from speculator.distill import expected_tokens_per_step
 from speculator.draft_vocab import DraftVocab
 from speculator.eagle import EagleConfig, EagleHead, EagleLoadError, TargetParts, load_eagle, save_eagle
 from speculator.eagle_proposer import EagleProposer
+from speculator.factory import quantize_for_drafting
 from speculator.proposer import DraftRequest
 from speculator.verify import verify_greedy
 from tests.conftest import HUMANEVAL
@@ -179,7 +181,9 @@ def test_int8_head_reads_a_quarter_of_the_bytes_and_drafts_as_the_float_head():
     vocab = DraftVocab.most_frequent(torch.arange(40), 40, V)
     head, int8 = _head(vocab, config=config), _head(vocab, config=config)
     assert _head(vocab).quantize_int8(load_kernels()) == 0, "a width of 48 has no Q8_0 blocks: left float"
+    assert not quantize_for_drafting(_head(vocab, config=config), EngineConfig(weights="fp32"), "cpu")
     nbytes = int8.quantize_int8(load_kernels())
+    assert quantize_for_drafting(_head(vocab, config=config), EngineConfig(), "cpu")  # the default on CPU
     floats = sum(p.numel() for n, p in head.named_parameters() if n.endswith("weight") and "norm" not in n)
     assert nbytes == (floats + 40 * D) * 34 // 32  # 34 bytes a block of 32 weights, the LM head's 40 rows too
     g = torch.Generator().manual_seed(4)
@@ -249,6 +253,8 @@ def test_distill_eagle_beats_a_unigram_predictor_and_its_drafts_are_accepted(tmp
     assert len(acc) == 3 and all(a > u for a, u in zip(acc, uni)), (acc, uni)
     assert report["expected_tokens_per_step"] == pytest.approx(expected_tokens_per_step(acc))
     cost = report["cost"]
+    assert cost["int8"], "timed as the engine drafts on CPU: in int8"
+    assert 0 < cost["proposal_per_target_step"] < 1
     assert cost["proposal_per_target_step"] == pytest.approx(cost["proposal_s"] / cost["target_step_s"])
     # a sanity bound, not a speed goal: a drafted token costs less than a target step (measured about 0.25)
     assert 0 < cost["per_token_per_target_step"] < 1

@@ -115,7 +115,7 @@ def test_speculation_reports_the_logprobs_of_plain_decoding(make_engine, plain, 
 
 @pytest.fixture(scope="module")
 def mlp_model(mlp_drafter) -> dict:
-    return {"speculator": "mlp", "speculator_model": str(mlp_drafter)}
+    return {"speculator": "mlp", "speculator_model": str(mlp_drafter), "k_policy": "backoff"}  # drafts every step
 
 
 @pytest.mark.parametrize("speculator", ["suffix", "draft", "mlp"])

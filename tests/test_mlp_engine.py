@@ -34,7 +34,14 @@ def chat_ids(tokenizer, chats: list[list[dict]]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def mlp_config(mlp_drafter) -> dict:
-    return {**BASE, "speculator": "mlp", "speculator_model": str(mlp_drafter), "max_num_seqs": 128}
+    # the backoff rule drafts on every step (the default cost model follows this machine's timings: test_k_policy)
+    return {
+        **BASE,
+        "speculator": "mlp",
+        "speculator_model": str(mlp_drafter),
+        "max_num_seqs": 128,
+        "k_policy": "backoff",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +94,7 @@ def test_sampled_outputs_keep_the_target_distribution(make_engine, mlp_config, h
     (prompt_ids,) = chat_ids(tokenizer, mlp_training_chats()[:1])
     n = 600
     # The backoff drafts at any batch size; the cost model would rightly turn drafts down at 64 sequences.
-    engine = make_engine(**mlp_config, k_policy="backoff")
+    engine = make_engine(**mlp_config)
     params = [SamplingParams(max_tokens=3, temperature=TEMPERATURE, seed=i, ignore_eos=True) for i in range(n)]
     drafted, accepted = engine.spec.drafted, engine.spec.accepted
     outs = engine.generate([prompt_ids] * n, params)
@@ -210,7 +217,13 @@ def test_config_and_command_line_take_a_learned_drafter(mlp_drafter, capsys):
 
 
 def eagle_config(folder) -> dict:
-    return {**BASE, "speculator": "eagle", "speculator_model": str(folder), "num_speculative_tokens": 3}
+    return {
+        **BASE,
+        "speculator": "eagle",
+        "speculator_model": str(folder),
+        "num_speculative_tokens": 3,
+        "k_policy": "backoff",
+    }
 
 
 def test_greedy_with_the_eagle_head_equals_plain_decoding_and_hf(

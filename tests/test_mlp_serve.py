@@ -24,6 +24,7 @@ def base_url(local_ray, mlp_drafter):
         "engine": {
             "speculator": "mlp",
             "speculator_model": str(mlp_drafter),
+            "k_policy": "backoff",  # drafts every step; the cost model's k follows this machine's timings
             "kv_cache_gib": 0.25,
             "max_model_len": 1024,
         },
