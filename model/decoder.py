@@ -192,6 +192,13 @@ class CausalLM(nn.Module):
         self.stack_kernels = kernels if self.tp.world_size == 1 else None
         self._stack = None
 
+    def packed_matrices(self) -> list[tuple[PackedWeight, int]]:
+        """The matrices a step multiplies packed, with how many times: the first layer's for every layer (they
+        share shapes), and the LM head."""
+        layer = self.layers[0]
+        modules = [(m, len(self.layers)) for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        return [(m.quant, count) for m, count in [*modules, (self.lm_head, 1)] if m.quant is not None]
+
     def use_packed(self, packed: dict[str, PackedWeight]) -> list[str]:
         """Run the linear layers (and the LM head) on the checkpoint matrices `packed` holds in GGUF blocks
         (`model.gguf_weights.read_packed`); a layer with a matrix missing there keeps its float32 weight. Returns

@@ -4,8 +4,8 @@ A decode step of a small model on CPU is bound by reading the weights: the defau
 540 MB as float32 but 96 MB as shipped (Q4_1 layers, a Q8_0 embedding). `PackedWeight` holds one [out, in]
 matrix as its GGUF blocks (32 weights along `in` a block, fp16 scales), so rows slice freely and columns in
 whole blocks (tensor parallelism); the C++ kernel (`csrc/quant_matmul.cpp`) multiplies the blocks as they are
-for up to 64 rows (decode and verification steps of a full batch) and the matrix is dequantized to a float32
-scratch for prefill batches.
+for decode and verification steps (up to 64 rows by its own paths, or a GEMM over dequantized tiles of W) and
+short prefills; longer prefills get the matrix dequantized to a float32 scratch for one GEMM.
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ class PackedWeight:
         return kernels.quant_dequantize(self.data, self.qtype, self.out_features, self.in_features)
 
     def matmul(self, x: torch.Tensor, kernels, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T (+ bias): up to 64 rows in the packed kernel; a prefill batch gets W dequantized to a scratch
-        matrix and a GEMM."""
+        """x W^T (+ bias): up to 256 rows in the packed kernel (its own paths up to 64, or a GEMM over dequantized
+        tiles of W, whichever `model.quant_gemm_rows` measured faster); a longer prefill gets W dequantized
+        whole for one GEMM."""
         if x.shape[0] <= QUANT_MATMUL_MAX_ROWS:
             return kernels.quant_matmul(x, self.data, self.qtype, self.out_features, bias)
         return F.linear(x, self.dequantize(kernels), bias)

@@ -25,6 +25,7 @@ from model.kv_pages import KVPages, SlotMove, path_slots
 from model.loader import ModelArch, ModelLoadError, load_arch, model_source, resolve_model
 from model.parallel import ParallelContext, rank_kv_cache_bytes
 from model.quant import PackedWeight
+from model.quant_gemm_rows import tune_gemm_rows
 
 
 @dataclass
@@ -120,6 +121,8 @@ class ModelRunner:
         self.backend = make_backend(attention_backend, block_size, device, kernels)
         if kernels is not None and dtype == torch.float32:
             self.model.use_cpu_kernels(kernels)
+            if self.packed:
+                tune_gemm_rows(kernels, self.model.packed_matrices())
 
     @classmethod
     def from_config(

@@ -1,12 +1,18 @@
 """The CPU kernels against the PyTorch paths they replace, side by side; prints one JSON object.
 
-    .venv/bin/python scripts/bench_kernels.py [--rows 1 2 5 8 16 24 32] [--contexts 300 1000 3000]
+    .venv/bin/python scripts/bench_kernels.py [--rows 1 2 5 8 16 24 32] [--packed-rows 16 32 64 512]
+                                              [--contexts 300 1000 3000]
 
 - matmul: every linear layer of the default model's shape (30 layers and the LM head, float32, fresh random
   weights, so they are read from memory as in decoding) on `rows` rows, through each path of
   `model.parallel.linear`: F.linear, oneDNN's prepacked GEMM (used above SMALL_MATMUL_MAX_ROWS rows, and
   everywhere without the kernels) and the C++ small matmul. Where the kernel stops winning sets
   SMALL_MATMUL_MAX_ROWS.
+- packed_matmul: the same shapes as Q4_1 blocks (random, 30 layers and the LM head) on 16-64 rows (decode
+  batches) and 128/512 (prefill): the packed kernel's own tile path, its GEMM by dequantized 128-row tiles, and
+  the whole matrix dequantized for one GEMM; and the bound `model.quant_gemm_rows.tune_gemm_rows` picks on
+  this machine, which decides between the first two at load. Where the whole matrix overtakes the tiles sets
+  QUANT_MATMUL_MAX_ROWS.
 - attention: against `context`-token sequences in each of 30 layers' pages, one decode row, one 1 + 4
   verification and 16 sequences' decode rows: the in-place kernel vs gathering the pages and SDPA
   (TorchPagedAttention).
@@ -28,9 +34,12 @@ import torch.nn.functional as F
 from cli.bench import print_report
 from model.attention.cpu import CpuPagedAttention
 from model.attention.paged import TorchPagedAttention
-from model.cpu_kernels import SMALL_MATMUL_MAX_ROWS, load_kernels
+from model.cpu_kernels import QUANT_KERNEL_MAX_ROWS, SMALL_MATMUL_MAX_ROWS, load_kernels
 from model.decoder import rotate
 from model.parallel import cpu_packed, linear
+from model.quant import BLOCK as BLOCK_WEIGHTS
+from model.quant import PackedWeight
+from model.quant_gemm_rows import tune_gemm_rows
 
 HIDDEN, INTERMEDIATE, QKV, LAYERS, VOCAB = 576, 1536, 960, 30, 49152  # SmolLM2-135M
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
@@ -73,6 +82,52 @@ def bench_matmul(kernels, rows: list[int], repeats: int) -> list[dict]:
             row["kernel_vs_onednn"] = round(t["onednn"] / t["kernel"], 3)
         out.append(row)
     return out
+
+
+def random_q4_1(n: int, k: int, gen: torch.Generator) -> PackedWeight:
+    """An [n, k] Q4_1 matrix of random nibbles with small positive scales and negative minimums."""
+    blocks = torch.randint(0, 256, (n, k // BLOCK_WEIGHTS, 20), dtype=torch.uint8, generator=gen)
+    scales = torch.stack(
+        [
+            torch.rand(n, k // BLOCK_WEIGHTS, generator=gen) * 0.01,
+            -torch.rand(n, k // BLOCK_WEIGHTS, generator=gen) * 0.05,
+        ],
+        2,
+    )
+    blocks[:, :, :4] = scales.half().contiguous().view(torch.uint8).view(n, -1, 4)
+    return PackedWeight(3, blocks.reshape(n, -1).contiguous(), n, k)
+
+
+def bench_packed_matmul(kernels, rows: list[int], repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(QKV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]
+    layer = [random_q4_1(n, k, gen) for n, k in shapes]
+    weights = [random_q4_1(n, k, gen) for n, k in shapes * LAYERS] + [random_q4_1(VOCAB, HIDDEN, gen)]
+    before = kernels.quant_gemm_rows()
+    tuned = tune_gemm_rows(kernels, [(w, LAYERS) for w in layer] + [(weights[-1], 1)])
+    kernels.set_quant_gemm_rows(before)
+    out = []
+    for m in rows:
+        x = {k: torch.randn(m, k, generator=gen) for k in (HIDDEN, INTERMEDIATE)}
+
+        def run(path: str, x: dict = x) -> None:
+            for w in weights:
+                xs = x[w.in_features]
+                if path == "whole_matrix_gemm":
+                    F.linear(xs, w.dequantize(kernels))
+                else:
+                    kernels.quant_matmul(
+                        xs, w.data, w.qtype, w.out_features, gemm_rows=0 if path == "tile_gemm" else 64
+                    )
+
+        names = ["whole_matrix_gemm", "tile_gemm"] + (["kernel_tiles"] if m <= QUANT_KERNEL_MAX_ROWS else [])
+        t = side_by_side({n: (lambda n=n: run(n)) for n in names}, repeats)
+        row: dict = {"rows": m} | {f"{n}_ms": round(sec * 1e3, 2) for n, sec in t.items()}
+        if "kernel_tiles" in t:
+            row["tile_gemm_vs_kernel_tiles"] = round(t["kernel_tiles"] / t["tile_gemm"], 3)
+        row["tile_gemm_vs_whole_matrix"] = round(t["whole_matrix_gemm"] / t["tile_gemm"], 3)
+        out.append(row)
+    return {"tuned_gemm_rows": tuned, "rows": out}
 
 
 def bench_attention(kernels, contexts: list[int], repeats: int) -> list[dict]:
@@ -150,6 +205,7 @@ def bench_fused_ops(kernels, rows: list[int], repeats: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 5, 8, 16, 24, 32])
+    ap.add_argument("--packed-rows", type=int, nargs="+", default=[16, 24, 32, 48, 64, 128, 512])
     ap.add_argument("--contexts", type=int, nargs="+", default=[300, 1000, 3000])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default=None)
@@ -159,6 +215,7 @@ def main() -> None:
     report = {
         "settings": vars(args) | {"threads": torch.get_num_threads()},
         "matmul": bench_matmul(kernels, args.rows, args.repeats),
+        "packed_matmul": bench_packed_matmul(kernels, args.packed_rows, max(3, args.repeats // 3)),
         "attention": bench_attention(kernels, args.contexts, args.repeats),
         "fused_ops": bench_fused_ops(kernels, [1, 16, 512], args.repeats),
     }

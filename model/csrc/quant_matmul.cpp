@@ -1,5 +1,5 @@
 // y = x W^T (+ bias) with W kept in its GGUF block format (Q4_0, Q4_1, Q8_0: 32 weights per block, fp16
-// scales), for the rows of a decode or verification step (up to 64). The step reads the packed bytes (Q4_1:
+// scales), for the rows of a decode or verification step and short prefills. A decode step reads the packed bytes (Q4_1:
 // 0.625 bytes a weight) instead of 4 bytes a weight, so the work per packed byte decides the speed:
 // - 1 row: per block y += d * sum(q * x) + m * sum(x): the nibbles become floats and meet x without a
 //   per-weight scale; sum(x) per block is computed once per call and the m (Q4_0: -8 d) terms of a W row are
@@ -8,14 +8,20 @@
 // - 17-64 rows: 48 W rows at a time are dequantized into a per-thread float32 tile that stays in cache, and x,
 //   transposed once per call (K-major, rows padded to 8), passes it as outer products: per K step 6 weights
 //   broadcast and 2 vectors of 8 rows of x feed 12 independent FMAs (8 rows of x against one W row at a time
-//   were held back by their loads and FMA latency; no whole-matrix scratch).
+//   were held back by their loads and FMA latency; no whole-matrix scratch);
+// - more rows than the process's `gemm rows` (64 until `set_quant_gemm_rows`, which `model.quant_gemm_rows`
+//   sets from a measurement at load), and always above 64: each thread dequantizes 128 W rows at a time into a
+//   tile that stays in cache and multiplies it by x with ATen's GEMM. With AVX-512 that GEMM runs at about
+//   twice the tile path's AVX2 FMAs; with AVX2 only the tile path can be the faster, hence the measurement
+//   rather than a fixed bound.
 // Results differ from dequantize-then-matmul only in rounding and the order of summation. `quant_dequantize`
-// writes the whole float32 matrix, for prefill batches that go to a GEMM.
+// writes the whole float32 matrix, for long prefills that go to one GEMM (`model.quant.PackedWeight.matmul`).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -32,11 +38,14 @@ namespace {
 // ggml_type ids of the formats handled here, and their block sizes in bytes (32 weights a block).
 constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
 constexpr int64_t kBlock = 32;
-constexpr int64_t kMaxRows = 64;
+constexpr int64_t kMaxRows = 64;  // the most rows the direct and tile paths take; more go to the GEMM path
 constexpr int64_t kDirectRows = 16;  // above: the tile path
 constexpr int64_t kTile = 64;  // W rows per parallel task of the direct path
 constexpr int kTileW = 6;  // W rows a pass of the tile path (6 broadcasts a K step)
 constexpr int64_t kTileRows = 8 * kTileW;  // W rows a tile of the tile path
+constexpr int64_t kGemmTileRows = 128;  // W rows a tile of the GEMM path (128 x K floats stay in L2)
+
+std::atomic<int64_t> g_gemm_rows{kMaxRows};  // rows above this go to the GEMM path (set_quant_gemm_rows)
 
 int64_t block_bytes(int64_t qtype) {
   switch (qtype) {
@@ -350,6 +359,29 @@ void tile_rows(const float* w, int64_t w_rows, const float* xt, int64_t mp, cons
   for (; j < w_rows; ++j) tile_block<V, 1>(w + j * k_dim, xt, mp, bias ? bias + j : nullptr, y + j, k_dim, n_dim, rows);
 }
 
+// y = x W^T (+ bias) by tiles: each thread dequantizes kGemmTileRows W rows into a scratch tile and multiplies
+// x by it with ATen's GEMM (single-threaded inside the parallel region). InferenceMode is per thread: the
+// workers enter it themselves, and write y through its pointer.
+at::Tensor gemm_tiles(const at::Tensor& x, const uint8_t* wp, int64_t qtype, int64_t n, const float* bias,
+                      bool scalar) {
+  const int64_t m = x.size(0), k = x.size(1), row_bytes = k / kBlock * block_bytes(qtype);
+  at::Tensor y = at::empty({m, n}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (n + kGemmTileRows - 1) / kGemmTileRows, 1, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode guard;
+    at::Tensor tile = at::empty({kGemmTileRows, k}, x.options());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t t0 = t * kGemmTileRows, rows = std::min(kGemmTileRows, n - t0);
+      dequant_blocks(qtype, wp + t0 * row_bytes, tile.data_ptr<float>(), rows * (k / kBlock), scalar);
+      const at::Tensor part = at::mm(x, tile.narrow(0, 0, rows).t());  // [m, rows], contiguous
+      const float* pp = part.data_ptr<float>();
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < rows; ++j) yp[i * n + t0 + j] = pp[i * rows + j] + (bias ? bias[t0 + j] : 0.f);
+    }
+  });
+  return y;
+}
+
 void check_weight(const at::Tensor& wq, int64_t qtype, int64_t n, int64_t k) {
   TORCH_CHECK(wq.device().is_cpu() && wq.scalar_type() == at::kByte && wq.is_contiguous(),
               "packed weight must be contiguous uint8 on CPU");
@@ -368,21 +400,29 @@ bool quant_matmul_vectorized() {
 #endif
 }
 
+void set_quant_gemm_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0 && rows <= kMaxRows, "gemm rows must be in [0, ", kMaxRows, "], not ", rows);
+  g_gemm_rows = rows;
+}
+
+int64_t quant_gemm_rows() { return g_gemm_rows; }
+
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype, int64_t n,
-                        const c10::optional<at::Tensor>& bias, bool scalar, int64_t direct_rows) {
+                        const c10::optional<at::Tensor>& bias, bool scalar, int64_t direct_rows, int64_t gemm_rows) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, "x must be float32 [M, K]");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "quant_matmul takes at most ", kMaxRows, " rows");
   const at::Tensor xc = x.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1);
   check_weight(wq, qtype, n, k);
-  at::Tensor y = at::empty({m, n}, xc.options());
   const float* b = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_contiguous(), "bad bias");
     b = bias->data_ptr<float>();
   }
-  const float* xp = xc.data_ptr<float>();
   const uint8_t* wp = wq.data_ptr<uint8_t>();
+  const int64_t bound = std::min(kMaxRows, gemm_rows < 0 ? g_gemm_rows.load() : gemm_rows);
+  if (m > 0 && m > bound) return gemm_tiles(xc, wp, qtype, n, b, scalar);  // any number of rows
+  at::Tensor y = at::empty({m, n}, xc.options());
+  const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (m == 0) return y;
   const int64_t row_bytes = k / kBlock * block_bytes(qtype);
@@ -446,3 +486,4 @@ at::Tensor quant_dequantize(const at::Tensor& wq, int64_t qtype, int64_t n, int6
   });
   return w;
 }
+
