@@ -192,12 +192,10 @@ class CausalLM(nn.Module):
         self.stack_kernels = kernels if self.tp.world_size == 1 else None
         self._stack = None
 
-    def packed_matrices(self) -> list[tuple[PackedWeight, int]]:
-        """The matrices a step multiplies packed, with how many times: the first layer's for every layer (they
-        share shapes), and the LM head."""
-        layer = self.layers[0]
-        modules = [(m, len(self.layers)) for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
-        return [(m.quant, count) for m, count in [*modules, (self.lm_head, 1)] if m.quant is not None]
+    def packed_matrices(self) -> list[PackedWeight]:
+        """The matrices a step multiplies packed: every layer's and the LM head's."""
+        modules = [m for layer in self.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        return [m.quant for m in [*modules, self.lm_head] if m.quant is not None]
 
     def use_packed(self, packed: dict[str, PackedWeight]) -> list[str]:
         """Run the linear layers (and the LM head) on the checkpoint matrices `packed` holds in GGUF blocks

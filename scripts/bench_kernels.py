@@ -10,9 +10,9 @@
   SMALL_MATMUL_MAX_ROWS.
 - packed_matmul: the same shapes as Q4_1 blocks (random, 30 layers and the LM head) on 16-64 rows (decode
   batches) and 128/512 (prefill): the packed kernel's own tile path, its GEMM by dequantized 128-row tiles, and
-  the whole matrix dequantized for one GEMM; and the bound `model.quant_gemm_rows.tune_gemm_rows` picks on
-  this machine, which decides between the first two at load. Where the whole matrix overtakes the tiles sets
-  QUANT_MATMUL_MAX_ROWS.
+  the whole matrix dequantized for one GEMM; and the row counts `model.quant_gemm_rows.tune_gemm_rows` gives
+  the GEMM on this machine (it decides between the first two at load). Where the whole matrix overtakes the
+  tiles sets QUANT_MATMUL_MAX_ROWS.
 - attention: against `context`-token sequences in each of 30 layers' pages, one decode row, one 1 + 4
   verification and 16 sequences' decode rows: the in-place kernel vs gathering the pages and SDPA
   (TorchPagedAttention).
@@ -101,11 +101,10 @@ def random_q4_1(n: int, k: int, gen: torch.Generator) -> PackedWeight:
 def bench_packed_matmul(kernels, rows: list[int], repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     shapes = [(QKV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]
-    layer = [random_q4_1(n, k, gen) for n, k in shapes]
     weights = [random_q4_1(n, k, gen) for n, k in shapes * LAYERS] + [random_q4_1(VOCAB, HIDDEN, gen)]
-    before = kernels.quant_gemm_rows()
-    tuned = tune_gemm_rows(kernels, [(w, LAYERS) for w in layer] + [(weights[-1], 1)])
-    kernels.set_quant_gemm_rows(before)
+    before = kernels.quant_gemm_mask()
+    tuned = tune_gemm_rows(kernels, weights)
+    kernels.set_quant_gemm_mask(before)
     out = []
     for m in rows:
         x = {k: torch.randn(m, k, generator=gen) for k in (HIDDEN, INTERMEDIATE)}
@@ -127,7 +126,7 @@ def bench_packed_matmul(kernels, rows: list[int], repeats: int) -> dict:
             row["tile_gemm_vs_kernel_tiles"] = round(t["kernel_tiles"] / t["tile_gemm"], 3)
         row["tile_gemm_vs_whole_matrix"] = round(t["whole_matrix_gemm"] / t["tile_gemm"], 3)
         out.append(row)
-    return {"tuned_gemm_rows": tuned, "rows": out}
+    return {"gemm_rows_chosen": list(tuned), "rows": out}
 
 
 def bench_attention(kernels, contexts: list[int], repeats: int) -> list[dict]:

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType, quants
 
 from model.config import EngineConfig
 from model.quant import PackedWeight
-from model.quant_gemm_rows import ROW_CHOICES, tune_gemm_rows
+from model.quant_gemm_rows import MEASURED_ROWS, mask_of, tune_gemm_rows
 from sampling.params import SamplingParams
 from tests.conftest import humaneval_prompts
 
@@ -49,20 +49,20 @@ def test_packed_matmul_matches_dequantize_then_matmul(qtype, rows, cpu_kernels):
                 torch.testing.assert_close(y, expected, **tol)
 
 
-def test_the_gemm_row_bound_is_measured_on_the_models_matrices_and_kept_per_shape(cpu_kernels):
-    """tune_gemm_rows sets the kernel's bound to one of its choices, once per set of shapes (a second engine of
-    the same model reuses it), and the kernel refuses a bound beyond its rows."""
-    matrices = [(random_packed(GGMLQuantizationType.Q4_1, 300, 576, seed=2)[0], 30)]
-    before = cpu_kernels.quant_gemm_rows()
+def test_the_gemm_rows_are_measured_on_the_models_matrices_and_kept_per_shape(cpu_kernels):
+    """tune_gemm_rows sets the kernel's mask from measured row counts, once per set of shapes (a second engine of
+    the same model reuses it); a measured count stands for the counts down to the one measured below it."""
+    matrices = [random_packed(GGMLQuantizationType.Q4_1, 300, 576, seed=2)[0]] * 3
+    before = cpu_kernels.quant_gemm_mask()
     try:
         rows = tune_gemm_rows(cpu_kernels, matrices, rounds=1)
-        assert rows in ROW_CHOICES and cpu_kernels.quant_gemm_rows() == rows
-        cpu_kernels.set_quant_gemm_rows(64)
-        assert tune_gemm_rows(cpu_kernels, matrices) == rows == cpu_kernels.quant_gemm_rows()  # cached, set again
-        with pytest.raises(RuntimeError, match="gemm rows"):
-            cpu_kernels.set_quant_gemm_rows(65)
+        assert set(rows) <= set(MEASURED_ROWS) and cpu_kernels.quant_gemm_mask() == mask_of(rows)
+        cpu_kernels.set_quant_gemm_mask(0)
+        assert tune_gemm_rows(cpu_kernels, matrices) == rows and cpu_kernels.quant_gemm_mask() == mask_of(rows)
     finally:
-        cpu_kernels.set_quant_gemm_rows(before)
+        cpu_kernels.set_quant_gemm_mask(before)
+    assert mask_of((1, 6, 64)) == 0b1 | 0b110000 | (0xFFFF << 48)  # 6 stands for 5-6, 64 for 49-64
+    assert mask_of(()) == 0 and mask_of(MEASURED_ROWS) == (1 << 64) - 1
 
 
 def test_packed_weight_slices_for_tensor_parallel_ranks(cpu_kernels):

@@ -12,10 +12,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotary embedding in place, rotate-half convention; float32");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a [T, 2I] gate|up tensor; float32");
   m.def("quant_matmul", &quant_matmul, "x W^T (+ bias), W in GGUF blocks (Q4_0, Q4_1, Q8_0); more rows than direct_rows (-1: "
-        "16) dequantize tiles of W, more than gemm_rows (-1: quant_gemm_rows(); at most 64) go to a GEMM by tiles", py::arg("x"), py::arg("wq"), py::arg("qtype"), py::arg("n"), py::arg("bias") = py::none(),
+        "16) dequantize tiles of W; a GEMM by tiles takes more rows than gemm_rows (-1: the row counts in "
+        "quant_gemm_mask(), and always more than 64)", py::arg("x"), py::arg("wq"), py::arg("qtype"), py::arg("n"), py::arg("bias") = py::none(),
         py::arg("scalar") = false, py::arg("direct_rows") = -1, py::arg("gemm_rows") = -1);
-  m.def("set_quant_gemm_rows", &set_quant_gemm_rows, "rows of x above which quant_matmul uses the GEMM path (0-64)");
-  m.def("quant_gemm_rows", &quant_gemm_rows, "rows of x above which quant_matmul uses the GEMM path");
+  m.def("set_quant_gemm_mask", &set_quant_gemm_mask, "bit m - 1 set: quant_matmul takes m rows (1-64) by its GEMM path");
+  m.def("quant_gemm_mask", &quant_gemm_mask, "the row counts quant_matmul takes by its GEMM path, as a bit mask");
   m.def("quant_dequantize", &quant_dequantize, "float32 [N, K] of a matrix in GGUF blocks");
   m.def("quant_matmul_vectorized", &quant_matmul_vectorized, "whether quant_matmul has its AVX2 path");
   bind_decoder_stack(m);

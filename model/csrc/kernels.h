@@ -12,8 +12,8 @@ void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype, int64_t n,
                         const c10::optional<at::Tensor>& bias, bool scalar, int64_t direct_rows, int64_t gemm_rows);
-void set_quant_gemm_rows(int64_t rows);
-int64_t quant_gemm_rows();
+void set_quant_gemm_mask(uint64_t mask);
+uint64_t quant_gemm_mask();
 at::Tensor quant_dequantize(const at::Tensor& wq, int64_t qtype, int64_t n, int64_t k);
 bool quant_matmul_vectorized();
 void bind_decoder_stack(pybind11::module& m);

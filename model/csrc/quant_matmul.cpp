@@ -9,11 +9,11 @@
 //   transposed once per call (K-major, rows padded to 8), passes it as outer products: per K step 6 weights
 //   broadcast and 2 vectors of 8 rows of x feed 12 independent FMAs (8 rows of x against one W row at a time
 //   were held back by their loads and FMA latency; no whole-matrix scratch);
-// - more rows than the process's `gemm rows` (64 until `set_quant_gemm_rows`, which `model.quant_gemm_rows`
-//   sets from a measurement at load), and always above 64: each thread dequantizes 128 W rows at a time into a
-//   tile that stays in cache and multiplies it by x with ATen's GEMM. With AVX-512 that GEMM runs at about
-//   twice the tile path's AVX2 FMAs; with AVX2 only the tile path can be the faster, hence the measurement
-//   rather than a fixed bound.
+// - the row counts the process's GEMM mask names (none until `set_quant_gemm_mask`, which
+//   `model.quant_gemm_rows` sets from a measurement at load), and always above 64: each thread dequantizes 128
+//   W rows at a time into a tile that stays in cache and multiplies it by x with ATen's GEMM. Which is faster
+//   at a given row count depends on the CPU (where ATen's GEMM has AVX-512 it can beat these AVX2 paths from 2
+//   rows on), hence a measurement rather than fixed bounds.
 // Results differ from dequantize-then-matmul only in rounding and the order of summation. `quant_dequantize`
 // writes the whole float32 matrix, for long prefills that go to one GEMM (`model.quant.PackedWeight.matmul`).
 #include <torch/extension.h>
@@ -45,7 +45,7 @@ constexpr int kTileW = 6;  // W rows a pass of the tile path (6 broadcasts a K s
 constexpr int64_t kTileRows = 8 * kTileW;  // W rows a tile of the tile path
 constexpr int64_t kGemmTileRows = 128;  // W rows a tile of the GEMM path (128 x K floats stay in L2)
 
-std::atomic<int64_t> g_gemm_rows{kMaxRows};  // rows above this go to the GEMM path (set_quant_gemm_rows)
+std::atomic<uint64_t> g_gemm_mask{0};  // bit m - 1 set: m rows (1-64) go to the GEMM path (set_quant_gemm_mask)
 
 int64_t block_bytes(int64_t qtype) {
   switch (qtype) {
@@ -400,12 +400,9 @@ bool quant_matmul_vectorized() {
 #endif
 }
 
-void set_quant_gemm_rows(int64_t rows) {
-  TORCH_CHECK(rows >= 0 && rows <= kMaxRows, "gemm rows must be in [0, ", kMaxRows, "], not ", rows);
-  g_gemm_rows = rows;
-}
+void set_quant_gemm_mask(uint64_t mask) { g_gemm_mask = mask; }
 
-int64_t quant_gemm_rows() { return g_gemm_rows; }
+uint64_t quant_gemm_mask() { return g_gemm_mask; }
 
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype, int64_t n,
                         const c10::optional<at::Tensor>& bias, bool scalar, int64_t direct_rows, int64_t gemm_rows) {
@@ -419,8 +416,8 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype
     b = bias->data_ptr<float>();
   }
   const uint8_t* wp = wq.data_ptr<uint8_t>();
-  const int64_t bound = std::min(kMaxRows, gemm_rows < 0 ? g_gemm_rows.load() : gemm_rows);
-  if (m > 0 && m > bound) return gemm_tiles(xc, wp, qtype, n, b, scalar);  // any number of rows
+  const bool gemm = m > kMaxRows || (gemm_rows < 0 ? m > 0 && (g_gemm_mask.load() >> (m - 1) & 1) : m > gemm_rows);
+  if (m > 0 && gemm) return gemm_tiles(xc, wp, qtype, n, b, scalar);
   at::Tensor y = at::empty({m, n}, xc.options());
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
