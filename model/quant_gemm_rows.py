@@ -20,7 +20,9 @@ from model.quant import PackedWeight
 MEASURED_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # a row count between two takes the larger one's path
 MARGIN = 0.97  # the GEMM must be at least 3% faster to be chosen (timing noise must not flip a tie)
 
-_tuned: dict[tuple, tuple[int, ...]] = {}  # per set of matrix shapes, for this process (engines of a model share)
+# per set of distinct matrix shapes, for this process: engines of one model, and a draft model truncated from it,
+# share one measurement (and one mask: a second measurement would overwrite the first's in the kernel)
+_tuned: dict[tuple, tuple[int, ...]] = {}
 
 
 def mask_of(rows: tuple[int, ...]) -> int:
@@ -37,8 +39,8 @@ def mask_of(rows: tuple[int, ...]) -> int:
 def tune_gemm_rows(kernels, matrices: list[PackedWeight], rounds: int = 2) -> tuple[int, ...]:
     """Set the kernel's GEMM mask from a measurement on `matrices` (all a step multiplies) and return the
     measured row counts where the GEMM was clearly faster; the two paths alternate, the best of `rounds` each.
-    Measured once per set of shapes in a process (about 1-3 s for the default model)."""
-    key = tuple((w.qtype, w.out_features, w.in_features) for w in matrices)
+    Measured once per set of shapes in a process (a few seconds for the default model)."""
+    key = tuple(sorted({(w.qtype, w.out_features, w.in_features) for w in matrices}))
     if key not in _tuned:
         _tuned[key] = measure(kernels, matrices, rounds) if matrices else ()
     kernels.set_quant_gemm_mask(mask_of(_tuned[key]))
@@ -61,7 +63,8 @@ def measure(kernels, matrices: list[PackedWeight], rounds: int) -> tuple[int, ..
         for r in range(rounds + 1):  # round 0 warms both paths' scratch and is not counted
             for gemm in (True, False) if r % 2 else (False, True):
                 seconds = step_seconds(kernels, matrices, x, 0 if gemm else 64)
-                best[gemm] = min(best[gemm], seconds) if r else best[gemm]
+                if r:
+                    best[gemm] = min(best[gemm], seconds)
         if best[True] < MARGIN * best[False]:
             gemm_rows.append(rows)
     return tuple(gemm_rows)

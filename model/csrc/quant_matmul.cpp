@@ -416,8 +416,8 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype
     b = bias->data_ptr<float>();
   }
   const uint8_t* wp = wq.data_ptr<uint8_t>();
-  const bool gemm = m > kMaxRows || (gemm_rows < 0 ? m > 0 && (g_gemm_mask.load() >> (m - 1) & 1) : m > gemm_rows);
-  if (m > 0 && gemm) return gemm_tiles(xc, wp, qtype, n, b, scalar);
+  const bool listed = gemm_rows < 0 ? (g_gemm_mask.load() >> (m - 1) & 1) : m > gemm_rows;
+  if (m > kMaxRows || (m > 0 && listed)) return gemm_tiles(xc, wp, qtype, n, b, scalar);
   at::Tensor y = at::empty({m, n}, xc.options());
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -483,4 +483,3 @@ at::Tensor quant_dequantize(const at::Tensor& wq, int64_t qtype, int64_t n, int6
   });
   return w;
 }
-
