@@ -9,8 +9,9 @@
   everywhere without the kernels) and the C++ small matmul. Where the kernel stops winning sets
   SMALL_MATMUL_MAX_ROWS.
 - packed_matmul: the same shapes as Q4_1 blocks (random, 30 layers and the LM head) on 16-64 rows (decode
-  batches) and 128/512 (prefill): the packed kernel's own tile path, its GEMM by dequantized 128-row tiles, and
-  the whole matrix dequantized for one GEMM; and the row counts `model.quant_gemm_rows.tune_gemm_rows` gives
+  batches) and 128/512 (prefill): the packed kernel's own paths (`kernel_tiles`; on a CPU with AVX-512 also its
+  AVX2 paths, `kernel_tiles_avx2`), its GEMM by dequantized 128-row tiles, and the whole matrix dequantized for
+  one GEMM; and the row counts `model.quant_gemm_rows.tune_gemm_rows` gives
   the GEMM on this machine (it decides between the first two at load). Where the whole matrix overtakes the
   tiles sets QUANT_MATMUL_MAX_ROWS.
 - attention: against `context`-token sequences in each of 30 layers' pages, one decode row, one 1 + 4
@@ -115,15 +116,19 @@ def bench_packed_matmul(kernels, rows: list[int], repeats: int) -> dict:
                 if path == "whole_matrix_gemm":
                     F.linear(xs, w.dequantize(kernels))
                 else:
-                    kernels.quant_matmul(
-                        xs, w.data, w.qtype, w.out_features, gemm_rows=0 if path == "tile_gemm" else 64
-                    )
+                    width = 256 if path == "kernel_tiles_avx2" else -1
+                    gemm_rows = 0 if path == "tile_gemm" else 64
+                    kernels.quant_matmul(xs, w.data, w.qtype, w.out_features, width=width, gemm_rows=gemm_rows)
 
-        names = ["whole_matrix_gemm", "tile_gemm"] + (["kernel_tiles"] if m <= QUANT_KERNEL_MAX_ROWS else [])
+        names = ["whole_matrix_gemm", "tile_gemm"]
+        if m <= QUANT_KERNEL_MAX_ROWS:
+            names += ["kernel_tiles"] + (["kernel_tiles_avx2"] if 512 in kernels.quant_matmul_widths() else [])
         t = side_by_side({n: (lambda n=n: run(n)) for n in names}, repeats)
         row: dict = {"rows": m} | {f"{n}_ms": round(sec * 1e3, 2) for n, sec in t.items()}
         if "kernel_tiles" in t:
             row["tile_gemm_vs_kernel_tiles"] = round(t["kernel_tiles"] / t["tile_gemm"], 3)
+        if "kernel_tiles_avx2" in t:
+            row["avx512_vs_avx2"] = round(t["kernel_tiles_avx2"] / t["kernel_tiles"], 3)
         row["tile_gemm_vs_whole_matrix"] = round(t["whole_matrix_gemm"] / t["tile_gemm"], 3)
         out.append(row)
     return {"gemm_rows_chosen": list(tuned), "rows": out}

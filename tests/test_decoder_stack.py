@@ -87,8 +87,8 @@ def test_stack_equals_layers_run_from_python(model_folder, weights, variant, mon
 
 
 def test_stack_row_limit_and_fallback(model_folder, monkeypatch):
-    """float32 weights take 16 rows (the small matmul's limit), packed 64; a longer verification runs the
-    Python layers, with the same result as before."""
+    """float32 weights take 16 rows (the small matmul's limit), packed 256 (its GEMM by tiles above 64 rows, as
+    from Python); a longer verification runs the Python layers, with the same result as before."""
     fp32 = small_runner(model_folder, "fp32", "llama")
     assert fp32.model.decoder_stack().max_rows() == 16
     a = list(range(200, 220))
@@ -104,4 +104,13 @@ def test_stack_row_limit_and_fallback(model_folder, monkeypatch):
     out = fp32.execute_with_hidden([StepInput(list(range(300, 317)), len(a), [1, 2, 3], 17)])
     assert len(calls) == 3 and out.logits.shape[0] == 17
     packed = small_runner(model_folder, "packed", "llama")
-    assert packed.model.decoder_stack().max_rows() == 64
+    assert packed.model.decoder_stack().max_rows() == 256
+    tables = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    packed.execute_with_hidden(
+        [StepInput(list(range(300 + 10 * i, 310 + 10 * i)), 0, t, 1) for i, t in enumerate(tables)]
+    )
+    monkeypatch.undo()
+    chains = [
+        StepInput(list(range(400 + 40 * i, 440 + 40 * i)), 10, t, 40, num_hidden=40) for i, t in enumerate(tables)
+    ]
+    run_both(packed, chains, monkeypatch)  # 80 rows: the kernel's GEMM by tiles

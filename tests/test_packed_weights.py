@@ -28,9 +28,10 @@ def random_packed(qtype, n: int, k: int, seed: int) -> tuple[PackedWeight, torch
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 16, 17, 33, 64, 65])
 def test_packed_matmul_matches_dequantize_then_matmul(qtype, rows, cpu_kernels):
     """Odd N (not a multiple of the thread tile), K in whole blocks, odd block counts. 1 row takes the factored
-    kernel, 2-16 the in-register dequantization, 17-64 the dequantized tiles or the GEMM by tiles, 65 the
-    whole-matrix GEMM in `PackedWeight.matmul`; every path of the kernel (vector and plain C++, direct, tiled,
-    GEMM by tiles) is run at every row count (above 64 rows the kernel always takes the GEMM)."""
+    kernel (AVX2), 2-16 (AVX-512: 1-32) the in-register dequantization, then the dequantized tiles or the GEMM by
+    tiles up to 64, 65 the whole-matrix GEMM in `PackedWeight.matmul`; every path of the kernel (each vector width
+    this CPU has and plain C++; direct, tiled, GEMM by tiles) is run at every row count (above 64 rows the kernel
+    always takes the GEMM)."""
     for n, k, bias in [(37, 96, True), (963, 576, False), (1, 32, False), (130, 1536, True)]:
         packed, dense = random_packed(qtype, n, k, seed=rows + n)
         assert torch.equal(packed.dequantize(cpu_kernels), dense)  # exact, not merely close
@@ -41,12 +42,14 @@ def test_packed_matmul_matches_dequantize_then_matmul(qtype, rows, cpu_kernels):
         # |y| is about sqrt(k) here; float32 sums of 1536 terms in another order differ by ~1e-4 near y = 0
         tol = {"atol": 5e-4, "rtol": 1e-4}
         torch.testing.assert_close(packed.matmul(x, cpu_kernels, b), expected, **tol)
-        for scalar in (False, True):  # scalar: the plain C++ path, the one machines without AVX2 run
+        for width in cpu_kernels.quant_matmul_widths():  # plain C++ (machines without AVX2), AVX2, AVX-512
             for direct_rows, gemm_rows in ((0, 64), (64, 64), (16, 0)):  # all tiled / all direct / all GEMM
                 y = cpu_kernels.quant_matmul(
-                    x, packed.data, packed.qtype, n, b, scalar=scalar, direct_rows=direct_rows, gemm_rows=gemm_rows
+                    x, packed.data, packed.qtype, n, b, width=width, direct_rows=direct_rows, gemm_rows=gemm_rows
                 )
                 torch.testing.assert_close(y, expected, **tol)
+    with pytest.raises(RuntimeError, match="no 128-bit path"):
+        cpu_kernels.quant_matmul(x, packed.data, packed.qtype, n, width=128)
 
 
 def test_the_gemm_rows_are_measured_on_the_models_matrices_and_kept_per_shape(cpu_kernels):
@@ -63,6 +66,28 @@ def test_the_gemm_rows_are_measured_on_the_models_matrices_and_kept_per_shape(cp
         cpu_kernels.set_quant_gemm_mask(before)
     assert mask_of((1, 6, 64)) == 0b1 | 0b110000 | (0xFFFF << 48)  # 6 stands for 5-6, 64 for 49-64
     assert mask_of(()) == 0 and mask_of(MEASURED_ROWS) == (1 << 64) - 1
+
+
+def test_the_process_width_is_what_calls_without_one_take(cpu_kernels):
+    """set_quant_width picks the paths of every call that names no width (the decoder stack's), bit for bit;
+    a width this build lacks is refused; -1 is back to the widest."""
+    packed, _ = random_packed(GGMLQuantizationType.Q4_1, 300, 576, seed=3)
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(3))
+    widths = cpu_kernels.quant_matmul_widths()
+    assert widths[0] == 0 and cpu_kernels.quant_width() == widths[-1]
+    try:
+        for width in widths:
+            cpu_kernels.set_quant_width(width)
+            assert cpu_kernels.quant_width() == width
+            y = cpu_kernels.quant_matmul(x, packed.data, packed.qtype, 300, gemm_rows=64)
+            assert torch.equal(
+                y, cpu_kernels.quant_matmul(x, packed.data, packed.qtype, 300, width=width, gemm_rows=64)
+            )
+        with pytest.raises(RuntimeError, match="no 128-bit path"):
+            cpu_kernels.set_quant_width(128)
+    finally:
+        cpu_kernels.set_quant_width(-1)
+    assert cpu_kernels.quant_width() == widths[-1]
 
 
 def test_packed_weight_slices_for_tensor_parallel_ranks(cpu_kernels):

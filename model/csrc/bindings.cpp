@@ -14,10 +14,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_matmul", &quant_matmul, "x W^T (+ bias), W in GGUF blocks (Q4_0, Q4_1, Q8_0); more rows than direct_rows (-1: "
         "16) dequantize tiles of W; a GEMM by tiles takes more rows than gemm_rows (-1: the row counts in "
         "quant_gemm_mask(), and always more than 64)", py::arg("x"), py::arg("wq"), py::arg("qtype"), py::arg("n"), py::arg("bias") = py::none(),
-        py::arg("scalar") = false, py::arg("direct_rows") = -1, py::arg("gemm_rows") = -1);
+        py::arg("width") = -1, py::arg("direct_rows") = -1, py::arg("gemm_rows") = -1);
   m.def("set_quant_gemm_mask", &set_quant_gemm_mask, "bit m - 1 set: quant_matmul takes m rows (1-64) by its GEMM path");
   m.def("quant_gemm_mask", &quant_gemm_mask, "the row counts quant_matmul takes by its GEMM path, as a bit mask");
   m.def("quant_dequantize", &quant_dequantize, "float32 [N, K] of a matrix in GGUF blocks");
-  m.def("quant_matmul_vectorized", &quant_matmul_vectorized, "whether quant_matmul has its AVX2 path");
+  m.def("quant_matmul_widths", &quant_matmul_widths, "the vector widths in bits quant_matmul's width takes: 0 (plain "
+        "C++), 256 (AVX2), 512 (AVX-512), as built for this CPU; -1 is quant_width()");
+  m.def("set_quant_width", &set_quant_width, "the width quant_matmul takes when called with -1 (the decoder stack "
+        "always is), for this process; -1: the widest");
+  m.def("quant_width", &quant_width, "the width quant_matmul takes when called with -1");
   bind_decoder_stack(m);
 }

@@ -13,7 +13,7 @@
 namespace {
 
 constexpr int64_t kFloatMaxRows = 16;  // small_matmul's limit
-constexpr int64_t kPackedMaxRows = 64;  // decode batches up to quant_matmul's own paths' rows
+constexpr int64_t kPackedMaxRows = 256;  // as PackedWeight.matmul: quant_matmul's rows (its GEMM by tiles above 64)
 
 // A linear layer's weight: float32 [N, K] (qtype -1) or GGUF blocks of N rows.
 struct Linear {
@@ -23,7 +23,7 @@ struct Linear {
   c10::optional<at::Tensor> bias;
 
   at::Tensor operator()(const at::Tensor& x) const {
-    return qtype < 0 ? small_matmul(x, weight, bias) : quant_matmul(x, weight, qtype, n, bias, false, -1, -1);
+    return qtype < 0 ? small_matmul(x, weight, bias) : quant_matmul(x, weight, qtype, n, bias, -1, -1, -1);
   }
   int64_t max_rows() const { return qtype < 0 ? kFloatMaxRows : kPackedMaxRows; }
 };

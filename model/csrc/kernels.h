@@ -11,9 +11,11 @@ at::Tensor rms_norm(at::Tensor& x, const c10::optional<at::Tensor>& delta, const
 void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype, int64_t n,
-                        const c10::optional<at::Tensor>& bias, bool scalar, int64_t direct_rows, int64_t gemm_rows);
+                        const c10::optional<at::Tensor>& bias, int64_t width, int64_t direct_rows, int64_t gemm_rows);
 void set_quant_gemm_mask(uint64_t mask);
 uint64_t quant_gemm_mask();
 at::Tensor quant_dequantize(const at::Tensor& wq, int64_t qtype, int64_t n, int64_t k);
-bool quant_matmul_vectorized();
+std::vector<int64_t> quant_matmul_widths();
+void set_quant_width(int64_t bits);
+int64_t quant_width();
 void bind_decoder_stack(pybind11::module& m);

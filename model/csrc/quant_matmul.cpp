@@ -1,19 +1,23 @@
 // y = x W^T (+ bias) with W kept in its GGUF block format (Q4_0, Q4_1, Q8_0: 32 weights per block, fp16
 // scales), for the rows of a decode or verification step and short prefills. A decode step reads the packed bytes (Q4_1:
-// 0.625 bytes a weight) instead of 4 bytes a weight, so the work per packed byte decides the speed:
-// - 1 row: per block y += d * sum(q * x) + m * sum(x): the nibbles become floats and meet x without a
+// 0.625 bytes a weight) instead of 4 bytes a weight, so the work per packed byte decides the speed. Paths, by the
+// vector width of the CPU (`width`: AVX-512 where the build has it, else AVX2, else plain C++):
+// - AVX-512, 1-32 rows: each block is dequantized in registers as two vectors of 16 (w = d q + m, exact in
+//   float32) and used by up to 16 rows a pass; half the instructions a weight of the AVX2 path, so 2-4 rows cost
+//   little more than 1 (a verification step of a few tokens is almost free next to a decode step); each thread
+//   prefetches W 4 rows ahead of the row it computes;
+// - AVX2, 1 row: per block y += d * sum(q * x) + m * sum(x): the nibbles become floats and meet x without a
 //   per-weight scale; sum(x) per block is computed once per call and the m (Q4_0: -8 d) terms of a W row are
 //   one dot product at its end (about 1.2x the in-register dequantization at one row; at 2-3 rows it is slower);
-// - 2-16 rows: each block is dequantized in registers (w = d q + m, exact in float32) and used by up to 8 rows;
-// - 17-64 rows: 48 W rows at a time are dequantized into a per-thread float32 tile that stays in cache, and x,
+// - AVX2, 2-16 rows: each block is dequantized in registers (four vectors of 8) and used by up to 8 rows a pass;
+// - above those: 48 W rows at a time are dequantized into a per-thread float32 tile that stays in cache, and x,
 //   transposed once per call (K-major, rows padded to 8), passes it as outer products: per K step 6 weights
 //   broadcast and 2 vectors of 8 rows of x feed 12 independent FMAs (8 rows of x against one W row at a time
 //   were held back by their loads and FMA latency; no whole-matrix scratch);
 // - the row counts the process's GEMM mask names (none until `set_quant_gemm_mask`, which
 //   `model.quant_gemm_rows` sets from a measurement at load), and always above 64: each thread dequantizes 128
 //   W rows at a time into a tile that stays in cache and multiplies it by x with ATen's GEMM. Which is faster
-//   at a given row count depends on the CPU (where ATen's GEMM has AVX-512 it can beat these AVX2 paths from 2
-//   rows on), hence a measurement rather than fixed bounds.
+//   at a given row count depends on the CPU, hence a measurement rather than fixed bounds.
 // Results differ from dequantize-then-matmul only in rounding and the order of summation. `quant_dequantize`
 // writes the whole float32 matrix, for long prefills that go to one GEMM (`model.quant.PackedWeight.matmul`).
 #include <torch/extension.h>
@@ -24,6 +28,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "vec8.h"
@@ -39,13 +44,15 @@ namespace {
 constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxRows = 64;  // the most rows the direct and tile paths take; more go to the GEMM path
-constexpr int64_t kDirectRows = 16;  // above: the tile path
+constexpr int64_t kDirectRows = 16;  // above: the tile path (AVX-512: twice as many)
 constexpr int64_t kTile = 64;  // W rows per parallel task of the direct path
 constexpr int kTileW = 6;  // W rows a pass of the tile path (6 broadcasts a K step)
 constexpr int64_t kTileRows = 8 * kTileW;  // W rows a tile of the tile path
+constexpr int64_t kPrefetchRows = 4;  // the AVX-512 path asks for W this many rows ahead (1.2x at 1 row)
 constexpr int64_t kGemmTileRows = 128;  // W rows a tile of the GEMM path (128 x K floats stay in L2)
 
 std::atomic<uint64_t> g_gemm_mask{0};  // bit m - 1 set: m rows (1-64) go to the GEMM path (set_quant_gemm_mask)
+std::atomic<int64_t> g_width{-1};  // the vector width a call with width -1 takes (set_quant_width; -1: the widest)
 
 int64_t block_bytes(int64_t qtype) {
   switch (qtype) {
@@ -292,39 +299,137 @@ void rows_dequant(const float* x, const uint8_t* wq, const float* bias, float* y
   }
 }
 
+// Calls f with std::integral_constant<int, M> for M = rows (1-Max): a row count chosen at run time picks its
+// compiled kernel.
+template <int Max, int M = 1, typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  if constexpr (M <= Max) {
+    if (rows == M) f(std::integral_constant<int, M>{});
+    else with_rows<Max, M + 1>(rows, f);
+  }
+}
+
 template <int Q>
 void rows_avx2_any(int64_t rows, const float* x, const float* terms, const uint8_t* wq, const float* bias, float* y,
                    int64_t k_dim, int64_t n_dim, int64_t begin, int64_t end) {
-  switch (rows) {
-    case 1: rows_factored<Q, 1>(x, terms, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 2: rows_dequant<Q, 2>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 3: rows_dequant<Q, 3>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 4: rows_dequant<Q, 4>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 5: rows_dequant<Q, 5>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 6: rows_dequant<Q, 6>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 7: rows_dequant<Q, 7>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    case 8: rows_dequant<Q, 8>(x, wq, bias, y, k_dim, n_dim, begin, end); break;
-    default: break;
-  }
+  with_rows<8>(rows, [&](auto rows_c) {
+    constexpr int M = decltype(rows_c)::value;
+    if constexpr (M == 1) rows_factored<Q, 1>(x, terms, wq, bias, y, k_dim, n_dim, begin, end);
+    else rows_dequant<Q, M>(x, wq, bias, y, k_dim, n_dim, begin, end);
+  });
 }
 
 #endif
 
-// `count` consecutive blocks to float32 (exactly the dequantized checkpoint's values).
-void dequant_blocks(int64_t qtype, const uint8_t* src, float* dst, int64_t count, bool scalar) {
-  const int64_t bb = block_bytes(qtype);
-#ifdef SPECSERVE_QUANT_AVX2
-  if (!scalar) {
-    for (int64_t i = 0; i < count; ++i) {
-      __m256 v[4];
-      if (qtype == kQ4_0) dequant8x4<kQ4_0>(src + i * bb, v);
-      else if (qtype == kQ4_1) dequant8x4<kQ4_1>(src + i * bb, v);
-      else dequant8x4<kQ8_0>(src + i * bb, v);
-      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dst + i * kBlock + 8 * j, v[j]);
+#if defined(SPECSERVE_QUANT_AVX2) && defined(__AVX512F__)
+#define SPECSERVE_QUANT_AVX512 1
+
+// One block's 32 weights as two vectors of 16: w = q * d + m (Q4_0: m = -8 d; Q8_0: m = 0). A Q4 block's 16
+// bytes widen to 16 lanes in one step; a lane's low nibble is weight i, its high nibble weight i + 16.
+template <int Q>
+inline void dequant16x2(const uint8_t* b, __m512 w[2]) {
+  float dm[2];
+  const __m512 d = _mm512_broadcastss_ps(_mm256_castps256_ps128(scales<Q>(b, dm)));
+  if constexpr (Q == kQ8_0) {
+    for (int j = 0; j < 2; ++j)
+      w[j] = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * j)))),
+          d);
+  } else {
+    const __m512 m = Q == kQ4_1 ? _mm512_set1_ps(dm[1]) : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+    const __m512i r =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Q == kQ4_1 ? 4 : 2))));
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(r, _mm512_set1_epi32(0x0f))), d, m);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r, 4)), d, m);
+  }
+}
+
+// M (1-16) rows with 16-lane vectors: each block dequantized in registers once and used by all M rows, U blocks a
+// pass and A accumulators a row so that M * A chains of FMAs (at least 8) cover the FMA's latency; the same
+// arithmetic per weight as the AVX2 path in half the instructions, and twice the rows a pass (32 registers).
+template <int Q, int M>
+void rows_dequant512(const float* x, const uint8_t* wq, const float* bias, float* y, int64_t k_dim, int64_t n_dim,
+                     int64_t begin, int64_t end) {
+  constexpr int U = M == 1 ? 4 : (M <= 3 ? 2 : 1), A = M > 8 ? 1 : 2 * U;
+  constexpr int64_t bb = Q == kQ4_0 ? 18 : (Q == kQ4_1 ? 20 : 34);
+  const int64_t nb = k_dim / kBlock;
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* row = wq + n * nb * bb;
+    if (n + kPrefetchRows < end)  // the hardware prefetcher alone left a row of W waiting on memory
+      for (int64_t off = 0; off < nb * bb; off += 64) __builtin_prefetch(row + kPrefetchRows * nb * bb + off);
+    __m512 acc[M][A];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
+    auto block = [&](int64_t b, int u) {  // block b into the accumulators of pass slot u (a constant once inlined)
+      __m512 w[2];
+      dequant16x2<Q>(row + b * bb, w);
+      const float* xb = x + b * kBlock;
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < 2; ++j)
+          acc[m][(2 * u + j) % A] =
+              _mm512_fmadd_ps(_mm512_loadu_ps(xb + m * k_dim + 16 * j), w[j], acc[m][(2 * u + j) % A]);
+    };
+    int64_t b = 0;
+    for (; b + U <= nb; b += U)
+      for (int u = 0; u < U; ++u) block(b + u, u);
+    for (; b < nb; ++b) block(b, 0);
+    for (int m = 0; m < M; ++m) {
+      __m512 s = acc[m][0];
+      for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[m][a]);
+      y[m * n_dim + n] = _mm512_reduce_add_ps(s) + (bias ? bias[n] : 0.f);
     }
+  }
+}
+
+template <int Q>
+void rows_avx512_any(int64_t rows, const float* x, const uint8_t* wq, const float* bias, float* y, int64_t k_dim,
+                     int64_t n_dim, int64_t begin, int64_t end) {
+  with_rows<16>(rows, [&](auto rows_c) {
+    rows_dequant512<Q, decltype(rows_c)::value>(x, wq, bias, y, k_dim, n_dim, begin, end);
+  });
+}
+
+#endif
+
+#ifdef SPECSERVE_QUANT_AVX2
+// Calls f with std::integral_constant<int, Q> for the block format qtype.
+template <typename F>
+inline void with_qtype(int64_t qtype, F&& f) {
+  if (qtype == kQ4_0) f(std::integral_constant<int, kQ4_0>{});
+  else if (qtype == kQ4_1) f(std::integral_constant<int, kQ4_1>{});
+  else f(std::integral_constant<int, kQ8_0>{});
+}
+
+// `count` consecutive blocks of format Q to float32 with vectors of `width` (256 or 512) bits.
+template <int Q>
+void dequant_vector(const uint8_t* src, float* dst, int64_t count, int width) {
+  constexpr int64_t bb = Q == kQ4_0 ? 18 : (Q == kQ4_1 ? 20 : 34);
+  for (int64_t i = 0; i < count; ++i, src += bb, dst += kBlock) {
+#ifdef SPECSERVE_QUANT_AVX512
+    if (width == 512) {
+      __m512 v[2];
+      dequant16x2<Q>(src, v);
+      _mm512_storeu_ps(dst, v[0]);
+      _mm512_storeu_ps(dst + 16, v[1]);
+      continue;
+    }
+#endif
+    __m256 v[4];
+    dequant8x4<Q>(src, v);
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dst + 8 * j, v[j]);
+  }
+}
+#endif
+
+// `count` consecutive blocks to float32 (exactly the dequantized checkpoint's values) with vectors of `width` bits.
+void dequant_blocks(int64_t qtype, const uint8_t* src, float* dst, int64_t count, int width) {
+#ifdef SPECSERVE_QUANT_AVX2
+  if (width > 0) {
+    with_qtype(qtype, [&](auto q) { dequant_vector<decltype(q)::value>(src, dst, count, width); });
     return;
   }
 #endif
+  const int64_t bb = block_bytes(qtype);
   for (int64_t i = 0; i < count; ++i) dequant_block(qtype, src + i * bb, dst + i * kBlock);
 }
 
@@ -363,7 +468,7 @@ void tile_rows(const float* w, int64_t w_rows, const float* xt, int64_t mp, cons
 // x by it with ATen's GEMM (single-threaded inside the parallel region). InferenceMode is per thread: the
 // workers enter it themselves, and write y through its pointer.
 at::Tensor gemm_tiles(const at::Tensor& x, const uint8_t* wp, int64_t qtype, int64_t n, const float* bias,
-                      bool scalar) {
+                      int width) {
   const int64_t m = x.size(0), k = x.size(1), row_bytes = k / kBlock * block_bytes(qtype);
   at::Tensor y = at::empty({m, n}, x.options());
   float* yp = y.data_ptr<float>();
@@ -372,7 +477,7 @@ at::Tensor gemm_tiles(const at::Tensor& x, const uint8_t* wp, int64_t qtype, int
     at::Tensor tile = at::empty({kGemmTileRows, k}, x.options());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t t0 = t * kGemmTileRows, rows = std::min(kGemmTileRows, n - t0);
-      dequant_blocks(qtype, wp + t0 * row_bytes, tile.data_ptr<float>(), rows * (k / kBlock), scalar);
+      dequant_blocks(qtype, wp + t0 * row_bytes, tile.data_ptr<float>(), rows * (k / kBlock), width);
       const at::Tensor part = at::mm(x, tile.narrow(0, 0, rows).t());  // [m, rows], contiguous
       const float* pp = part.data_ptr<float>();
       for (int64_t i = 0; i < m; ++i)
@@ -392,20 +497,32 @@ void check_weight(const at::Tensor& wq, int64_t qtype, int64_t n, int64_t k) {
 
 }  // namespace
 
-bool quant_matmul_vectorized() {
+std::vector<int64_t> quant_matmul_widths() {
+  std::vector<int64_t> widths{0};
 #ifdef SPECSERVE_QUANT_AVX2
-  return true;
-#else
-  return false;
+  widths.push_back(256);
 #endif
+#ifdef SPECSERVE_QUANT_AVX512
+  widths.push_back(512);
+#endif
+  return widths;
 }
 
 void set_quant_gemm_mask(uint64_t mask) { g_gemm_mask = mask; }
 
+void set_quant_width(int64_t bits) {
+  const std::vector<int64_t> widths = quant_matmul_widths();
+  TORCH_CHECK(bits == -1 || std::find(widths.begin(), widths.end(), bits) != widths.end(),
+              "quant_matmul: this build has no ", bits, "-bit path");
+  g_width = bits;
+}
+
+int64_t quant_width() { return g_width >= 0 ? g_width.load() : quant_matmul_widths().back(); }
+
 uint64_t quant_gemm_mask() { return g_gemm_mask; }
 
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype, int64_t n,
-                        const c10::optional<at::Tensor>& bias, bool scalar, int64_t direct_rows, int64_t gemm_rows) {
+                        const c10::optional<at::Tensor>& bias, int64_t width, int64_t direct_rows, int64_t gemm_rows) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, "x must be float32 [M, K]");
   const at::Tensor xc = x.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1);
@@ -415,15 +532,19 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_contiguous(), "bad bias");
     b = bias->data_ptr<float>();
   }
+  const std::vector<int64_t> widths = quant_matmul_widths();
+  if (width < 0) width = quant_width();
+  TORCH_CHECK(std::find(widths.begin(), widths.end(), width) != widths.end(), "quant_matmul: this build has no ",
+              width, "-bit path");
   const uint8_t* wp = wq.data_ptr<uint8_t>();
   const bool listed = gemm_rows < 0 ? (g_gemm_mask.load() >> (m - 1) & 1) : m > gemm_rows;
-  if (m > kMaxRows || (m > 0 && listed)) return gemm_tiles(xc, wp, qtype, n, b, scalar);
+  if (m > kMaxRows || (m > 0 && listed)) return gemm_tiles(xc, wp, qtype, n, b, static_cast<int>(width));
   at::Tensor y = at::empty({m, n}, xc.options());
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (m == 0) return y;
   const int64_t row_bytes = k / kBlock * block_bytes(qtype);
-  if (m > (direct_rows < 0 ? kDirectRows : direct_rows)) {  // the tile path
+  if (m > (direct_rows >= 0 ? direct_rows : width == 512 ? 2 * kDirectRows : kDirectRows)) {  // the tile path
     const int64_t mp = (m + 7) / 8 * 8;
     std::vector<float> xt(k * mp, 0.f);  // x K-major, rows padded to a multiple of 8 with zeros
     at::parallel_for(0, k, 64, [&](int64_t begin, int64_t end) {
@@ -434,7 +555,7 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype
       std::vector<float> tile(kTileRows * k);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t t0 = t * kTileRows, w_rows = std::min(kTileRows, n - t0);
-        dequant_blocks(qtype, wp + t0 * row_bytes, tile.data(), w_rows * (k / kBlock), scalar);
+        dequant_blocks(qtype, wp + t0 * row_bytes, tile.data(), w_rows * (k / kBlock), width);
         for (int64_t m0 = 0; m0 < m; m0 += 16) {
           const int64_t rows = std::min<int64_t>(16, m - m0);
           const float* bt = b ? b + t0 : nullptr;
@@ -451,19 +572,24 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype
   at::parallel_for(0, n, kTile, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = begin; t0 < end; t0 += kTile) {
       const int64_t t1 = std::min(end, t0 + kTile);
-      if (scalar) {
+      if (width == 0) {
         rows_scalar(qtype, m, xp, terms.data(), wp, b, yp, k, n, t0, t1);
         continue;
       }
-      for (int64_t m0 = 0; m0 < m; m0 += 8) {
-        const int64_t rows = std::min<int64_t>(8, m - m0);
+      const int64_t pass = width == 512 ? 16 : 8;  // rows a pass of the direct path
+      for (int64_t m0 = 0; m0 < m; m0 += pass) {
+        const int64_t rows = std::min<int64_t>(pass, m - m0);
         const float* xs = xp + m0 * k;
         const float* ts = terms.data() + m0 * terms_row;
         float* ys = yp + m0 * n;
 #ifdef SPECSERVE_QUANT_AVX2
-        if (qtype == kQ4_0) rows_avx2_any<kQ4_0>(rows, xs, ts, wp, b, ys, k, n, t0, t1);
-        else if (qtype == kQ4_1) rows_avx2_any<kQ4_1>(rows, xs, ts, wp, b, ys, k, n, t0, t1);
-        else rows_avx2_any<kQ8_0>(rows, xs, ts, wp, b, ys, k, n, t0, t1);
+        with_qtype(qtype, [&](auto q) {
+          constexpr int Q = decltype(q)::value;
+#ifdef SPECSERVE_QUANT_AVX512
+          if (width == 512) return rows_avx512_any<Q>(rows, xs, wp, b, ys, k, n, t0, t1);
+#endif
+          rows_avx2_any<Q>(rows, xs, ts, wp, b, ys, k, n, t0, t1);
+        });
 #else
         rows_scalar(qtype, rows, xs, ts, wp, b, ys, k, n, t0, t1);
 #endif
