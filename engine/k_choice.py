@@ -42,7 +42,7 @@ class SpeculationLength:
             log.warning("speculation cost model off (%s); backing k off on misses instead", e)
             return None
         log.info("target step seconds by verified rows: %s", dict(zip(step.rows, step.seconds)))
-        policy = CostPolicy(step, cfg.num_speculative_tokens)
+        policy = CostPolicy(step, cfg.num_speculative_tokens, candidates=self.scheduler.num_candidates)
         # each drafter's cost, from its proposals
         drafters = (
             self.proposer.proposers if isinstance(self.proposer, RoutedProposer) else {cfg.speculator: self.proposer}
@@ -81,7 +81,7 @@ class SpeculationLength:
             if seq is req.seq or other is None:
                 continue
             if seq.is_decoding:
-                rows += 1 + seq.spec_k
+                rows += 1 + seq.spec_k * self.scheduler.num_candidates  # a tree's rows, as the scheduler allots
                 tokens += other.controller.tokens if isinstance(other.controller, CostKController) else 1.0
             else:
                 rows += min(seq.num_uncomputed, self.config.max_num_batched_tokens)

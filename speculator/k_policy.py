@@ -68,6 +68,7 @@ class CostKController:
     # A run's drafts past its first hit land about three times in four (n-gram and suffix lookup on HumanEval and
     # ShareGPT, scripts/bench_drafters.py's acceptance by position): the prior after a whole hit.
     after_hit: SeqAcceptance = field(default_factory=lambda: SeqAcceptance(prior=0.75))
+    candidates: int = 1  # paths a drafted step verifies: a tree of that many takes up to k * candidates rows
     k: int = 0  # the last k chosen
     tokens: float = 1.0  # what a step with that k is expected to emit (the bonus token included)
     hot: bool = False  # the last drafted step kept all its drafts
@@ -92,7 +93,9 @@ class CostKController:
     def next_k(self, batch_rows: int = 0, batch_tokens: float = 0.0) -> int:
         """k for the next step, the rest of which verifies `batch_rows` rows and emits about `batch_tokens`."""
         alphas = self.after_hit.run_alphas(self.model.k_max)
-        cap = self.model.best_k(alphas, batch_rows, batch_tokens, draft_seconds=self.cost.seconds_per_sequence).k
+        cap = self.model.best_k(
+            alphas, batch_rows, batch_tokens, self.candidates, draft_seconds=self.cost.seconds_per_sequence
+        ).k
         if cap == 0 and self.model.probe_due(self.idle):
             cap = 1  # the estimates learn only from drafted steps
         self.k = min(self.backoff.next_k(), cap)
@@ -104,9 +107,12 @@ class CostKController:
 class CostPolicy:
     """The engine's cost model: makes the per-sequence controllers and times each drafter, by name."""
 
-    def __init__(self, step: StepTimes, k_max: int, probe_interval: int = 32):
+    def __init__(self, step: StepTimes, k_max: int, probe_interval: int = 32, candidates: int = 1):
+        """`candidates`: the paths of the engine's token trees (1: chains); a sequence's k is priced at the rows
+        its tree may take."""
         self.model = CostModel(step, k_max, probe_interval=probe_interval)
         self.costs: dict[str, DraftCost] = {}
+        self.candidates = candidates
 
     def cost_of(self, drafter: str) -> DraftCost:
         return self.costs.setdefault(drafter, DraftCost())
@@ -114,7 +120,7 @@ class CostPolicy:
     def controller(self, drafter: str, k: int | None = None) -> CostKController:
         """A new sequence's controller for `drafter`, its backoff starting from `k` (default: the most)."""
         backoff = KController(self.model.k_max) if k is None else KController(self.model.k_max, k=k)
-        return CostKController(self.model, backoff, cost=self.cost_of(drafter))
+        return CostKController(self.model, backoff, cost=self.cost_of(drafter), candidates=self.candidates)
 
     def time(self, drafter: str, proposer: Proposer) -> Proposer:
         """Have `proposer` (the drafter called `drafter`, new: its estimate starts again) feed its cost estimate

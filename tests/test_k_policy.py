@@ -206,6 +206,17 @@ def test_k_follows_the_run_alone_and_the_cap_of_a_run_of_hits_under_load():
     assert controller.next_k(batch_rows=15, batch_tokens=15.0) == 1
 
 
+def test_a_tree_of_candidates_is_priced_at_its_rows():
+    """With 3 candidates a step drafting k verifies up to 3k rows: on the steep target a run of hits pays for 4
+    drafts in a chain, for only 2 in a tree (7 rows, where 13 cost twice a decode step)."""
+    from speculator.cost_model import CostModel
+
+    chain = CostKController(CostModel(STEEP, 4), KController(4))
+    tree = CostPolicy(STEEP, 4, candidates=3).controller("mlp")
+    assert tree.candidates == 3
+    assert chain.next_k() == 4 and tree.next_k() == 2
+
+
 def test_the_default_k_policy_is_the_cost_model_under_speculator_auto_and_learned_drafters(plain):
     auto = LLMEngine(runner=plain.runner, speculator="auto", **CONFIG)
     ngram = LLMEngine(runner=plain.runner, speculator="ngram", **CONFIG)
