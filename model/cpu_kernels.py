@@ -56,7 +56,8 @@ LDFLAGS = ["-fopenmp"]
 SMALL_MATMUL_MAX_ROWS = 16  # kMaxRows in small_matmul.cpp; above it oneDNN's GEMM is as fast or faster
 QUANT_KERNEL_MAX_ROWS = 64  # kMaxRows in quant_matmul.cpp: its own paths; more rows go to its GEMM by tiles
 # PackedWeight.matmul sends up to this many rows to quant_matmul; more get the whole matrix dequantized for one
-# GEMM, which re-reads x less (faster from about 400 rows in scripts/bench_kernels.py's packed_matmul)
+# GEMM, which re-reads x less (faster from about 400 rows in scripts/bench_kernels.py's packed_matmul); the decoder
+# stack's packed limit (kPackedMaxRows in decoder_stack.cpp) is the same
 QUANT_MATMUL_MAX_ROWS = 256
 LOCK_FILE = "build.lock"
 BUILD_PREFIX = "build-"  # temporary build folders inside the cache, removed by the next builder if abandoned

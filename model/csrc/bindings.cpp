@@ -12,7 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotary embedding in place, rotate-half convention; float32");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a [T, 2I] gate|up tensor; float32");
   m.def("quant_matmul", &quant_matmul, "x W^T (+ bias), W in GGUF blocks (Q4_0, Q4_1, Q8_0); more rows than direct_rows (-1: "
-        "16) dequantize tiles of W; a GEMM by tiles takes more rows than gemm_rows (-1: the row counts in "
+        "16, with AVX-512 32) dequantize tiles of W; a GEMM by tiles takes more rows than gemm_rows (-1: the row counts in "
         "quant_gemm_mask(), and always more than 64)", py::arg("x"), py::arg("wq"), py::arg("qtype"), py::arg("n"), py::arg("bias") = py::none(),
         py::arg("width") = -1, py::arg("direct_rows") = -1, py::arg("gemm_rows") = -1);
   m.def("set_quant_gemm_mask", &set_quant_gemm_mask, "bit m - 1 set: quant_matmul takes m rows (1-64) by its GEMM path");

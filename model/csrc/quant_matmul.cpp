@@ -495,29 +495,37 @@ void check_weight(const at::Tensor& wq, int64_t qtype, int64_t n, int64_t k) {
               " bytes, not the size of a [", n, ", ", k, "] matrix of type ", qtype);
 }
 
+// The vector widths this build has (0 and the widest are the ends): checked on every call, so no allocation.
+#if defined(SPECSERVE_QUANT_AVX512)
+constexpr int64_t kWidest = 512;
+#elif defined(SPECSERVE_QUANT_AVX2)
+constexpr int64_t kWidest = 256;
+#else
+constexpr int64_t kWidest = 0;
+#endif
+
+bool has_width(int64_t bits) { return bits == 0 || (bits == 256 && kWidest >= 256) || (bits == 512 && kWidest == 512); }
+
 }  // namespace
 
 std::vector<int64_t> quant_matmul_widths() {
   std::vector<int64_t> widths{0};
-#ifdef SPECSERVE_QUANT_AVX2
-  widths.push_back(256);
-#endif
-#ifdef SPECSERVE_QUANT_AVX512
-  widths.push_back(512);
-#endif
+  for (int64_t bits : {256, 512})
+    if (has_width(bits)) widths.push_back(bits);
   return widths;
 }
 
 void set_quant_gemm_mask(uint64_t mask) { g_gemm_mask = mask; }
 
 void set_quant_width(int64_t bits) {
-  const std::vector<int64_t> widths = quant_matmul_widths();
-  TORCH_CHECK(bits == -1 || std::find(widths.begin(), widths.end(), bits) != widths.end(),
-              "quant_matmul: this build has no ", bits, "-bit path");
+  TORCH_CHECK(bits == -1 || has_width(bits), "quant_matmul: this build has no ", bits, "-bit path");
   g_width = bits;
 }
 
-int64_t quant_width() { return g_width >= 0 ? g_width.load() : quant_matmul_widths().back(); }
+int64_t quant_width() {
+  const int64_t bits = g_width.load();
+  return bits >= 0 ? bits : kWidest;
+}
 
 uint64_t quant_gemm_mask() { return g_gemm_mask; }
 
@@ -532,10 +540,8 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_contiguous(), "bad bias");
     b = bias->data_ptr<float>();
   }
-  const std::vector<int64_t> widths = quant_matmul_widths();
   if (width < 0) width = quant_width();
-  TORCH_CHECK(std::find(widths.begin(), widths.end(), width) != widths.end(), "quant_matmul: this build has no ",
-              width, "-bit path");
+  TORCH_CHECK(has_width(width), "quant_matmul: this build has no ", width, "-bit path");
   const uint8_t* wp = wq.data_ptr<uint8_t>();
   const bool listed = gemm_rows < 0 ? (g_gemm_mask.load() >> (m - 1) & 1) : m > gemm_rows;
   if (m > kMaxRows || (m > 0 && listed)) return gemm_tiles(xc, wp, qtype, n, b, static_cast<int>(width));
@@ -567,7 +573,8 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& wq, int64_t qtype
     });
     return y;
   }
-  const std::vector<float> terms = block_terms(qtype, m, xp, k);
+  // the factored form's offset terms (the AVX-512 path dequantizes and needs none)
+  const std::vector<float> terms = width == 512 ? std::vector<float>{} : block_terms(qtype, m, xp, k);
   const int64_t terms_row = terms.empty() ? 0 : 2 * (k / kBlock);
   at::parallel_for(0, n, kTile, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = begin; t0 < end; t0 += kTile) {
