@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from deployments.admission import InFlightLimit, Refusal
 from deployments.auth import ADMIN, INFERENCE, AuthFailure, Caller, KeySource
+from deployments.client_watch import watched_receive
 from deployments.openai_protocol import ProtocolError
 
 log = logging.getLogger("ray.serve")
@@ -123,7 +124,7 @@ class Edge:
             await send_with_id({"type": "http.response.body", "body": body})
 
         if settings is None:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, watched_receive(receive), send_with_id)
             return
         path = _route_path(scope)
         needed = route_scope(path)
@@ -148,17 +149,15 @@ class Edge:
                 return
         seen = 0
 
-        async def receive_limited():
+        def count(message) -> None:
             nonlocal seen
-            message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body") or b"")
                 if seen > limit:
                     raise RequestTooLarge(limit)
-            return message
 
         try:
-            await self.app(scope, receive_limited, send_with_id)
+            await self.app(scope, watched_receive(receive, count), send_with_id)
         except Exception:  # noqa: BLE001 - the last line: log it all, answer one line
             log.exception("request %s failed", request_id)
             if not started:

@@ -8,7 +8,8 @@ LLMServer replica chosen by the prefix-affinity request router (replica_stream.p
 that replica dies). The first item of a replica's stream decides the HTTP status, so a request the engine
 refuses still gets a proper 4xx (or 503 + Retry-After when overloaded) even when the client asked for a
 stream. A client that goes away, at any point, cancels the replica-side stream, which frees the sequence's
-KV blocks at once. A 5xx says what failed in one line with the request id; the details go to the log.
+KV blocks at once (noticed both by Serve's cancellation and by the ingress itself, client_watch.py). A 5xx
+says what failed in one line with the request id; the details go to the log.
 """
 
 import asyncio
@@ -29,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.admission import InFlightLimit, overloaded
 from deployments.app_config import AppConfig, load_app_config
 from deployments.auth import Caller, KeySource
+from deployments.client_watch import ClientGone, answer_while_connected
 from deployments.completion_cache import CachedCompletion, cache_scope, is_cacheable, make_key, replay_pieces
 from deployments.edge import Edge, EdgeSettings, error_headers, refusal_error, server_error
 from deployments.openai_protocol import (
@@ -99,6 +101,7 @@ REPLICA_HEADER = "x-specserve-replica"  # which replica answered
 CACHE_HIT = {REPLICA_HEADER: "completion-cache"}  # none: the completion cache did
 READY_CHECK_S = 2.0  # how long /health waits for a replica to say it is ready
 STATS_TIMEOUT_S = 10.0
+CLIENT_CLOSED = 499  # the client disconnected before its answer was ready (nginx's code; never sent to anyone)
 NOT_READY = ProtocolError(
     "the model is still loading; retry shortly", status_code=503, type="server_error", code="not_ready"
 )
@@ -266,7 +269,10 @@ class Ingress:
         request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
         self.metrics.in_flight(1)
         try:
-            response = await self._answer(request, schema, chat, request_id)
+            await request.body()  # read before the client is watched (the watch reads what comes after it)
+            response = await answer_while_connected(request.receive, self._answer(request, schema, chat, request_id))
+        except ClientGone:
+            response = Response(status_code=CLIENT_CLOSED)  # nobody reads it: for the metrics
         except ProtocolError as e:
             response = _error(e, request_id)
         except BackPressureError:

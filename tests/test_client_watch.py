@@ -1,0 +1,181 @@
+"""The ingress noticing a gone client by itself (client_watch.py), without Ray: the answer being prepared is
+cancelled and its cleanup has run; a disconnect sticks for whoever listens next; behind the edge, a `receive`
+that fails (Serve's, once its proxy dropped the request) is a disconnect, not a logged failure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from deployments.client_watch import ClientGone, answer_while_connected, watched_receive
+from deployments.edge import Edge, EdgeSettings, RequestTooLarge
+
+
+class Client:
+    """An ASGI `receive` for a request whose body was sent: it blocks until `leave()`, then says disconnect
+    (or raises, as Serve's does when the proxy already dropped the request)."""
+
+    def __init__(self, raises: bool = False):
+        self.left = asyncio.Event()
+        self.raises = raises
+        self.calls = 0
+        self.body_sent = False
+
+    async def receive(self) -> dict:
+        self.calls += 1
+        if not self.body_sent:
+            self.body_sent = True
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        await self.left.wait()
+        if self.raises:
+            raise RuntimeError("the proxy no longer has this request")
+        return {"type": "http.disconnect"}
+
+    def leave(self) -> None:
+        self.left.set()
+
+
+class Answer:
+    """A long answer that records whether it finished or was cancelled, and that its cleanup ran."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.cleaned_up, self.cancelled = seconds, False, False
+
+    async def run(self) -> str:
+        try:
+            await asyncio.sleep(self.seconds)
+            return "answer"
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        finally:
+            await asyncio.sleep(0)  # cleanup that itself awaits (a stream's cancel)
+            self.cleaned_up = True
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_a_client_that_leaves_cancels_the_answer_and_its_cleanup_runs_first(raises):
+    async def main():
+        client, answer = Client(raises), Answer(60)
+        receive = watched_receive(client.receive)
+        await receive()  # the body
+        asyncio.get_running_loop().call_later(0.05, client.leave)
+        with pytest.raises(ClientGone):
+            await asyncio.wait_for(answer_while_connected(receive, answer.run()), 5)
+        assert answer.cancelled and answer.cleaned_up
+        # the disconnect sticks: a streamed response listening next hears it at once
+        assert await asyncio.wait_for(receive(), 1) == {"type": "http.disconnect"}
+
+    asyncio.run(main())
+
+
+def test_an_answer_that_finishes_first_is_returned_and_the_watch_ends():
+    async def main():
+        client, answer = Client(), Answer(0.01)
+        receive = watched_receive(client.receive)
+        await receive()
+        assert await answer_while_connected(receive, answer.run()) == "answer"
+        assert not answer.cancelled
+        calls = client.calls
+        await asyncio.sleep(0.05)
+        assert client.calls == calls  # nothing is reading the client any more
+
+    asyncio.run(main())
+
+
+def test_an_answer_that_fails_raises_its_own_error():
+    async def main():
+        async def fails():
+            raise ValueError("bad request")
+
+        client = Client()
+        receive = watched_receive(client.receive)
+        await receive()
+        with pytest.raises(ValueError, match="bad request"):
+            await answer_while_connected(receive, fails())
+
+    asyncio.run(main())
+
+
+def test_cancelling_the_caller_cancels_the_answer():
+    async def main():
+        client, answer = Client(), Answer(60)
+        receive = watched_receive(client.receive)
+        await receive()
+        caller = asyncio.ensure_future(answer_while_connected(receive, answer.run()))
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert answer.cancelled and answer.cleaned_up
+
+    asyncio.run(main())
+
+
+def test_the_body_limit_still_applies_through_the_watch():
+    def limit(message):
+        if len(message.get("body", b"")) > 1:
+            raise RequestTooLarge(1)
+
+    async def main():
+        receive = watched_receive(Client().receive, limit)
+        with pytest.raises(RequestTooLarge):
+            await receive()
+
+    asyncio.run(main())
+
+
+def test_behind_the_edge_a_failing_receive_ends_a_stream_quietly(caplog):
+    """Serve's `receive` raises once its proxy dropped the request: a streamed response listening for the
+    disconnect ends (its generator cleaned up), and the edge logs no failure for an ordinary disconnect."""
+    app = FastAPI()
+    closed = asyncio.Event()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        await request.body()
+
+        async def events():
+            try:
+                while True:
+                    yield "data: {}\n\n"
+                    await asyncio.sleep(0.01)
+            finally:
+                closed.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    edge = Edge(app, settings=lambda: EdgeSettings(max_body_bytes=1 << 20))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def main():
+        client = Client(raises=True)
+        asyncio.get_running_loop().call_later(0.1, client.leave)
+        await asyncio.wait_for(edge(scope, client.receive, send), 5)
+        assert closed.is_set()
+
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        asyncio.run(main())
+    assert sent[0]["status"] == 200 and len(sent) > 2  # it streamed until the client was gone
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
