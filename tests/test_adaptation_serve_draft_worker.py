@@ -13,6 +13,7 @@ pytest.importorskip("ray")
 from cluster.local_cluster import served_app  # noqa: E402
 from scripts.bench_drift import app_args  # noqa: E402
 from tests.test_adaptation_serve import (  # noqa: E402, F401 - the scenario, run again on this module's app
+    K_POLICY,
     chats,
     test_chat_traffic_drifts_retrains_and_swaps_in_a_better_drafter,
 )
@@ -23,7 +24,7 @@ RAY_CPUS = 4  # test_adaptation_serve.py's 3, and the draft worker's bundle
 
 @pytest.fixture(scope="module")
 def base_url(local_ray, tmp_path_factory):
-    args = app_args(tmp_path_factory.mktemp("drift"), 8, 4)
+    args = app_args(tmp_path_factory.mktemp("drift"), 8, 4, k_policy=K_POLICY)
     args["draft_worker"] = {"enabled": True}
     with served_app(args) as url:
         yield url
