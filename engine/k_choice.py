@@ -81,7 +81,7 @@ class SpeculationLength:
             if seq is req.seq or other is None:
                 continue
             if seq.is_decoding:
-                rows += 1 + seq.spec_k * self.scheduler.num_candidates  # a tree's rows, as the scheduler allots
+                rows += self.scheduler.verified_rows(seq)
                 tokens += other.controller.tokens if isinstance(other.controller, CostKController) else 1.0
             else:
                 rows += min(seq.num_uncomputed, self.config.max_num_batched_tokens)

@@ -121,6 +121,11 @@ class Scheduler:
         )
         return max(k, 0)
 
+    def verified_rows(self, seq: Sequence) -> int:
+        """Rows a decoding sequence's next step verifies at its current k: its pending token and the lookahead
+        slots it would be given with budget to spare (what the cost model prices the rest of a batch at)."""
+        return 1 + self._tree_slots(seq, self._lookahead(seq, self.max_model_len), self.max_model_len)
+
     def _tree_slots(self, seq: Sequence, k: int, budget: int) -> int:
         """Lookahead slots for a tree of `num_candidates` paths of up to k tokens (a tree has at most
         MAX_TREE_NODES nodes, its root included)."""
