@@ -35,10 +35,11 @@ def chat_prompts(folder: Path, n: int) -> list[str]:
     return [s.messages[0]["content"][:300] for s in load_prompts(folder / "chats.jsonl")]
 
 
-def app_args(tmp: Path, chats: int, repeats: int, k_policy: str = "auto") -> dict:
+def app_args(tmp: Path, chats: int, repeats: int, k_policy: str | None = None) -> dict:
     """One class for all traffic ("any") planned on code, n-gram at 1.6 tokens per step; adaptation retrains
-    once a round of chats (`chats` x `repeats`) is logged. `k_policy` backoff makes k independent of the
-    machine's measured step times (the cost model drafts less under load where verified rows cost more)."""
+    once a round of chats (`chats` x `repeats`) is logged. `k_policy` (None: the engine's default) backoff makes
+    k independent of the machine's measured step times (the cost model drafts less under load where verified
+    rows cost more)."""
     ngram = DrafterProfile(seconds_per_token=1e-5, by_class={"any": Acceptance(survival=[0.4, 0.15, 0.05], steps=100)})
     plan = build_plan(rules_spec([ClassRule(name="any", regex="(?s).")]), StepTimes((1, 4), (0.02, 0.021)),
                       {"ngram": ngram}, 3)  # fmt: skip
@@ -51,7 +52,7 @@ def app_args(tmp: Path, chats: int, repeats: int, k_policy: str = "auto") -> dic
             "speculator": "auto",
             "plan": str(tmp / "plan.json"),
             "num_speculative_tokens": 3,
-            "k_policy": k_policy,
+            **({"k_policy": k_policy} if k_policy else {}),
         },  # fmt: skip
         "target": {"num_replicas": 1, "shard_resources": {"num_cpus": 1}, "admission": {"max_waiting": 64}},
         "ingress": {"completion_cache": {"enabled": False}},
