@@ -2,7 +2,9 @@
 
 Input is what the target did: its token sequences and its final hidden states along them (`DistillRecord`). As in
 IBM's recipe, the sample at position t is (hidden state at t, token t+1) and stage i learns token t+2+i, teacher
-forced (stage i reads the true token t+1+i). Every tenth record is held out; the held-out top-1 accuracy by stage
+forced (stage i reads the true token t+1+i); where the records carry the target's argmax at each position, stage i
+learns the target's greedy choice instead (`speculator.distill_labels`), so sampled outputs teach what greedy
+verification accepts. Every tenth record is held out; the held-out top-1 accuracy by stage
 is what the report and the progress bar show. With greedy target outputs, "stages 0..i all right" on held-out
 data is exactly the acceptance a greedy chain of i+1 drafts gets there, so it is reported too.
 
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from model.loader import ModelArch
+from speculator.distill_labels import chain_labels
 from speculator.draft_vocab import DraftVocab
 from speculator.eagle import EagleHead, TargetParts, new_head
 from speculator.eagle_distill import batch_windows, counted_rows, eagle_evaluate, eagle_loss, eagle_unigram
@@ -46,6 +49,9 @@ class DistillRecord:
     output_start: int | None = None
     prompt: int | None = None  # records of one prompt (its greedy and sampled outputs) are held out together
     sampled: bool = False  # an output sampled at a temperature: trained on, never a held-out figure
+    # [n] the target's argmax after each hidden row's position: the labels (`speculator.distill_labels`); None =
+    # the record's own tokens
+    greedy_next: torch.Tensor | None = None
 
 
 class DistillOptions(BaseModel):
@@ -90,32 +96,35 @@ class DistillResult:
 @dataclass
 class _Samples:
     hidden: torch.Tensor  # [S, d] float32
-    windows: torch.Tensor  # [S, n + 1] target ids of t+1 .. t+1+n, -1 past the end
+    inputs: torch.Tensor  # [S, n] the record's tokens t+1 .. t+n (stage i reads t+1+i), -1 past the end
+    labels: torch.Tensor  # [S, n] what stage i learns after t (`chain_labels`), -1 where nothing
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
 
 def _samples(records: list[DistillRecord], n: int) -> _Samples:
-    hidden, windows = [], []
+    hidden, inputs, labels = [], [], []
     for r in records:
         tokens = torch.tensor(r.token_ids + [-1] * (n + 1), dtype=torch.long)
-        # position t = hidden_start + j needs a label: token t+2 must exist
-        rows = min(r.hidden.shape[0], len(r.token_ids) - 2 - r.hidden_start)
+        rows = min(r.hidden.shape[0], len(r.token_ids) - 1 - r.hidden_start)  # token t+1 exists
         if rows <= 0:
             continue
+        lab = chain_labels(r.token_ids, r.hidden_start, rows, n, r.greedy_next)
+        keep = lab[:, 0] >= 0  # stage 0 has a label
         starts = torch.arange(rows) + r.hidden_start + 1
-        windows.append(tokens[starts[:, None] + torch.arange(n + 1)])
-        hidden.append(r.hidden[:rows].float())
+        inputs.append(tokens[starts[:, None] + torch.arange(n)][keep])
+        labels.append(lab[keep])
+        hidden.append(r.hidden[:rows][keep].float())
     if not hidden:
-        return _Samples(torch.empty(0, 0), torch.empty(0, n + 1, dtype=torch.long))
-    return _Samples(torch.cat(hidden), torch.cat(windows))
+        return _Samples(torch.empty(0, 0), *(torch.empty(0, n, dtype=torch.long),) * 2)
+    return _Samples(torch.cat(hidden), torch.cat(inputs), torch.cat(labels))
 
 
-def _inputs_and_labels(windows: torch.Tensor, model: MLPSpeculator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Own-vocabulary inputs [B, n] and labels [B, n] (IGNORE past a sequence's end)."""
-    inputs = model.own_ids(windows[:, :-1].clamp(min=0))
-    labels = windows[:, 1:]
+def _inputs_and_labels(data: _Samples, idx, model: MLPSpeculator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Own-vocabulary inputs [B, n] and labels [B, n] (IGNORE where none) of the samples at `idx`."""
+    inputs = model.own_ids(data.inputs[idx].clamp(min=0))
+    labels = data.labels[idx]
     return inputs, torch.where(labels < 0, IGNORE, model.own_ids(labels.clamp(min=0)))
 
 
@@ -127,7 +136,7 @@ def _evaluate(model: MLPSpeculator, data: _Samples, batch_size: int) -> dict:
     model.eval()
     with torch.no_grad():
         for i in range(0, len(data), batch_size * 4):
-            inputs, labels = _inputs_and_labels(data.windows[i : i + batch_size * 4], model)
+            inputs, labels = _inputs_and_labels(data, slice(i, i + batch_size * 4), model)
             logits = model(data.hidden[i : i + batch_size * 4], inputs)  # [n, B, V]
             loss_sum += _loss(logits, labels).item() * labels.shape[0]
             valid = labels != IGNORE
@@ -164,11 +173,11 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _unigram_accuracy(train: _Samples, held: _Samples, n: int) -> list[float]:
-    labels = train.windows[:, 1]
+    labels = train.labels[:, 0]
     top = int(torch.bincount(labels[labels >= 0]).argmax())
     out = []
     for i in range(n):
-        col = held.windows[:, 1 + i]
+        col = held.labels[:, i]
         valid = col >= 0
         out.append(float((col[valid] == top).float().mean()) if valid.any() else 0.0)
     return out
@@ -237,7 +246,7 @@ def distill(
     torch.manual_seed(opts.seed)
     vocab = None
     if opts.draft_vocab:
-        train_targets = train.windows[:, 1]
+        train_targets = train.labels[:, 0]
         vocab = DraftVocab.most_frequent(train_targets[train_targets >= 0], opts.draft_vocab, target_vocab_size)
     config = MLPSpeculatorConfig(
         emb_dim=train.hidden.shape[1],
@@ -255,7 +264,7 @@ def distill(
         plan.append([order[s * opts.batch_size : (s + 1) * opts.batch_size] for s in range(steps_per_epoch)])
 
     def step_loss(idx: torch.Tensor) -> torch.Tensor:
-        inputs, labels = _inputs_and_labels(train.windows[idx], model)
+        inputs, labels = _inputs_and_labels(train, idx, model)
         return _loss(model(train.hidden[idx], inputs), labels)
 
     history, ema, train_time = _train(model, plan, step_loss, lambda: _evaluate(model, held, opts.batch_size), opts,

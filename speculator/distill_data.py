@@ -1,8 +1,8 @@
 """The target's hidden states along sequences it produced, for distillation: one teacher-forced pass.
 
 Generating records the tokens; running prompt + output back through the target as a batched prefill gives the
-final hidden state at every position in one forward per batch, the same states decoding saw (up to float
-rounding of a different kernel path), much faster than collecting them step by step.
+final hidden state and the target's greedy choice at every position in one forward per batch, the same states
+decoding saw (up to float rounding of a different kernel path), much faster than collecting them step by step.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def teacher_forced_records(
     progress=None,
 ) -> list[DistillRecord]:
     """For each (token_ids, first) the hidden states at positions first-1 .. len-1 (from the last prompt token
-    on when `first` is where the output starts). Writes KV pages 1.. freely: the caller must own the runner's
-    pages (no request in flight, and its block manager reset afterwards). `progress(n)` is told of each batch."""
+    on when `first` is where the output starts) and the target's argmax after each of them. Writes KV pages 1..
+    freely: the caller must own the runner's pages (no request in flight, and its block manager reset
+    afterwards). `progress(n)` is told of each batch."""
     bs = runner.block_size
     out: list[DistillRecord] = []
     for batch in _batches([len(t) for t, _ in sequences], bs, max_batch_tokens, runner.num_blocks - 1):
@@ -48,13 +49,16 @@ def teacher_forced_records(
             need = -(-len(tokens) // bs)
             table = list(range(next_block, next_block + need))
             next_block += need
-            items.append(StepInput(tokens, 0, table, 1, num_hidden=len(tokens) - first + 1))
-        hidden = runner.execute_with_hidden(items).hidden
-        hidden = hidden.float().cpu().clone()  # a plain tensor (not an inference one) that training can use
+            rows = len(tokens) - first + 1
+            items.append(StepInput(tokens, 0, table, rows, num_hidden=rows))
+        step = runner.execute_with_hidden(items)
+        hidden = step.hidden.float().cpu().clone()  # a plain tensor (not an inference one) that training can use
+        greedy = step.logits.argmax(-1).cpu()
         row = 0
         for i, item in zip(batch, items):
             tokens, first = sequences[i]
-            out.append(DistillRecord(tokens, hidden[row : row + item.num_hidden], first - 1))
+            rows = slice(row, row + item.num_hidden)
+            out.append(DistillRecord(tokens, hidden[rows], first - 1, greedy_next=greedy[rows]))
             row += item.num_hidden
         if progress is not None:
             progress(len(batch))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from speculator.distill_labels import chain_labels
 from speculator.eagle import IGNORE, EagleHead
 
 
@@ -27,7 +28,7 @@ from speculator.eagle import IGNORE, EagleHead
 class Window:
     features: torch.Tensor  # [T, d] the target's features at the window's positions
     tokens: torch.Tensor  # [T, S] x_{p+1+m}, 0 past the record's end (never counted)
-    labels: torch.Tensor  # [T, S] x_{p+2+m}, -1 past the end or on a row that does not count
+    labels: torch.Tensor  # [T, S] x_{p+2+m} (`chain_labels`), -1 past the end or on a row that does not count
     next_features: torch.Tensor  # [T, d] f_{p+1} (zeros where the record has none)
     has_next: torch.Tensor  # [T] bool: next_features is real and the row counts
 
@@ -44,7 +45,7 @@ def windows(records: list[Any], steps: int, size: int) -> list[Window]:
         pos = torch.arange(pairs) + h0
         tokens = ids[pos[:, None] + 1 + torch.arange(steps)].clamp(min=0)
         counts = pos >= (r.output_start if r.output_start is not None else h0 + 1) - 1
-        labels = torch.where(counts[:, None], ids[pos[:, None] + 2 + torch.arange(steps)], -1)
+        labels = torch.where(counts[:, None], chain_labels(r.token_ids, h0, pairs, steps, r.greedy_next), -1)
         feats = r.hidden[:pairs].float()
         nxt = torch.zeros_like(feats)
         has_next = torch.zeros(pairs, dtype=torch.bool)

@@ -20,6 +20,7 @@ from speculator.distill import (
     split_by_prompt,
 )
 from speculator.distill_data import teacher_forced_records
+from speculator.distill_labels import chain_labels
 from speculator.mlp_checkpoint import load_speculator
 from tests.conftest import HUMANEVAL
 
@@ -29,7 +30,26 @@ def test_samples_pair_the_hidden_state_at_t_with_tokens_t_plus_1_on():
     s = _samples([DistillRecord([10, 11, 12, 13, 14, 15, 16, 17], hidden, 3)], n=3)
     # positions 3..5 have a label (t + 2 <= 7); position 3 reads 14 and learns 15, 16, 17
     assert s.hidden[:, 0].tolist() == [0.0, 1.0, 2.0]
-    assert s.windows.tolist() == [[14, 15, 16, 17], [15, 16, 17, -1], [16, 17, -1, -1]]
+    assert s.inputs.tolist() == [[14, 15, 16], [15, 16, 17], [16, 17, -1]]
+    assert s.labels.tolist() == [[15, 16, 17], [16, 17, -1], [17, -1, -1]]
+
+
+def test_labels_are_the_targets_greedy_choices_while_the_inputs_stay_on_its_greedy_path():
+    """A sampled record: the target's argmax after positions 3..7 is 14, 99, 16, 77, 88 (it would not have
+    chosen 15 or 17). Stage i learns the argmax after t+1+i, only while the tokens stages 1..i read (t+2..t+1+i)
+    are the argmaxes the stages before them learnt."""
+    tokens, greedy = [10, 11, 12, 13, 14, 15, 16, 17], torch.tensor([14, 99, 16, 77, 88])
+    assert chain_labels(tokens, 3, 5, 3, greedy).tolist() == [
+        [99, -1, -1],  # position 3: stage 0 learns 99; stage 1 would read 15, which the target would not emit
+        [16, 77, -1],  # position 4: reads 15, learns 16; stage 1 reads 16 (= 16) and learns 77; stage 2 reads 17
+        [77, -1, -1],
+        [88, -1, -1],  # position 6 reads 17, the last token: the argmax after it is still a label
+        [-1, -1, -1],  # position 7: no token after it to read
+    ]
+    # without argmaxes the labels are the record's tokens
+    assert chain_labels(tokens, 3, 5, 3).tolist() == [[15, 16, 17], [16, 17, -1], [17, -1, -1]] + [[-1] * 3] * 2
+    s = _samples([DistillRecord(tokens, torch.zeros(5, 4), 3, greedy_next=greedy)], n=3)
+    assert s.labels.tolist() == chain_labels(tokens, 3, 4, 3, greedy).tolist()  # position 7: nothing to read
 
 
 def test_expected_tokens_per_step_is_one_plus_cumulative_products():
@@ -68,6 +88,9 @@ def test_teacher_forced_batches_equal_one_sequence_at_a_time(make_engine):
         assert b.hidden_start == first - 1 and b.hidden.shape == (len(tokens) - first + 1, engine.arch.hidden_size)
         assert not b.hidden.is_inference()
         assert torch.allclose(b.hidden, a.hidden, atol=1e-4)
+        assert torch.equal(b.greedy_next, a.greedy_next) and b.greedy_next.shape == (len(tokens) - first + 1,)
+        logits = engine.runner.model.logits(b.hidden)
+        assert torch.equal(b.greedy_next, logits.argmax(-1))  # the target's argmax after each position
 
 
 @pytest.mark.slow
