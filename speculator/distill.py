@@ -85,6 +85,7 @@ class DistillMetrics:
     train_time_s: float
     final_loss: float
     history: list[dict] = field(default_factory=list)  # held-out metrics after each epoch
+    best_epoch: int = 0  # the epoch whose weights are kept (highest held-out expected tokens per step)
 
 
 @dataclass
@@ -267,21 +268,17 @@ def distill(
         inputs, labels = _inputs_and_labels(train, idx, model)
         return _loss(model(train.hidden[idx], inputs), labels)
 
-    history, ema, train_time = _train(model, plan, step_loss, lambda: _evaluate(model, held, opts.batch_size), opts,
-                                      kind, progress)  # fmt: skip
-    last = history[-1]
-    metrics = DistillMetrics(
-        accuracy_by_position=last["accuracy_by_position"],
-        chain_acceptance_by_position=last["chain_acceptance_by_position"],
-        expected_tokens_per_step=last["expected_tokens_per_step"],
-        unigram_accuracy_by_position=_unigram_accuracy(train, held, n),
-        train_samples=len(train),
-        heldout_samples=len(held),
-        train_time_s=train_time,
-        final_loss=ema,
-        history=history,
-    )
+    trained = _train(model, plan, step_loss, lambda: _evaluate(model, held, opts.batch_size), opts, kind, progress)
+    metrics = _metrics(trained, _unigram_accuracy(train, held, n), len(train), len(held))
     return DistillResult(model.eval(), metrics)
+
+
+@dataclass
+class _Trained:
+    history: list[dict]  # held-out metrics after each epoch
+    best: int  # the index in `history` of the epoch whose weights were kept
+    final_loss: float  # the training loss EMA at the end
+    seconds: float
 
 
 def _train(
@@ -292,13 +289,16 @@ def _train(
     opts: DistillOptions,
     kind: str,
     progress: bool,
-) -> tuple[list[dict], float, float]:
+) -> _Trained:
     """The optimisation loop of every kind: AdamW, clipped gradients, `lr_schedule`, a held-out evaluation after
-    each epoch of `plan` (per epoch, the batches `step_loss` takes). Returns (history, final loss EMA, seconds)."""
+    each epoch of `plan` (per epoch, the batches `step_loss` takes). A small drafter learns its training answers by
+    heart long before the last epoch, so the weights of the epoch with the most held-out expected tokens per step
+    are the ones kept (the first such epoch on a tie)."""
     total = sum(len(batches) for batches in plan)
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_schedule(total))
     history: list[dict] = []
+    best, best_state = 0, None
     start, ema = time.perf_counter(), None
     bar = tqdm(total=total, desc=f"distill {kind}", unit="step", disable=not progress)
     for epoch, batches in enumerate(plan):
@@ -315,8 +315,13 @@ def _train(
                 bar.set_postfix(loss=f"{ema:.3f}", **_acc_postfix(history))
         history.append(evaluate() | {"epoch": epoch + 1, "train_loss": ema})
         bar.set_postfix(loss=f"{ema:.3f}", **_acc_postfix(history))
+        if best_state is None or history[-1]["expected_tokens_per_step"] > history[best]["expected_tokens_per_step"]:
+            best = epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     bar.close()
-    return history, float(ema or 0.0), time.perf_counter() - start
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return _Trained(history, best, float(ema or 0.0), time.perf_counter() - start)
 
 
 def _distill_eagle(
@@ -347,21 +352,27 @@ def _distill_eagle(
         out = eagle_evaluate(head, held, steps, opts.batch_size)
         return out | {"expected_tokens_per_step": expected_tokens_per_step(out["accuracy_by_position"])}
 
-    history, ema, train_time = _train(head, plan, lambda group: eagle_loss(head, group, opts.token_weight), evaluate,
-                                      opts, "eagle", progress)  # fmt: skip
-    last = history[-1]
-    metrics = DistillMetrics(
-        accuracy_by_position=last["accuracy_by_position"],
-        chain_acceptance_by_position=last["chain_acceptance_by_position"],
-        expected_tokens_per_step=last["expected_tokens_per_step"],
-        unigram_accuracy_by_position=eagle_unigram(train, held, steps),
-        train_samples=train_rows,
-        heldout_samples=held_rows,
-        train_time_s=train_time,
-        final_loss=ema,
-        history=history,
-    )
+    trained = _train(head, plan, lambda group: eagle_loss(head, group, opts.token_weight), evaluate, opts, "eagle",
+                     progress)  # fmt: skip
+    metrics = _metrics(trained, eagle_unigram(train, held, steps), train_rows, held_rows)
     return DistillResult(head.eval(), metrics)
+
+
+def _metrics(trained: _Trained, unigram: list[float], train: int, held: int) -> DistillMetrics:
+    """The held-out metrics of the epoch whose weights `_train` kept."""
+    kept = trained.history[trained.best]
+    return DistillMetrics(
+        accuracy_by_position=kept["accuracy_by_position"],
+        chain_acceptance_by_position=kept["chain_acceptance_by_position"],
+        expected_tokens_per_step=kept["expected_tokens_per_step"],
+        unigram_accuracy_by_position=unigram,
+        train_samples=train,
+        heldout_samples=held,
+        train_time_s=trained.seconds,
+        final_loss=trained.final_loss,
+        history=trained.history,
+        best_epoch=trained.best + 1,
+    )
 
 
 def _acc_postfix(history: list[dict]) -> dict[str, str]:

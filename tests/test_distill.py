@@ -15,6 +15,7 @@ from speculator.distill import (
     DistillOptions,
     DistillRecord,
     _samples,
+    _train,
     distill,
     expected_tokens_per_step,
     split_by_prompt,
@@ -74,8 +75,27 @@ def test_distill_learns_a_synthetic_target():
     assert set(result.model.draft_vocab.ids) == set(range(20))
     assert m.chain_acceptance_by_position[1] <= m.accuracy_by_position[0]
     assert m.heldout_samples == 6 * 38 and m.train_samples == 54 * 38
+    kept = m.history[m.best_epoch - 1]
+    assert kept["expected_tokens_per_step"] == max(h["expected_tokens_per_step"] for h in m.history)
+    assert m.accuracy_by_position == kept["accuracy_by_position"]
     with pytest.raises(ValueError, match="needs the target"):
         distill(records, "eagle", target_vocab_size=vocab)
+
+
+def test_training_keeps_the_weights_of_the_epoch_that_drafted_best_held_out():
+    """Held-out expected tokens of 1.2, 1.9, 1.5 after epochs 1-3: the second epoch's weights are the ones kept."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, 1), torch.randn(8, 4)
+    scores, seen = iter([1.2, 1.9, 1.5]), []
+
+    def evaluate() -> dict:
+        seen.append(model.weight.detach().clone())
+        return {"expected_tokens_per_step": next(scores), "accuracy_by_position": [0.0]}
+
+    plan = [[0, 1]] * 3  # three epochs of two steps each
+    trained = _train(model, plan, lambda _: (model(x) ** 2).mean(), evaluate, DistillOptions(), "mlp", False)
+    assert len(trained.history) == 3 and trained.best == 1 and not torch.equal(seen[1], seen[2])
+    assert torch.equal(model.weight, seen[1])
 
 
 def test_teacher_forced_batches_equal_one_sequence_at_a_time(make_engine):
