@@ -144,8 +144,8 @@ def distill_prompts(
     out = Path(out_dir)
     (save_eagle if eagle else save_speculator)(drafter, out)
     proposal_tokens = options.n_predict
-    # timed as it will draft: an EAGLE head in int8 where the engine would run it so (saved in float32 above)
-    int8 = eagle and quantize_for_drafting(drafter, engine_config, engine_config.device)
+    # timed as it will draft: in int8 where the engine would run it so (saved in float32 above)
+    int8 = quantize_for_drafting(drafter, engine_config, engine_config.device)
     proposal_s = eagle_proposal_seconds(drafter, proposal_tokens) if eagle else proposal_seconds(drafter)
     metrics = asdict(result.metrics)
     report = {

@@ -18,6 +18,7 @@ from speculator.eagle import EagleHead, EagleLoadError, TargetParts, load_eagle,
 from speculator.eagle_proposer import EagleProposer
 from speculator.mlp_checkpoint import read_config
 from speculator.mlp_proposer import MLPProposer
+from speculator.mlp_speculator import MLPSpeculator
 from speculator.ngram import NgramProposer
 from speculator.plan import WorkloadPlan, drafter_kind, read_plan
 from speculator.proposer import HiddenRows, Proposer
@@ -43,13 +44,15 @@ def make_proposer(
         return DraftModelProposer(ModelRunner.from_config(config, draft=True, device=device))
     if config.speculator == "mlp":
         arch = load_arch(resolve_model(config.model))
-        return MLPProposer.load(
+        proposer = MLPProposer.load(
             config.speculator_model,
             target_hidden_size=arch.hidden_size,
             target_vocab_size=arch.vocab_size,
             device=device,
             dtype=getattr(torch, config.dtype),
         )
+        quantize_for_drafting(proposer.model, config, device)
+        return proposer
     if config.speculator == "eagle":
         if target is None:
             one_layer = config.model_copy(update={"draft_model": None, "draft_num_layers": 1})
@@ -64,13 +67,14 @@ def make_proposer(
     return None
 
 
-def quantize_for_drafting(head: EagleHead, config: EngineConfig, device: torch.device | str) -> bool:
-    """Whether `head` now drafts with int8 matrices: on CPU in float32 with the kernels built, unless `weights:
-    fp32` asks for float32 throughout. A draft step reads a quarter of the bytes; drafts never change the output."""
+def quantize_for_drafting(drafter: EagleHead | MLPSpeculator, config: EngineConfig, device: torch.device | str) -> bool:
+    """Whether the learned `drafter` now drafts with int8 matrices: on CPU in float32 with the kernels built,
+    unless `weights: fp32` asks for float32 throughout. A draft step reads a quarter of the bytes; drafts never
+    change the output."""
     usable = torch.device(device).type == "cpu" and config.dtype == "float32" and config.cpu_kernels
     if not usable or config.weights == "fp32" or (kernels := load_kernels(required=False)) is None:
         return False
-    return head.quantize_int8(kernels) > 0
+    return drafter.quantize_int8(kernels) > 0
 
 
 MODEL_BACKED = ("draft", "mlp", "eagle")  # the drafters a draft worker actor hosts; n-gram and suffix lookups never

@@ -14,6 +14,10 @@ and divides it by sqrt(2). With `tie_weights` every stage shares stage 0's embed
 
 The model works in its own vocabulary (`vocab_size` rows); with a `DraftVocab` those are the draft ids, and the
 proposal functions take and return target ids, never proposing the reserved "other" row.
+
+For serving on CPU the projections and heads may run as int8 (`quantize_int8`: Q8_0 blocks through the target's
+packed matmul kernel): the heads grow with the draft vocabulary and are most of a proposal's bytes, and int8 reads a
+quarter of float32's. Training keeps float32.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from model.quant import BLOCK, PackedWeight, quantize_q8_0
 from speculator.draft_vocab import DraftVocab
 
 
@@ -79,12 +84,10 @@ class SpeculatorNorm(nn.Module):
 @dataclass
 class ChainProposal:
     """Greedy chains in target ids: row b's first `lengths[b]` tokens of `tokens` [B, k] are its draft (a chain
-    stops before a stage whose best guess is the reserved "other" row); `log_probs` [B, k] are the stages' own
-    log-probabilities of those tokens."""
+    stops before a stage whose best guess is the reserved "other" row)."""
 
     tokens: torch.Tensor
     lengths: torch.Tensor
-    log_probs: torch.Tensor
 
 
 @dataclass
@@ -120,6 +123,8 @@ class MLPSpeculator(nn.Module):
                 self.ln[i].weight, self.ln[i].bias = self.ln[0].weight, self.ln[0].bias
                 if i >= 2:
                     self.proj[i].weight = self.proj[1].weight
+        self._int8: dict[tuple[str, int], PackedWeight] = {}  # (proj|head, stage) -> blocks: quantize_int8
+        self._kernels = None
         if draft_vocab is not None:
             self.register_buffer("to_draft", draft_vocab.draft_index(), persistent=False)
             self.register_buffer("to_target", draft_vocab.target_index(), persistent=False)
@@ -135,6 +140,30 @@ class MLPSpeculator(nn.Module):
                     m.weight.fill_(1.0)
                     m.bias.zero_()
 
+    def quantize_int8(self, kernels) -> int:
+        """Run the projections and heads as int8 Q8_0 blocks by the packed kernel (`kernels`:
+        `model.cpu_kernels.load_kernels()`), for drafting only: the float weights stay for training. Tied stages
+        share their blocks. Returns the int8 bytes; 0 (nothing changed) if a width is not a multiple of 32."""
+        linears = {(name, i): m for name in ("proj", "head") for i, m in enumerate(getattr(self, name))}
+        if any(m.weight.shape[1] % BLOCK for m in linears.values()):
+            return 0
+        by_weight: dict[int, PackedWeight] = {}
+        with torch.no_grad():
+            for key, m in linears.items():
+                if id(m.weight) not in by_weight:
+                    by_weight[id(m.weight)] = quantize_q8_0(m.weight)
+                self._int8[key] = by_weight[id(m.weight)]
+        self._kernels = kernels
+        return sum(w.nbytes for w in by_weight.values())
+
+    def _linear(self, name: str, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage i's projection or head of rows x [..., in]: int8 once quantized, else the float layer."""
+        packed = self._int8.get((name, i))
+        if packed is None:
+            return getattr(self, name)[i](x)
+        out = packed.matmul(x.reshape(-1, x.shape[-1]).float().contiguous(), self._kernels)
+        return out.view(*x.shape[:-1], packed.out_features).to(x.dtype)
+
     # ---- the network, in the speculator's own vocabulary ----------------------------------------------
 
     def input_state(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -145,7 +174,7 @@ class MLPSpeculator(nn.Module):
     def stage(self, i: int, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Stage i's new state from the previous one and the (own-vocabulary) tokens it extends."""
         z = self.emb[i](tokens)
-        return F.gelu(self.ln[i](self.proj[i](state) + z * (self.emb_weight / self.state_weight)))
+        return F.gelu(self.ln[i](self._linear("proj", i, state) + z * (self.emb_weight / self.state_weight)))
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [n_predict, ..., vocab_size]: `hidden` [..., emb_dim] at t, `tokens` [...,
@@ -153,7 +182,7 @@ class MLPSpeculator(nn.Module):
         state, out = self.input_state(hidden), []
         for i in range(self.n_predict):
             state = self.stage(i, state, tokens[..., i])
-            out.append(self.head[i](state))
+            out.append(self._linear("head", i, state))
         return torch.stack(out)
 
     # ---- vocabulary mapping ---------------------------------------------------------------------------
@@ -165,7 +194,7 @@ class MLPSpeculator(nn.Module):
         return own_ids if self.draft_vocab is None else self.to_target[own_ids.clamp(max=len(self.to_target) - 1)]
 
     def _log_probs(self, i: int, state: torch.Tensor) -> torch.Tensor:
-        logits = self.head[i](state).float()
+        logits = self._linear("head", i, state).float()
         if self.draft_vocab is not None:
             logits[..., self.draft_vocab.other] = float("-inf")  # the reserved row is never proposed
         return torch.log_softmax(logits, dim=-1)
@@ -179,22 +208,16 @@ class MLPSpeculator(nn.Module):
         k = self.n_predict if k is None else k
         if not 0 <= k <= self.n_predict:
             raise ValueError(f"k={k} outside [0, n_predict={self.n_predict}]")
-        b = tokens.shape[0]
-        state, cur = self.input_state(hidden), self.own_ids(tokens)
-        out = torch.zeros(b, k, dtype=torch.long, device=tokens.device)
-        log_probs = torch.zeros(b, k, device=tokens.device)
-        alive = torch.ones(b, dtype=torch.bool, device=tokens.device)
-        lengths = torch.zeros(b, dtype=torch.long, device=tokens.device)
-        for i in range(k):
+        state, cur, own = self.input_state(hidden), self.own_ids(tokens), []
+        for i in range(k):  # as few small ops per stage as the chain needs: one proposal is a few of them
             state = self.stage(i, state, cur)
-            logits = self.head[i](state).float()
-            cur = logits.argmax(-1)
-            if self.draft_vocab is not None:
-                alive &= cur != self.draft_vocab.other
-            lengths += alive.long()
-            out[:, i] = self.target_ids(cur)
-            log_probs[:, i] = torch.log_softmax(logits, -1).gather(-1, cur[:, None])[:, 0]
-        return ChainProposal(out, lengths, log_probs)
+            cur = self._linear("head", i, state).argmax(-1)
+            own.append(cur)
+        own_ids = torch.stack(own, dim=1) if own else tokens.new_zeros(tokens.shape[0], 0)
+        alive = torch.ones_like(own_ids, dtype=torch.bool)
+        if self.draft_vocab is not None:
+            alive = (own_ids != self.draft_vocab.other).cumprod(dim=1).bool()
+        return ChainProposal(self.target_ids(own_ids), alive.sum(dim=1))
 
     @torch.inference_mode()
     def propose_tree(

@@ -10,7 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.config import EngineConfig
+from model.cpu_kernels import load_kernels
 from speculator.draft_vocab import DraftVocab
+from speculator.factory import quantize_for_drafting
 from speculator.mlp_checkpoint import SpeculatorLoadError, load_speculator, save_speculator
 from speculator.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
 
@@ -174,3 +177,25 @@ def test_chain_is_top1_per_stage_and_tree_ranks_paths():
     got = lp.gather(-1, tree.paths[:, 5].T[..., None])[..., 0].T
     assert torch.allclose(got, tree.token_log_probs[:, 5], atol=1e-5)
     assert len({tuple(p) for p in tree.paths[0].tolist()}) == 12  # distinct paths
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_int8_stages_read_a_quarter_of_the_bytes_and_draft_as_the_float_stages(tie):
+    config = MLPSpeculatorConfig(emb_dim=64, inner_dim=32, vocab_size=300, n_predict=3, tie_weights=tie)
+    model, int8 = _random(config, seed=3), _random(config, seed=3)
+    assert _random(MLPSpeculatorConfig(emb_dim=16, vocab_size=40)).quantize_int8(load_kernels()) == 0, "no blocks"
+    assert not quantize_for_drafting(_random(config), EngineConfig(weights="fp32"), "cpu")
+    assert quantize_for_drafting(_random(config), EngineConfig(), "cpu")  # the default on CPU
+    nbytes = int8.quantize_int8(load_kernels())
+    matrices = {id(m.weight): m.weight.numel() for m in [*model.proj, *model.head]}  # tied stages counted once
+    assert nbytes == sum(matrices.values()) * 34 // 32  # 34 bytes a block of 32 weights
+    g = torch.Generator().manual_seed(5)
+    h, toks = torch.randn(48, 64, generator=g) * 3, torch.randint(0, 300, (48, 3), generator=g)
+    with torch.no_grad():  # Q8_0's rounding (1/254 of a block's largest weight) leaves ~1% error
+        want, got = model(h, toks), int8(h, toks)
+    for a, b in zip(want, got):
+        assert (a - b).norm() / a.norm() < 0.02
+    same = (model.propose_chain(h, toks[:, 0]).tokens == int8.propose_chain(h, toks[:, 0]).tokens).float().mean()
+    assert same >= 0.9, f"{same:.0%} of drafted tokens agree"
+    tree = int8.propose_tree(h, toks[:, 0], [3, 2, 1], n_candidates=4)
+    assert torch.all(tree.path_log_probs[:, :-1] >= tree.path_log_probs[:, 1:])
