@@ -78,6 +78,11 @@ class PackedWeight:
         """The float32 [out, in] matrix (exactly the dequantized checkpoint's values)."""
         return kernels.quant_dequantize(self.data, self.qtype, self.out_features, self.in_features)
 
+    def linear(self, x: torch.Tensor, kernels, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`matmul` of rows x [..., in_features] of any float dtype: float32 [..., out_features]."""
+        out = self.matmul(x.reshape(-1, x.shape[-1]).float().contiguous(), kernels, bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
     def matmul(self, x: torch.Tensor, kernels, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias): up to 256 rows in the packed kernel (its own paths up to 64, or a GEMM over dequantized
         tiles of W, whichever `model.quant_gemm_rows` measured faster); a longer prefill gets W dequantized

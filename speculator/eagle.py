@@ -187,8 +187,7 @@ class EagleHead(nn.Module):
         if name not in self._int8:
             return module(x) if module is not None else F.linear(x.to(self._lm_rows.dtype), self._lm_rows)
         packed, bias = self._int8[name]
-        out = packed.matmul(x.reshape(-1, x.shape[-1]).float().contiguous(), self._kernels, bias)
-        return out.view(*x.shape[:-1], packed.out_features)
+        return packed.linear(x, self._kernels, bias)
 
     def _parts(self) -> TargetParts:
         if self.target is None:

@@ -161,8 +161,7 @@ class MLPSpeculator(nn.Module):
         packed = self._int8.get((name, i))
         if packed is None:
             return getattr(self, name)[i](x)
-        out = packed.matmul(x.reshape(-1, x.shape[-1]).float().contiguous(), self._kernels)
-        return out.view(*x.shape[:-1], packed.out_features).to(x.dtype)
+        return packed.linear(x, self._kernels).to(x.dtype)
 
     # ---- the network, in the speculator's own vocabulary ----------------------------------------------
 

@@ -193,6 +193,7 @@ def test_int8_stages_read_a_quarter_of_the_bytes_and_draft_as_the_float_stages(t
     h, toks = torch.randn(48, 64, generator=g) * 3, torch.randint(0, 300, (48, 3), generator=g)
     with torch.no_grad():  # Q8_0's rounding (1/254 of a block's largest weight) leaves ~1% error
         want, got = model(h, toks), int8(h, toks)
+    assert not torch.equal(want, got), "the int8 blocks, not the float layers, computed these"
     for a, b in zip(want, got):
         assert (a - b).norm() / a.norm() < 0.02
     same = (model.propose_chain(h, toks[:, 0]).tokens == int8.propose_chain(h, toks[:, 0]).tokens).float().mean()
