@@ -5,8 +5,11 @@ request on its replica. A streamed response also listens for the disconnect itse
 StreamingResponse reads `receive`), so a cancellation that is late or lost still ends it; an answer being
 prepared (before the status line) or collected whole (`stream: false`) had no such second path: a lost
 cancellation left its replica generating to `max_tokens` for nobody. `answer_while_connected` gives them one.
-`watched_receive` makes a disconnect stick: Serve's `receive` raises once when the proxy has already dropped
-the request, then blocks, so whoever listened second would wait forever.
+An abandoned answer must not finish unseen either: a cancellation that meets an awaited call failing at the
+same moment can come out as that call's error (`asyncio.wait_for` before Python 3.12 does so, and Ray cancels a
+request's child calls as it cancels the request), so the answer goes on and opens a replica stream nobody
+reads; `discard` frees it. `watched_receive` makes a disconnect stick: Serve's `receive` raises once when the
+proxy has already dropped the request, then blocks, so whoever listened second would wait forever.
 """
 
 from __future__ import annotations
@@ -58,19 +61,31 @@ async def wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def answer_while_connected(receive: Receive, answer: Awaitable[T]) -> T:
-    """`answer`'s result, unless the client disconnects first: then `answer` is cancelled (its own cleanup
-    cancels its replica streams) and ClientGone is raised. The body must have been read already."""
+async def answer_while_connected(
+    receive: Receive, answer: Awaitable[T], discard: Callable[[T], None] = lambda _: None
+) -> T:
+    """`answer`'s result, unless the client disconnects (or the caller is cancelled) first: then `answer` is
+    cancelled (its own cleanup cancels its replica streams) and ClientGone is raised. An answer that finishes
+    anyway (something under it took the cancellation for an ordinary error) is handed to `discard`, which frees
+    what it holds: nobody will send it. The body must have been read already."""
     task = asyncio.ensure_future(answer)
     watcher = asyncio.ensure_future(wait_disconnect(receive))
+    abandoned = False
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
+            abandoned = True
+            task.add_done_callback(lambda t: _discard(t, discard))
             task.cancel()
             with contextlib.suppress(BaseException):  # let its cleanup run before returning
                 await task
-    if task.cancelled():
+    if abandoned:
         raise ClientGone
     return task.result()
+
+
+def _discard(task: asyncio.Future, discard: Callable[[Any], None]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        discard(task.result())

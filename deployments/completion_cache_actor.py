@@ -128,7 +128,10 @@ class CacheClient:
         if actor is None:
             return None
         try:
-            return await asyncio.wait_for(asyncio.ensure_future(getattr(actor, method).remote(*args)), self.timeout_s)
+            # Not wait_for: before Python 3.12 it turns a cancellation that meets the call failing (Ray cancels
+            # the call with the request) into the call's error, which this would take for a miss and go on.
+            async with asyncio.timeout(self.timeout_s):
+                return await getattr(actor, method).remote(*args)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - timeouts, actor restarts, deaths: all just "no cache"

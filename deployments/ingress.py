@@ -141,11 +141,9 @@ def item_error(item: ErrorItem, request_id: str) -> ProtocolError:
 async def _bounded(response: Any, timeout_s: float) -> Any:
     """Await a DeploymentResponse for at most `timeout_s`; it is cancelled if it does not answer in time."""
 
-    async def wait() -> Any:
-        return await response
-
     try:
-        return await asyncio.wait_for(wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):  # not wait_for: before 3.12 it can swallow a cancellation
+            return await response
     except BaseException:
         response.cancel()
         raise
@@ -164,6 +162,15 @@ class _GuardedStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_close()
+
+    def abandon(self) -> None:
+        """The response will never be sent (its client left while it was made): cancel its replica stream."""
+        self._on_close()
+
+
+def _abandon(response: Response) -> None:
+    if isinstance(response, _GuardedStream):
+        response.abandon()
 
 
 def _echoed(prompt: str | list[int], first: StartItem) -> tuple[str, tuple[LogprobEntry, ...] | None]:
@@ -270,7 +277,8 @@ class Ingress:
         self.metrics.in_flight(1)
         try:
             await request.body()  # read before the client is watched (the watch reads what comes after it)
-            response = await answer_while_connected(request.receive, self._answer(request, schema, chat, request_id))
+            answer = self._answer(request, schema, chat, request_id)
+            response = await answer_while_connected(request.receive, answer, discard=_abandon)
         except ClientGone:
             response = Response(status_code=CLIENT_CLOSED)  # nobody reads it: for the metrics
         except ProtocolError as e:

@@ -107,7 +107,8 @@ class ReplicaStream:
             try:
                 if deadline is None:
                     return await self._stream.__anext__()
-                return await asyncio.wait_for(self._stream.__anext__(), max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):  # wait_for could swallow a cancel
+                    return await self._stream.__anext__()
             except RayActorError as e:
                 self._stream.cancel()
                 log.warning("replica died before answering request %s (%s)", self._rid(), type(e).__name__)

@@ -119,6 +119,39 @@ def test_cancelling_the_caller_cancels_the_answer():
     asyncio.run(main())
 
 
+class Stubborn:
+    """An answer that takes its cancellation for an ordinary error (what a call failing in the same instant does
+    to `asyncio.wait_for` before Python 3.12) and goes on to return a response holding a replica stream."""
+
+    def __init__(self):
+        self.freed = False
+
+    async def run(self) -> Stubborn:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.01)  # goes on: opens the stream
+        return self
+
+    def free(self, answer: Stubborn) -> None:
+        self.freed = True
+
+
+@pytest.mark.parametrize("how", ["client_leaves", "caller_cancelled"])
+def test_an_answer_that_finishes_despite_its_cancellation_is_discarded(how):
+    async def main():
+        client, answer = Client(), Stubborn()
+        receive = await client.body_read()
+        caller = asyncio.ensure_future(answer_while_connected(receive, answer.run(), discard=answer.free))
+        await asyncio.sleep(0.05)
+        client.leave() if how == "client_leaves" else caller.cancel()
+        with pytest.raises(ClientGone if how == "client_leaves" else asyncio.CancelledError):
+            await asyncio.wait_for(caller, 5)
+        assert answer.freed  # nobody will send it: what it holds was freed
+
+    asyncio.run(main())
+
+
 def test_the_body_limit_still_applies_through_the_watch():
     def limit(message):
         if len(message.get("body", b"")) > 1:

@@ -66,3 +66,30 @@ def test_client_serves_misses_while_the_actor_restarts_or_is_gone(local_ray):
 
     assert asyncio.run(scenario()) >= 1
     ray.kill(connect())
+
+
+def test_a_cancelled_lookup_is_not_taken_for_a_miss():
+    """Ray cancels a request's child calls as it cancels the request, so the cache call fails in the same instant
+    the lookup is cancelled; the lookup must end cancelled, not return a miss that lets the request go on to
+    open a replica stream for a client that has left (no Ray needed: the call is a future failed by hand)."""
+
+    async def scenario():
+        call = asyncio.get_running_loop().create_future()
+
+        class Actor:  # the actor handle's one method the lookup calls
+            class get:
+                @staticmethod
+                def remote(key):
+                    return call
+
+        client = CacheClient(lambda: Actor(), timeout_s=5)
+        lookup = asyncio.ensure_future(client.get(make_key("m", "v1", {"prompt": "hi"})))
+        await asyncio.sleep(0.01)  # the lookup is waiting on the call
+        call.set_exception(ray.exceptions.TaskCancelledError())
+        lookup.cancel()
+        try:
+            return await lookup
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    assert asyncio.run(scenario()) == "cancelled"
