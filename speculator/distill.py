@@ -343,7 +343,7 @@ def _distill_eagle(
     if opts.draft_vocab:
         labels = torch.cat([w.labels[:, 0] for w in train])
         vocab = DraftVocab.most_frequent(labels[labels >= 0], opts.draft_vocab, arch.vocab_size)
-    head = new_head(arch, vocab, target, seed=opts.seed).train()
+    head = new_head(arch, vocab, target, seed=opts.seed, draft_steps=steps).train()
     gen = torch.Generator().manual_seed(opts.seed)
     plan = [batch_windows(train, opts.batch_size, torch.randperm(len(train), generator=gen).tolist())
             for _ in range(opts.epochs)]  # fmt: skip

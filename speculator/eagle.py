@@ -60,6 +60,9 @@ class EagleConfig(BaseModel):
     attn_scale: float = Field(gt=0)
     qkv_bias: bool = False
     vocab_size: int = Field(ge=1, description="the target's vocabulary")
+    draft_steps: int | None = Field(
+        default=None, ge=1, description="the chain length it was trained to draft (the engine drafts no deeper)"
+    )
 
     @classmethod
     def from_arch(cls, arch: ModelArch) -> EagleConfig:
@@ -298,10 +301,18 @@ class EagleHead(nn.Module):
         return outs
 
 
-def new_head(arch: ModelArch, draft_vocab: DraftVocab | None, target: TargetParts | None, seed: int = 0) -> EagleHead:
-    """A freshly initialised head for `arch` (torch's default init, norms at 1)."""
+def new_head(
+    arch: ModelArch,
+    draft_vocab: DraftVocab | None,
+    target: TargetParts | None,
+    seed: int = 0,
+    draft_steps: int | None = None,
+) -> EagleHead:
+    """A freshly initialised head for `arch` (torch's default init, norms at 1), to be trained on chains of
+    `draft_steps` tokens."""
     torch.manual_seed(seed)
-    return EagleHead(EagleConfig.from_arch(arch), draft_vocab, target)
+    config = EagleConfig.from_arch(arch).model_copy(update={"draft_steps": draft_steps})
+    return EagleHead(config, draft_vocab, target)
 
 
 # ---- checkpoint folder ----------------------------------------------------------------------------------

@@ -73,6 +73,8 @@ class EagleProposer(Proposer):
         if head.target is None:
             raise ValueError("the head must be attached to the target's parts")
         self.head = head.eval()
+        # Deeper than its training chains, a head's drafts are almost never accepted: no slot is spent on them.
+        self.max_k = head.config.draft_steps
         self.capacity = initial_capacity
         self.seqs: dict[int, SequenceKV] = {}
         p = next(head.parameters())

@@ -127,8 +127,8 @@ def proposer_traits(config: EngineConfig) -> tuple[HiddenRows, int | None]:
         return MLPProposer.hidden_rows, read_config(config.speculator_model).n_predict
     if config.speculator == "eagle":
         try:
-            read_eagle_config(config.speculator_model)  # fails early on a folder that is not a head
+            head = read_eagle_config(config.speculator_model)  # fails early on a folder that is not a head
         except EagleLoadError as e:
             raise ValueError(str(e)) from None
-        return EagleProposer.hidden_rows, None  # drafts any k, from its own features
+        return EagleProposer.hidden_rows, head.draft_steps  # None (an older head): any k
     return "none", None

@@ -19,7 +19,7 @@ from speculator.distill import expected_tokens_per_step
 from speculator.draft_vocab import DraftVocab
 from speculator.eagle import EagleConfig, EagleHead, EagleLoadError, TargetParts, load_eagle, save_eagle
 from speculator.eagle_proposer import EagleProposer
-from speculator.factory import quantize_for_drafting
+from speculator.factory import proposer_traits, quantize_for_drafting
 from speculator.proposer import DraftRequest
 from speculator.verify import verify_greedy
 from tests.conftest import HUMANEVAL
@@ -258,12 +258,16 @@ def test_distill_eagle_beats_a_unigram_predictor_and_its_drafts_are_accepted(tmp
     assert cost["proposal_per_target_step"] == pytest.approx(cost["proposal_s"] / cost["target_step_s"])
     # a sanity bound, not a speed goal: a drafted token costs less than a target step (measured about 0.25)
     assert 0 < cost["per_token_per_target_step"] < 1
-    assert json.loads((out / "config.json").read_text())["model_type"] == "specserve_eagle"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "specserve_eagle" and config["draft_steps"] == 3  # the depth it was trained on
 
     engine = make_engine(max_model_len=512, kv_cache_gib=0.05)
     head = load_eagle(out, TargetParts.from_model(engine.runner.model))
     assert len(head.draft_vocab.ids) == report["draft_vocab_size"] <= 2048
     proposer = EagleProposer(head)
+    assert proposer.max_k == 3  # the engine drafts it no deeper than it was trained
+    served = engine.config.model_copy(update={"speculator": "eagle", "speculator_model": str(out)})
+    assert proposer_traits(served) == ("all", 3)  # what the draft worker's stand-in declares
     specs = load_prompts(str(prompts), 4)
     encoded = [list(engine.prepare(s.prompt, messages=s.messages).prompt_token_ids) for s in specs]
     plain = engine.generate(encoded, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
