@@ -9,7 +9,8 @@ weights when the model file is quantized). Both get the same prompt token ids an
 
 - batch 1, HumanEval chat prompts: specserve packed, specserve fp32 and vLLM, alternating prompt by prompt;
 - `--concurrency` short ShareGPT prompts (chat prompt at most `--max-prompt-tokens`) all in flight at once,
-  as A-B-B-A: specserve, vLLM, vLLM, specserve.
+  as A-B-B-A: specserve, vLLM, vLLM, specserve. Each engine's second pass finds the prompts its first pass
+  cached (both cache prefixes by default); `--no-prefix-caching` turns that off in both.
 
 Only one engine runs at a time (the other waits idle), so the two never share the cores: vLLM's processes keep
 a core busy for about a second after each job, so every run first waits until the machine's cores are idle
@@ -52,14 +53,15 @@ REPO = Path(__file__).resolve().parents[1]
 class VLLMWorker:
     """`scripts/vllm_worker.py` in vLLM's environment, one job at a time over stdin/stdout."""
 
-    def __init__(self, python: str, folder: Path, stop_token_ids: list[int]):
+    def __init__(self, python: str, folder: Path, stop_token_ids: list[int], prefix_caching: bool = True):
         self.stop = stop_token_ids
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         self.proc = subprocess.Popen(
-            [python, str(REPO / "scripts" / "vllm_worker.py"), str(folder)],
+            [python, str(REPO / "scripts" / "vllm_worker.py"), str(folder)]
+            + ([] if prefix_caching else ["--no-prefix-caching"]),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -152,17 +154,24 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
+    ap.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="both engines without prefix caching (the A-B-B-A's second pass of each then recomputes the prompts "
+        "its first pass cached)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     n, c = args.max_tokens, args.concurrency
     t0 = time.time()
-    packed = warm(LLMEngine(EngineConfig()))
-    fp32 = warm(LLMEngine(EngineConfig(weights="fp32")))
+    cache = not args.no_prefix_caching
+    packed = warm(LLMEngine(EngineConfig(enable_prefix_caching=cache)))
+    fp32 = warm(LLMEngine(EngineConfig(weights="fp32", enable_prefix_caching=cache)))
     tok, vocab = packed.tokenizer, packed.arch.vocab_size
     humaneval, pool = standard_prompt_sets(args.humaneval, args.humaneval_limit, 8 * c, REPO / "data")
     short = short_prompts(pool, tok, vocab, args.max_prompt_tokens, c)
     folder = resolve_model(None)
-    worker = VLLMWorker(args.vllm_python, folder, sorted(eos_token_ids(folder, tok)))
+    worker = VLLMWorker(args.vllm_python, folder, sorted(eos_token_ids(folder, tok)), prefix_caching=cache)
     waits: list[float] = []
     vllm = settled(vllm_runner(worker, lambda s: encode_prompt(tok, vocab, s.prompt, s.messages), n), waits)
 

@@ -1,6 +1,6 @@
 """vLLM's offline engine behind a line protocol, for `bench_vllm.py`; runs in vLLM's own environment.
 
-    <vllm venv>/bin/python scripts/vllm_worker.py MODEL_FOLDER
+    <vllm venv>/bin/python scripts/vllm_worker.py MODEL_FOLDER [--no-prefix-caching]
 
 Prints {"ready": true} once loaded, then for each JSON line {"prompts": [[token ids]...], "max_tokens": N,
 "stop_token_ids": [...]} on stdin prints {"outputs": [[token ids]...], "wall_s": S}: greedy, all prompts in
@@ -18,7 +18,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=sys.argv[1], dtype="float32", seed=0)
+    caching = "--no-prefix-caching" not in sys.argv[2:]
+    llm = LLM(model=sys.argv[1], dtype="float32", seed=0, enable_prefix_caching=caching)
     warm = SamplingParams(temperature=0.0, max_tokens=2)
     llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3, 4])], warm, use_tqdm=False)
     print(json.dumps({"ready": True}), flush=True)
