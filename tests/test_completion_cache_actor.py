@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import ray
 
@@ -76,13 +77,8 @@ def test_a_cancelled_lookup_is_not_taken_for_a_miss():
     async def scenario():
         call = asyncio.get_running_loop().create_future()
 
-        class Actor:  # the actor handle's one method the lookup calls
-            class get:
-                @staticmethod
-                def remote(key):
-                    return call
-
-        client = CacheClient(lambda: Actor(), timeout_s=5)
+        actor = SimpleNamespace(get=SimpleNamespace(remote=lambda key: call))  # the handle's one method called
+        client = CacheClient(lambda: actor, timeout_s=5)
         lookup = asyncio.ensure_future(client.get(make_key("m", "v1", {"prompt": "hi"})))
         await asyncio.sleep(0.01)  # the lookup is waiting on the call
         call.set_exception(ray.exceptions.TaskCancelledError())
